@@ -1,0 +1,39 @@
+"""transformers-sra: Surgical Refusal Ablation for Hugging Face Transformers.
+
+::
+
+    from transformers_sra import SRAConfig, apply_surgical_ablation
+    report = apply_surgical_ablation(model, tokenizer, SRAConfig())   # edits the model in place
+"""
+
+from .atoms import AtomRegistry, ConceptAtom
+from .config import SRAConfig
+from .demo import load_demo_model
+from .editing import BakeHandle, bake_direction
+from .errors import ConfigError, DemoModelError, PromptSetError, SRAError, UnsupportedModelError
+from .extraction import record_residuals
+from .pipeline import apply_surgical_ablation
+from .prompts import load_prompts
+from .report import SRAReport
+from .residualize import ridge_residualize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AtomRegistry",
+    "BakeHandle",
+    "ConceptAtom",
+    "ConfigError",
+    "DemoModelError",
+    "PromptSetError",
+    "SRAConfig",
+    "SRAError",
+    "SRAReport",
+    "UnsupportedModelError",
+    "apply_surgical_ablation",
+    "bake_direction",
+    "load_demo_model",
+    "load_prompts",
+    "record_residuals",
+    "ridge_residualize",
+]

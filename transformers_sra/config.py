@@ -1,0 +1,153 @@
+"""`SRAConfig`: every knob of Surgical Refusal Ablation, validated on construction.
+
+Saved and loaded peft-style as ``sra_config.json``::
+
+    config = SRAConfig(strength=0.9, iterations=2)
+    config.save_pretrained("out/")
+    assert SRAConfig.from_pretrained("out/") == config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .errors import ConfigError
+
+CONFIG_NAME = "sra_config.json"
+
+#: A prompt set: the name of a set shipped in ``transformers_sra/prompts``, a file path, or a list of strings.
+PromptSource = Union[str, list]
+
+DEFAULT_ATOMS = (
+    "math", "coding", "logic",  # Shields
+    "style_length", "style_register", "style_mood", "style_format",  # Confounds
+    "deception", "privacy",  # Targets
+)
+
+
+@dataclass
+class SRAConfig:
+    """Configuration of `apply_surgical_ablation`. Every field has a default that works on an instruct model."""
+
+    harmful_prompts: PromptSource = field(
+        default="harmful_train", metadata={"help": "Harmful requests used to measure the refusal direction and for mining."}
+    )
+    harmless_prompts: PromptSource = field(
+        default="harmless_train", metadata={"help": "Harmless instructions contrasted with the harmful set."}
+    )
+    harmful_val_prompts: PromptSource = field(
+        default="harmful_val", metadata={"help": "Held-out harmful requests that score candidate layers."}
+    )
+    harmless_val_prompts: PromptSource = field(
+        default="harmless_val", metadata={"help": "Held-out harmless instructions for the KL side of layer scoring."}
+    )
+    neutral_prompts: PromptSource = field(
+        default="neutral", metadata={"help": "Neutral reference set that atoms without their own contrast are measured against."}
+    )
+    atoms: tuple = field(
+        default=DEFAULT_ATOMS,
+        metadata={"help": "Names of registered concept atoms to use (shipped: math, coding, logic, style_*, deception, privacy)."},
+    )
+    custom_atoms: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Extra atoms: {name: {'role': 'shield'|'confound'|'target', 'prompts': source, "
+            "'contrast': source (optional, default neutral), 'rank': int (optional)}}."
+        },
+    )
+    atom_rank: int = field(default=1, metadata={"help": "Spectral rank k of each atom's subspace (1 = a single direction)."})
+    positions: tuple = field(
+        default=(-1,), metadata={"help": "Prompt token positions to read, counted from the end (-1 = last prompt token)."}
+    )
+    direction_layer: Optional[int] = field(
+        default=None, metadata={"help": "Layer whose activations define the direction; None selects it automatically."}
+    )
+    candidate_layers: Optional[list] = field(
+        default=None, metadata={"help": "Layers the automatic selection scores; None = 20%..80% of depth."}
+    )
+    layers: Optional[list] = field(
+        default=None, metadata={"help": "Decoder layers whose writers are baked; None = all."}
+    )
+    ridge_lambda: float = field(
+        default=0.01, metadata={"help": "Ridge λ in r − A(AᵀA+λI)⁻¹Aᵀr over unit atom columns; 0 = exact projection."}
+    )
+    strength: float = field(default=1.0, metadata={"help": "γ in W ← W − γ u(uᵀW); 1 removes the direction fully."})
+    iterations: int = field(
+        default=2, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining)."}
+    )
+    kl_weight: float = field(
+        default=1.0, metadata={"help": "Weight of harmless first-token KL against refusal probability in layer scoring."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per prompt when judging refusals."})
+    system_prompt: Optional[str] = field(default=None, metadata={"help": "System message for the chat template, if any."})
+    seed: int = field(default=0, metadata={"help": "Seed for anything random (none of the default steps are)."})
+
+    def __post_init__(self) -> None:
+        for name in ("harmful_prompts", "harmless_prompts", "harmful_val_prompts", "harmless_val_prompts", "neutral_prompts"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)):
+                from .prompts import load_prompts  # turns a datasets.Dataset or any iterable into a plain list
+
+                setattr(self, name, load_prompts(value))
+            elif isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+        self.atoms = tuple(self.atoms)
+        self.positions = tuple(int(p) for p in self.positions)
+        self._validate()
+
+    def _validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.ridge_lambda >= 0, f"ridge_lambda must be >= 0, got {self.ridge_lambda}")
+        need(0 < self.strength <= 2, f"strength must be in (0, 2], got {self.strength}")
+        need(isinstance(self.iterations, int) and self.iterations >= 0, f"iterations must be an int >= 0, got {self.iterations!r}")
+        need(isinstance(self.atom_rank, int) and self.atom_rank >= 1, f"atom_rank must be an int >= 1, got {self.atom_rank!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        need(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
+        need(len(self.positions) > 0 and all(p < 0 for p in self.positions),
+             f"positions are counted from the end of the prompt and must be negative, got {self.positions}")
+        need(len(set(self.atoms)) == len(self.atoms), f"atoms has duplicates: {self.atoms}")
+        for name, spec in self.custom_atoms.items():
+            need(isinstance(spec, dict) and "prompts" in spec, f"custom atom {name!r} needs a dict with at least 'prompts'")
+            need(spec.get("role", "shield") in ("shield", "confound", "target"),
+                 f"custom atom {name!r}: role must be 'shield', 'confound' or 'target', got {spec.get('role')!r}")
+        for name in ("layers", "candidate_layers"):
+            value = getattr(self, name)
+            need(value is None or (len(value) > 0 and all(isinstance(i, int) for i in value)),
+                 f"{name} must be None or a non-empty list of layer indices, got {value!r}")
+
+    # -- serialization, peft-style -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown SRAConfig fields {unknown}; check the spelling or upgrade transformers-sra")
+        return cls(**data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "SRAConfig":
+        path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else os.fspath(directory)
+        if not os.path.isfile(path):
+            raise ConfigError(f"no {CONFIG_NAME} at {directory}; pass the folder written by SRAConfig.save_pretrained")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

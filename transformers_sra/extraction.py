@@ -1,0 +1,103 @@
+"""Record the residual stream at the last prompt tokens, with hooks that are always removed.
+
+::
+
+    acts = record_residuals(model, tokenizer, ["How do I bake bread?"], layers=[10, 12])
+    acts.shape  # (1, 2, hidden), float32
+
+The forward pass stops right after the deepest requested layer: no later layer, no LM head, no logits.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .architectures import decoder_layers
+from .batching import input_device, sorted_batches
+from .prompts import format_chat
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook to end the forward pass early."""
+
+
+@contextmanager
+def layer_output_hooks(model: nn.Module, layers: Sequence[int], stop_after_last: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture the output hidden states of ``layers``; yields ``{layer: tensor}``, refreshed every forward.
+
+    With ``stop_after_last``, the forward pass is cut after the deepest layer (run it under
+    `stop_forward_ok`). The hooks are removed on exit, whatever happens inside.
+    """
+    blocks = decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+    handles = []
+
+    def make_hook(i: int):
+        def hook(_module, _args, output):
+            captured[i] = output[0] if isinstance(output, tuple) else output
+            if stop_after_last and i == deepest:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for i in sorted(set(layers)):
+            handles.append(blocks[i].register_forward_hook(make_hook(i)))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    # The decoder stack without the LM head; falls back to the full model for unusual wrappers.
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError):
+        decoder = None
+    return decoder if decoder is not None and decoder is not model else getattr(model, "base_model", model)
+
+
+@torch.no_grad()
+def record_residuals(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    layers: Optional[Sequence[int]] = None,
+    positions: Sequence[int] = (-1,),
+    batch_size: int = 16,
+    system_prompt: Optional[str] = None,
+    chat_template: bool = True,
+) -> torch.Tensor:
+    """Residual stream after each of ``layers`` (default: all) at ``positions`` of every prompt.
+
+    Returns a float32 tensor of shape ``(n_prompts, n_layers, hidden)``; with several positions, their
+    mean. Prompts are chat-formatted unless ``chat_template=False``, batched by length and left-padded.
+    """
+    n_blocks = len(decoder_layers(model))
+    layers = list(range(n_blocks)) if layers is None else [int(i) % n_blocks for i in layers]
+    texts = format_chat(tokenizer, prompts, system_prompt) if chat_template else list(prompts)
+    backbone = _backbone(model)
+    device = input_device(model)
+    out: Optional[torch.Tensor] = None
+    with layer_output_hooks(model, layers) as captured:
+        for batch in sorted_batches(tokenizer, texts, batch_size, device):
+            try:
+                backbone(**batch.model_inputs(backbone), use_cache=False)
+            except _StopForward:
+                pass
+            # left padding: the prompt's last tokens sit at the end of every row
+            acts = torch.stack([captured[i][:, list(positions), :].float().mean(1).cpu() for i in layers], dim=1)
+            if out is None:
+                out = torch.empty(len(texts), len(layers), acts.shape[-1], dtype=torch.float32)
+            out[batch.indices] = acts
+    if out is None:
+        raise ValueError("record_residuals needs at least one prompt")
+    return out

@@ -1,0 +1,118 @@
+"""Prompt sets: load them from the shipped files, user files, lists or `datasets`, and chat-format them.
+
+The shipped sets in ``transformers_sra/prompts/`` were written for this project. ``*_train`` sets feed
+extraction and mining, ``*_val`` sets score layers, and ``*_test`` sets are for evaluation only::
+
+    harmful = load_prompts("harmful_test")
+    mine = load_prompts("my_prompts.jsonl", column="instruction")
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import PromptSetError
+
+_TEXT_COLUMNS = ("prompt", "instruction", "text", "question", "goal", "query", "input")
+
+
+def shipped_prompt_sets() -> list[str]:
+    """Names of the prompt sets that come with the package."""
+    root = resources.files("transformers_sra") / "prompts"
+    return sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".txt"))
+
+
+def load_prompts(source: Any, column: str | None = None) -> list[str]:
+    """Return a list of prompt strings from a shipped set name, a file, a list or a `datasets.Dataset`.
+
+    Files: ``.txt`` (one prompt a line), ``.json`` (a list of strings or of objects), ``.jsonl`` (one
+    string or object a line) and ``.csv`` (with a header). For objects, ``column`` names the field; by
+    default the first of prompt/instruction/text/question/goal/query/input that is present.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        prompts = _load_named_or_file(source, column)
+    elif hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
+        name = column or _pick_column(source.column_names, "dataset")
+        prompts = list(source[name])
+    elif isinstance(source, Iterable):
+        prompts = [_as_text(item, column) for item in source]
+    else:
+        raise PromptSetError(f"cannot read prompts from {type(source).__name__}; pass a list, a file path or a set name")
+    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    if not prompts:
+        raise PromptSetError(f"prompt set {_describe(source)} is empty")
+    return prompts
+
+
+def _load_named_or_file(source: str | os.PathLike, column: str | None) -> list[str]:
+    path = Path(source)
+    if not path.is_file():
+        shipped = resources.files("transformers_sra") / "prompts" / f"{source}.txt"
+        if isinstance(source, str) and shipped.is_file():
+            return shipped.read_text(encoding="utf-8").splitlines()
+        raise PromptSetError(
+            f"{source!r} is neither a file nor a shipped prompt set; shipped sets: {', '.join(shipped_prompt_sets())}"
+        )
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".txt":
+            return text.splitlines()
+        if suffix == ".json":
+            data = json.loads(text)
+            if isinstance(data, dict):  # {"prompts": [...]} or a column-oriented table
+                data = data.get(column or _pick_column(list(data), str(path)))
+            if not isinstance(data, list):
+                raise PromptSetError(f"{path}: expected a JSON list of prompts")
+            return [_as_text(item, column) for item in data]
+        if suffix == ".jsonl":
+            return [_as_text(json.loads(line), column) for line in text.splitlines() if line.strip()]
+        if suffix == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+            if not rows:
+                return []
+            name = column or _pick_column(list(rows[0]), str(path))
+            return [row[name] for row in rows]
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as err:
+        raise PromptSetError(f"cannot parse {path}: {err}") from None
+    raise PromptSetError(f"{path}: unsupported prompt file type {suffix!r}; use .txt, .json, .jsonl or .csv")
+
+
+def _as_text(item: Any, column: str | None) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        return item[column or _pick_column(list(item), "record")]
+    raise PromptSetError(f"prompt entries must be strings or objects, got {type(item).__name__}")
+
+
+def _pick_column(columns: Sequence[str], where: str) -> str:
+    for name in _TEXT_COLUMNS:
+        if name in columns:
+            return name
+    raise PromptSetError(f"{where} has no prompt column among {list(columns)}; pass column=<name>")
+
+
+def _describe(source: Any) -> str:
+    return repr(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def format_chat(tokenizer, prompts: Sequence[str], system_prompt: str | None = None) -> list[str]:
+    """Wrap each prompt as a user turn with the tokenizer's chat template (generation prompt added).
+
+    Tokenizers without a chat template (base models) get the raw prompt.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return list(prompts)
+    out = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return out

@@ -1,0 +1,80 @@
+"""`SRAReport`: what `apply_surgical_ablation` did, JSON round-trippable, with ``undo()``.
+
+::
+
+    report = apply_surgical_ablation(model, tokenizer)
+    report.save("sra_report.json")
+    SRAReport.load("sra_report.json").direction_layer
+    report.undo()   # the model's weights as they were (only on the live report)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+REPORT_NAME = "sra_report.json"
+
+
+@dataclass
+class SRAReport:
+    model_name: str
+    model_type: str
+    config: dict
+    direction_layer: int
+    bake_layers: Optional[list]
+    writers_edited: int
+    directions: list  # removed unit directions, first bake then each mining pass
+    dirty_direction: list  # the difference-of-means direction at direction_layer, unit
+    layer_sweep: list  # one row per scored layer: refusal_prob, kl, score (row with layer None = no edit)
+    atom_audit: dict  # {"names": [...], "cosine": [[...]]} incl. "dirty" and "clean"
+    explained_share: dict  # layer -> share of the dirty direction the Shield/Confound atoms explained
+    target_coverage: dict  # target atom -> {"dirty": |cos|, "clean": |cos|}
+    iterations: list  # per bake: iteration, refused, total, seconds
+    timings: dict  # seconds per pipeline step
+    metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
+    _handles: list = field(default_factory=list, repr=False, compare=False)
+
+    def undo(self) -> None:
+        """Restore the model this report came from (all bakes, latest first)."""
+        if not self._handles:
+            raise RuntimeError("nothing to undo: this report was loaded from JSON or was already undone")
+        for handle in reversed(self._handles):
+            handle.undo()
+        self._handles.clear()
+
+    @property
+    def final_refusals(self) -> Optional[int]:
+        return self.iterations[-1]["refused"] if self.iterations else None
+
+    def direction_tensor(self, index: int = -1) -> torch.Tensor:
+        return torch.tensor(self.directions[index], dtype=torch.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SRAReport":
+        data = dict(data)
+        data["explained_share"] = {int(k): v for k, v in data.get("explained_share", {}).items()}
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> str:
+        path = os.path.join(path, REPORT_NAME) if os.path.isdir(path) else os.fspath(path)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SRAReport":
+        path = os.path.join(path, REPORT_NAME) if os.path.isdir(path) else os.fspath(path)
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
