@@ -13,10 +13,12 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import SRAConfig
+from .config import PROMPT_FIELDS, SRAConfig
 from .errors import SRAError
+from .prompts import load_prompts
 
 
 def _field_type(f: dataclasses.Field):
@@ -71,7 +73,12 @@ def _ablate(args: argparse.Namespace) -> int:
     from .hub import save_cleaned
     from .pipeline import apply_surgical_ablation
 
-    config = _config_from(args)  # bad flags fail before the model is loaded
+    config = _config_from(args)  # bad flags and missing prompt files fail before the model is loaded
+    for name in PROMPT_FIELDS:
+        load_prompts(getattr(config, name))
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise SRAError(f"output folder {output} exists and is not empty; choose another or pass --overwrite")
     dtype = getattr(torch, args.dtype)
     if args.model is None:
         from .demo import load_demo_model
@@ -88,9 +95,9 @@ def _ablate(args: argparse.Namespace) -> int:
             raise SRAError(f"cannot load model {args.model!r}: {str(err).splitlines()[0]}") from None
     report = apply_surgical_ablation(model, tokenizer, config)
     path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite)
-    it = report.iterations[-1]
     print(f"direction layer {report.direction_layer}; {len(report.directions)} direction(s) removed from "
-          f"{report.writers_edited} writers; still refused on the extraction set: {it['refused']}/{it['total']}")
+          f"{report.writers_edited} writers; still refused on the extraction set: "
+          f"{report.final_refusals}/{report.iterations[0]['total']}")
     print(f"saved to {path}")
     return 0
 

@@ -22,6 +22,8 @@ CONFIG_NAME = "sra_config.json"
 #: A prompt set: the name of a set shipped in ``transformers_sra/prompts``, a file path, or a list of strings.
 PromptSource = Union[str, list]
 
+PROMPT_FIELDS = ("harmful_prompts", "harmless_prompts", "harmful_val_prompts", "harmless_val_prompts", "neutral_prompts")
+
 DEFAULT_ATOMS = (
     "math", "coding", "logic",  # Shields
     "style_length", "style_register", "style_mood", "style_format",  # Confounds
@@ -67,7 +69,7 @@ class SRAConfig:
         default=None, metadata={"help": "Layer whose activations define the direction; None selects it automatically."}
     )
     candidate_layers: Optional[list] = field(
-        default=None, metadata={"help": "Layers the automatic selection scores; None = 20%..80% of depth."}
+        default=None, metadata={"help": "Layers the automatic selection scores; None = 35%..75% of depth."}
     )
     layers: Optional[list] = field(
         default=None, metadata={"help": "Decoder layers whose writers are baked; None = all."}
@@ -83,12 +85,12 @@ class SRAConfig:
         default=1.0, metadata={"help": "Weight of harmless first-token KL against refusal probability in layer scoring."}
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
-    max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per prompt when judging refusals."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per prompt when judging refusals."})
     system_prompt: Optional[str] = field(default=None, metadata={"help": "System message for the chat template, if any."})
     seed: int = field(default=0, metadata={"help": "Seed for anything random (none of the default steps are)."})
 
     def __post_init__(self) -> None:
-        for name in ("harmful_prompts", "harmless_prompts", "harmful_val_prompts", "harmless_val_prompts", "neutral_prompts"):
+        for name in PROMPT_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, (str, os.PathLike)):
                 from .prompts import load_prompts  # turns a datasets.Dataset or any iterable into a plain list
@@ -126,7 +128,8 @@ class SRAConfig:
 
     # -- serialization, peft-style -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples become lists), so a saved and reloaded dict compares equal."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SRAConfig":

@@ -111,3 +111,9 @@ def first_token_kl(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> f
     """Mean KL(base ‖ new) of the first response token's distribution."""
     kl = (base_logprobs.exp() * (base_logprobs - new_logprobs)).sum(-1)
     return float(kl.mean())
+
+
+def refusal_rate(model: nn.Module, tokenizer, prompts: Sequence[str], **generate_kwargs) -> float:
+    """Share of ``prompts`` whose greedy completion is judged a refusal."""
+    completions = generate(model, tokenizer, prompts, **generate_kwargs)
+    return sum(map(is_refusal, completions)) / len(completions)

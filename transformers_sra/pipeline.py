@@ -147,17 +147,22 @@ def apply_surgical_ablation(
     harmless = texts[_set_key(sources["harmless"])]
     judge = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, system_prompt=config.system_prompt)
     handles, removed, iterations = [], [], []
-    direction = clean[layer]
+    direction, best = clean[layer], len(harmful) + 1
     try:
         for iteration in range(config.iterations + 1):
             start = time.perf_counter()
             with timer("bake"):
                 handles.append(bake_direction(model, direction, config.strength, config.layers, orthogonal_to=removed))
-            removed.append(direction)
             with timer("judge"):
                 refused = still_refused(model, tokenizer, harmful, **judge)
+            accepted = len(refused) < best
             iterations.append({"iteration": iteration, "refused": len(refused), "total": len(harmful),
-                               "seconds": round(time.perf_counter() - start, 3)})
+                               "accepted": accepted, "seconds": round(time.perf_counter() - start, 3)})
+            if not accepted:  # a mined direction that does not help only costs capability: take it back
+                handles.pop().undo()
+                break
+            removed.append(direction)
+            best = len(refused)
             if not refused or iteration == config.iterations:
                 break
             with timer("mine"):

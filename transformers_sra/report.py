@@ -35,7 +35,7 @@ class SRAReport:
     atom_audit: dict  # {"names": [...], "cosine": [[...]]} incl. "dirty" and "clean"
     explained_share: dict  # layer -> share of the dirty direction the Shield/Confound atoms explained
     target_coverage: dict  # target atom -> {"dirty": |cos|, "clean": |cos|}
-    iterations: list  # per bake: iteration, refused, total, seconds
+    iterations: list  # per bake: iteration, refused, total, accepted (kept only if it lowered refusals), seconds
     timings: dict  # seconds per pipeline step
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
     _handles: list = field(default_factory=list, repr=False, compare=False)
@@ -50,7 +50,9 @@ class SRAReport:
 
     @property
     def final_refusals(self) -> Optional[int]:
-        return self.iterations[-1]["refused"] if self.iterations else None
+        """Extraction-set prompts still refused after the last accepted bake."""
+        accepted = [it for it in self.iterations if it["accepted"]]
+        return accepted[-1]["refused"] if accepted else None
 
     def direction_tensor(self, index: int = -1) -> torch.Tensor:
         return torch.tensor(self.directions[index], dtype=torch.float32)

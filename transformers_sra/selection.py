@@ -17,9 +17,9 @@ from .judge import first_token_kl, first_token_logprobs, refusal_probability
 
 
 def default_candidates(n_layers: int) -> list[int]:
-    """Layers from 20% to 80% of depth: refusal is mostly read out in the middle of the network."""
-    lo, hi = int(0.2 * n_layers), max(int(0.8 * n_layers), int(0.2 * n_layers) + 1)
-    return list(range(lo, min(hi, n_layers)))
+    """Layers from 35% to 75% of depth, where refusal is read out; earlier ones carry little of it."""
+    lo = int(0.35 * n_layers)
+    return list(range(lo, max(int(0.75 * n_layers) + 1, lo + 1)))
 
 
 def select_layer(
