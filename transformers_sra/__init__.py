@@ -12,6 +12,7 @@ from .demo import load_demo_model
 from .editing import BakeHandle, bake_direction
 from .errors import ConfigError, DemoModelError, PromptSetError, SRAError, UnsupportedModelError
 from .extraction import record_residuals
+from .hub import save_cleaned
 from .pipeline import apply_surgical_ablation
 from .prompts import load_prompts
 from .report import SRAReport
@@ -36,4 +37,5 @@ __all__ = [
     "load_prompts",
     "record_residuals",
     "ridge_residualize",
+    "save_cleaned",
 ]

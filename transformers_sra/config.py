@@ -81,6 +81,11 @@ class SRAConfig:
     iterations: int = field(
         default=2, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining)."}
     )
+    max_kl: float = field(
+        default=0.1,
+        metadata={"help": "KL budget for mining: a mined direction that raises first-token KL on the held-out "
+                  "harmless prompts above this is taken back."},
+    )
     kl_weight: float = field(
         default=1.0, metadata={"help": "Weight of harmless first-token KL against refusal probability in layer scoring."}
     )
@@ -114,6 +119,7 @@ class SRAConfig:
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         need(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
+        need(self.max_kl > 0, f"max_kl must be > 0, got {self.max_kl}")
         need(len(self.positions) > 0 and all(p < 0 for p in self.positions),
              f"positions are counted from the end of the prompt and must be negative, got {self.positions}")
         need(len(set(self.atoms)) == len(self.atoms), f"atoms has duplicates: {self.atoms}")

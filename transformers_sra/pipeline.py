@@ -20,7 +20,7 @@ from .config import SRAConfig
 from .editing import bake_direction
 from .errors import ConfigError
 from .extraction import record_residuals
-from .judge import refusal_token_ids
+from .judge import first_token_kl, first_token_logprobs, refusal_token_ids
 from .mining import next_direction, still_refused
 from .prompts import load_prompts
 from .report import SRAReport
@@ -124,15 +124,17 @@ def apply_surgical_ablation(
         explained = {c: explained_share(dirty[j], atom_matrix[c], config.ridge_lambda) for j, c in enumerate(candidates)}
 
     # -- 6. layer selection ------------------------------------------------------------------------------
+    harmless_val = texts[_set_key(sources["harmless_val"])]
+    batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
     with timer("select"):
+        base_harmless_val = first_token_logprobs(model, tokenizer, harmless_val, **batching)
         if len(candidates) == 1:
             layer, sweep = candidates[0], []
         else:
             layer, sweep = select_layer(
-                model, tokenizer, clean, texts[_set_key(sources["harmful_val"])],
-                texts[_set_key(sources["harmless_val"])], refusal_token_ids(tokenizer),
-                strength=config.strength, kl_weight=config.kl_weight, bake_layers=config.layers,
-                batch_size=config.batch_size, system_prompt=config.system_prompt,
+                model, tokenizer, clean, texts[_set_key(sources["harmful_val"])], harmless_val,
+                refusal_token_ids(tokenizer), base_harmless_val, strength=config.strength,
+                kl_weight=config.kl_weight, bake_layers=config.layers, **batching,
             )
     j = candidates.index(layer)
     dirty_unit = dirty[j] / dirty[j].norm()
@@ -155,10 +157,13 @@ def apply_surgical_ablation(
                 handles.append(bake_direction(model, direction, config.strength, config.layers, orthogonal_to=removed))
             with timer("judge"):
                 refused = still_refused(model, tokenizer, harmful, **judge)
-            accepted = len(refused) < best
+                kl = first_token_kl(base_harmless_val, first_token_logprobs(model, tokenizer, harmless_val, **batching))
+            # The first bake always stays; a mined one must lower refusals within the KL budget.
+            accepted = iteration == 0 or (len(refused) < best and kl <= config.max_kl)
             iterations.append({"iteration": iteration, "refused": len(refused), "total": len(harmful),
-                               "accepted": accepted, "seconds": round(time.perf_counter() - start, 3)})
-            if not accepted:  # a mined direction that does not help only costs capability: take it back
+                               "val_kl": round(kl, 5), "accepted": accepted,
+                               "seconds": round(time.perf_counter() - start, 3)})
+            if not accepted:  # a mined direction that does not pay for itself only costs capability
                 handles.pop().undo()
                 break
             removed.append(direction)

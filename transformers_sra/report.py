@@ -35,7 +35,7 @@ class SRAReport:
     atom_audit: dict  # {"names": [...], "cosine": [[...]]} incl. "dirty" and "clean"
     explained_share: dict  # layer -> share of the dirty direction the Shield/Confound atoms explained
     target_coverage: dict  # target atom -> {"dirty": |cos|, "clean": |cos|}
-    iterations: list  # per bake: iteration, refused, total, accepted (kept only if it lowered refusals), seconds
+    iterations: list  # per bake: iteration, refused, total, val_kl, accepted (mined bakes must pay off), seconds
     timings: dict  # seconds per pipeline step
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
     _handles: list = field(default_factory=list, repr=False, compare=False)

@@ -29,6 +29,7 @@ def select_layer(
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
     refusal_ids: Sequence[int],
+    base_harmless: torch.Tensor,
     *,
     strength: float = 1.0,
     kl_weight: float = 1.0,
@@ -36,9 +37,11 @@ def select_layer(
     batch_size: int = 16,
     system_prompt: Optional[str] = None,
 ) -> tuple[int, list[dict]]:
-    """Score every ``{layer: direction}`` candidate; return the best layer and the sweep, base row first."""
+    """Score every ``{layer: direction}`` candidate; return the best layer and the sweep, base row first.
+
+    ``base_harmless`` holds the unedited model's first-token log-probabilities on ``harmless_val``.
+    """
     kwargs = dict(batch_size=batch_size, system_prompt=system_prompt)
-    base_harmless = first_token_logprobs(model, tokenizer, harmless_val, **kwargs)
     base_refusal = refusal_probability(first_token_logprobs(model, tokenizer, harmful_val, **kwargs), refusal_ids)
     sweep = [{"layer": None, "refusal_prob": float(base_refusal.mean()), "kl": 0.0, "score": float(base_refusal.mean())}]
     for layer, direction in directions.items():
