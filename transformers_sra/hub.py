@@ -25,7 +25,7 @@ def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathL
         raise ConfigError(f"output folder {target} exists and is not empty; choose another or pass overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and getattr(model, "is_quantized", True) and hasattr(quantizer, "remove_quantization_config"):
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
         # A GGUF-loaded model is already dequantized; transformers refuses to save it until this is dropped.
         quantizer.remove_quantization_config(model)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
