@@ -81,11 +81,10 @@ def apply_surgical_ablation(
         sources = {"harmful": config.harmful_prompts, "harmless": config.harmless_prompts,
                    "harmful_val": config.harmful_val_prompts, "harmless_val": config.harmless_val_prompts,
                    "neutral": config.neutral_prompts}
-        texts: dict[object, list[str]] = {}
-        for source in list(sources.values()) + [s for a in atoms for s in (a.prompts, a.contrast) if s is not None]:
-            key = _set_key(source)
-            if key not in texts:
-                texts[key] = load_prompts(source)
+        atom_sources = [s for a in atoms for s in (a.prompts, a.contrast) if s is not None]
+        texts = {_set_key(s): load_prompts(s) for s in list(sources.values()) + atom_sources}
+        # the validation sets are only scored, never extracted (unless they double as another set)
+        to_extract = {_set_key(s) for s in [sources["harmful"], sources["harmless"], sources["neutral"], *atom_sources]}
         n_layers = len(decoder_layers(model))
         residual_writers(model, config.layers)  # UnsupportedModelError now, not mid-bake
         if config.direction_layer is not None:
@@ -103,8 +102,7 @@ def apply_surgical_ablation(
 
     # -- 2. activations, 3. dirty direction, 4. atoms ----------------------------------------------------
     with timer("extract"):
-        acts = {key: record_residuals(model, tokenizer, prompts, **extract) for key, prompts in texts.items()
-                if key not in (_set_key(sources["harmful_val"]), _set_key(sources["harmless_val"]))}
+        acts = {key: record_residuals(model, tokenizer, texts[key], **extract) for key in to_extract}
     dirty = difference_of_means(acts[_set_key(sources["harmful"])], acts[_set_key(sources["harmless"])])
     with timer("atoms"):
         neutral = acts[_set_key(sources["neutral"])]
