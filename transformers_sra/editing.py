@@ -21,6 +21,7 @@ from torch import nn
 
 from .architectures import Writer, residual_writers
 from .errors import ConfigError, UnsupportedModelError
+from .residualize import orthogonalize
 
 Direction = Union[torch.Tensor, Mapping[int, torch.Tensor]]
 
@@ -168,15 +169,9 @@ def bake_direction(
     plan = []
     for w in writers:
         u = writer_direction(w, _layer_vector(direction, w))
-        basis: list[torch.Tensor] = []
-        for previous in orthogonal_to:
-            q = writer_direction(w, _layer_vector(previous, w))
-            for b in basis:
-                q = q - (q @ b) * b
-            basis.append(q / q.norm())
-        for b in basis:
-            u = u - (u @ b) * b
-        plan.append((w, u / u.norm()))
+        if orthogonal_to:
+            u = orthogonalize(u, [writer_direction(w, _layer_vector(p, w)) for p in orthogonal_to])
+        plan.append((w, u))
 
     handle = BakeHandle(strength, sorted({w.layer for w in writers}), [w.name for w in writers])
     try:
