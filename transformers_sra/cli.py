@@ -13,7 +13,6 @@ import dataclasses
 import json
 import sys
 import typing
-from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import PROMPT_FIELDS, SRAConfig
@@ -70,15 +69,13 @@ def _config_from(args: argparse.Namespace) -> SRAConfig:
 def _ablate(args: argparse.Namespace) -> int:
     import torch
 
-    from .hub import save_cleaned
+    from .hub import check_output_dir, save_cleaned
     from .pipeline import apply_surgical_ablation
 
     config = _config_from(args)  # bad flags and missing prompt files fail before the model is loaded
     for name in PROMPT_FIELDS:
         load_prompts(getattr(config, name))
-    output = Path(args.output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise SRAError(f"output folder {output} exists and is not empty; choose another or pass --overwrite")
+    check_output_dir(args.output, args.overwrite)
     dtype = getattr(torch, args.dtype)
     if args.model is None:
         from .demo import load_demo_model

@@ -18,11 +18,17 @@ from .errors import ConfigError
 from .report import SRAReport
 
 
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an existing, non-empty output folder unless ``overwrite``; cheap, so callers run it first."""
+    target = Path(output_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ConfigError(f"output folder {target} exists and is not empty; choose another or pass --overwrite")
+    return target
+
+
 def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save a normal transformers checkpoint plus ``sra_config.json`` and ``sra_report.json``."""
-    target = Path(output_dir)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ConfigError(f"output folder {target} exists and is not empty; choose another or pass overwrite")
+    target = check_output_dir(output_dir, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):

@@ -113,7 +113,12 @@ def first_token_kl(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> f
     return float(kl.mean())
 
 
+def still_refused(model: nn.Module, tokenizer, prompts: Sequence[str], **generate_kwargs) -> list[str]:
+    """The prompts whose greedy completion the judge calls a refusal."""
+    completions = generate(model, tokenizer, prompts, **generate_kwargs)
+    return [p for p, c in zip(prompts, completions) if is_refusal(c)]
+
+
 def refusal_rate(model: nn.Module, tokenizer, prompts: Sequence[str], **generate_kwargs) -> float:
     """Share of ``prompts`` whose greedy completion is judged a refusal."""
-    completions = generate(model, tokenizer, prompts, **generate_kwargs)
-    return sum(map(is_refusal, completions)) / len(completions)
+    return len(still_refused(model, tokenizer, prompts, **generate_kwargs)) / len(prompts)

@@ -13,14 +13,7 @@ import torch
 from torch import nn
 
 from .extraction import record_residuals
-from .judge import generate, is_refusal
 from .residualize import difference_of_means, orthogonalize, ridge_residualize
-
-
-def still_refused(model: nn.Module, tokenizer, prompts: Sequence[str], **generate_kwargs) -> list[str]:
-    """The prompts whose greedy completion the judge calls a refusal."""
-    completions = generate(model, tokenizer, prompts, **generate_kwargs)
-    return [p for p, c in zip(prompts, completions) if is_refusal(c)]
 
 
 def next_direction(

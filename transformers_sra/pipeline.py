@@ -20,8 +20,8 @@ from .config import SRAConfig
 from .editing import bake_direction
 from .errors import ConfigError
 from .extraction import record_residuals
-from .judge import first_token_kl, first_token_logprobs, refusal_token_ids
-from .mining import next_direction, still_refused
+from .judge import first_token_kl, first_token_logprobs, refusal_token_ids, still_refused
+from .mining import next_direction
 from .prompts import load_prompts
 from .report import SRAReport
 from .residualize import difference_of_means, explained_share, ridge_residualize
@@ -145,7 +145,7 @@ def apply_surgical_ablation(
     # -- 7. bake, 8. hard-negative mining ----------------------------------------------------------------
     harmful = texts[_set_key(sources["harmful"])]
     harmless = texts[_set_key(sources["harmless"])]
-    judge = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, system_prompt=config.system_prompt)
+    judge = dict(max_new_tokens=config.max_new_tokens, **batching)
     handles, removed, iterations = [], [], []
     direction, best = clean[layer], len(harmful) + 1
     try:
