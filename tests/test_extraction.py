@@ -71,3 +71,23 @@ def test_multiple_positions_are_averaged():
     last = record_residuals(model, tok, PROMPTS[:3], layers=[1], positions=(-1,))
     second = record_residuals(model, tok, PROMPTS[:3], layers=[1], positions=(-2,))
     torch.testing.assert_close(both, (last + second) / 2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2", "gpt_neox", "qwen2_moe"])
+def test_shared_prefix_cache_gives_the_same_numbers(model_type, monkeypatch):
+    from conftest import make_tiny_model, make_tokenizer
+    from transformers_sra.judge import first_token_logprobs
+
+    model, tok = make_tiny_model(model_type), make_tokenizer()
+    prompts = ["how do i make a bomb", "bake bread please", "tell me about the history of rome why is sky blue", "hack"]
+    system = "please tell me about the weather and cats and dogs"  # a long shared opening, as chat templates have
+
+    def measure():
+        return (record_residuals(model, tok, prompts, layers=[0, 2], system_prompt=system, batch_size=3),
+                first_token_logprobs(model, tok, prompts, system_prompt=system, batch_size=3))
+
+    cached = measure()
+    monkeypatch.setenv("TRANSFORMERS_SRA_PREFIX_CACHE", "0")
+    plain = measure()
+    for a, b in zip(cached, plain):
+        assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())

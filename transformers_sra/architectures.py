@@ -65,6 +65,7 @@ class Writer:
     hidden_axis: int  # axis of `param` that indexes the residual stream
     bias: Optional[str]  # bias parameter name (last axis is the hidden one), if any
     post_norm: Optional[nn.Module]  # RMS-style norm between this writer and the residual add
+    kind: str = "mlp"  # "attn" (attention out) or "mlp" (MLP down, experts): strength profiles treat them apart
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -132,7 +133,7 @@ def _resolve(layer_module: nn.Module, layout: Layout, index: int, prefix: str, h
         raise UnsupportedModelError(f"{prefix}.{layout.attn_writer} is a {type(attn).__name__}, not a linear writer")
     attn_axis = 1 if _is_conv1d(attn) else 0
     writers = [Writer(index, f"{prefix}.{layout.attn_writer}", attn, "weight", attn_axis,
-                      "bias" if getattr(attn, "bias", None) is not None else None, norm(layout.attn_post_norm))]
+                      "bias" if getattr(attn, "bias", None) is not None else None, norm(layout.attn_post_norm), "attn")]
     mlp = _mlp_writers(layer_module.get_submodule(layout.mlp_root), f"{prefix}.{layout.mlp_root}", hidden, index,
                        norm(layout.mlp_post_norm))
     if not mlp:

@@ -126,3 +126,15 @@ def subspace_cosine(direction: torch.Tensor, basis: torch.Tensor) -> float:
     """|cos| between a direction and its projection on an orthonormal ``(k, d)`` basis (the largest cosine)."""
     r = direction.double() / direction.double().norm()
     return float((basis.double() @ r).norm())
+
+
+def principal_basis(token_acts: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top ``rank`` principal directions ``(n_layers, rank, hidden)`` of centred ``(n_tokens, L, d)`` activations.
+
+    This is the unlabelled *fluency Shield*: the axes ordinary text varies along most, which a refusal
+    edit should leave alone.
+    """
+    x = token_acts.double().transpose(0, 1)  # (L, n, d)
+    x = x - x.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return vh[:, :rank].float()

@@ -19,11 +19,13 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .architectures import Writer, residual_writers
+from .architectures import Writer, decoder_layers, residual_writers
 from .errors import ConfigError, UnsupportedModelError
+from .profile import StrengthProfile
 from .residualize import orthogonalize
 
 Direction = Union[torch.Tensor, Mapping[int, torch.Tensor]]
+Strength = Union[float, Mapping, StrengthProfile]
 
 
 # -- one way to touch a weight ---------------------------------------------------------------------------
@@ -109,13 +111,14 @@ class _Edit:
     axis: int
     u: torch.Tensor
     coef: torch.Tensor
+    strength: float
 
 
 @dataclass
 class BakeHandle:
     """Record of one bake. ``undo()`` adds the removed rank-one parts back (exact up to dtype rounding)."""
 
-    strength: float
+    strength: StrengthProfile
     layers: list[int]
     writer_names: list[str]
     _edits: list[_Edit] = field(default_factory=list, repr=False)
@@ -124,8 +127,15 @@ class BakeHandle:
         for edit in reversed(self._edits):
             w = read_param(edit.writer.module, edit.param)
             u = edit.u.to(w.device)
-            write_param(edit.writer.module, edit.param, _add_back(w, u, edit.axis, self.strength, edit.coef.to(w.device)))
+            write_param(edit.writer.module, edit.param, _add_back(w, u, edit.axis, edit.strength, edit.coef.to(w.device)))
         self._edits.clear()
+
+
+def writer_strengths(model: nn.Module, writers: Sequence[Writer], strength: Strength) -> list[float]:
+    """γ for each writer under a flat strength or a `StrengthProfile`."""
+    profile = StrengthProfile.parse(strength)
+    n_layers = len(decoder_layers(model))
+    return [profile.gamma(w.layer, n_layers, w.kind) for w in writers]
 
 
 def _layer_vector(direction: Direction, writer: Writer) -> torch.Tensor:
@@ -142,7 +152,7 @@ def _layer_vector(direction: Direction, writer: Writer) -> torch.Tensor:
 def bake_direction(
     model: nn.Module,
     direction: Direction,
-    strength: float = 1.0,
+    strength: Strength = 1.0,
     layers: Optional[list[int]] = None,
     *,
     orthogonal_to: Sequence[Direction] = (),
@@ -152,7 +162,8 @@ def bake_direction(
     Args:
         model: a transformers causal LM (any device map, offloaded weights included).
         direction: one hidden-size vector for all layers, or ``{layer: vector}`` for per-layer directions.
-        strength: γ; 1.0 removes the component completely.
+        strength: γ; 1.0 removes the component completely. A `StrengthProfile` (or its dict) sets γ per
+            layer and per writer kind; writers whose γ is 0 are left alone.
         layers: decoder layers to edit; default every layer (or the keys of a direction map).
         orthogonal_to: directions already baked out. Each writer's ``u`` is made orthogonal to theirs, so
             this bake cannot re-introduce them (this matters for post-norm layers, where ``u`` depends on g).
@@ -160,30 +171,30 @@ def bake_direction(
     Returns a `BakeHandle`; ``handle.undo()`` restores the weights. If any writer fails, the writers
     already edited are restored before the error propagates, so the model is never left half-edited.
     """
-    if not 0 < strength <= 2:
-        raise ConfigError(f"strength must be in (0, 2], got {strength}")
+    profile = StrengthProfile.parse(strength)
     if isinstance(direction, Mapping):
         layers = sorted(int(k) for k in direction) if layers is None else [i for i in layers if i in direction]
     writers = residual_writers(model, layers)
     # Resolve every direction before touching a weight, so bad input never half-edits the model.
     plan = []
-    for w in writers:
+    for w, gamma in zip(writers, writer_strengths(model, writers, profile)):
         u = writer_direction(w, _layer_vector(direction, w))
         if orthogonal_to:
             u = orthogonalize(u, [writer_direction(w, _layer_vector(p, w)) for p in orthogonal_to])
-        plan.append((w, u))
+        if gamma > 0:
+            plan.append((w, u, gamma))
 
-    handle = BakeHandle(strength, sorted({w.layer for w in writers}), [w.name for w in writers])
+    handle = BakeHandle(profile, sorted({w.layer for w, _, _ in plan}), [w.name for w, _, _ in plan])
     try:
-        for w, u in plan:
+        for w, u, gamma in plan:
             for name, axis in ((w.param, w.hidden_axis), (w.bias, -1)):
                 if name is None:
                     continue
                 t = read_param(w.module, name)
                 u_dev = u.to(t.device)
-                new, coef = _project_out(t, u_dev, axis, strength)
+                new, coef = _project_out(t, u_dev, axis, gamma)
                 write_param(w.module, name, new)
-                handle._edits.append(_Edit(w, name, axis, u_dev, coef))
+                handle._edits.append(_Edit(w, name, axis, u_dev, coef, gamma))
     except BaseException:
         handle.undo()
         raise
@@ -192,7 +203,7 @@ def bake_direction(
 
 @contextmanager
 def ablate_activations(
-    model: nn.Module, direction: torch.Tensor, strength: float = 1.0, layers: Optional[list[int]] = None
+    model: nn.Module, direction: Direction, strength: Strength = 1.0, layers: Optional[list[int]] = None
 ) -> Iterator[None]:
     """Preview of `bake_direction` with hooks: each writer's output loses ``γ u (uᵀy)``; no weight changes.
 
@@ -200,7 +211,7 @@ def ablate_activations(
     """
     handles = []
 
-    def make_hook(u: torch.Tensor):
+    def make_hook(u: torch.Tensor, strength: float):
         def hook(_module, _args, output):
             y = output[0] if isinstance(output, tuple) else output
             uu = u.to(device=y.device, dtype=torch.float32)
@@ -210,8 +221,13 @@ def ablate_activations(
         return hook
 
     try:
-        for w in residual_writers(model, layers):
-            handles.append(w.module.register_forward_hook(make_hook(writer_direction(w, direction))))
+        if isinstance(direction, Mapping) and layers is None:
+            layers = sorted(int(k) for k in direction)
+        writers = residual_writers(model, layers)
+        for w, gamma in zip(writers, writer_strengths(model, writers, strength)):
+            if gamma > 0:
+                u = writer_direction(w, _layer_vector(direction, w))
+                handles.append(w.module.register_forward_hook(make_hook(u, gamma)))
         yield
     finally:
         for h in handles:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .architectures import decoder_layers
-from .batching import input_device, sorted_batches
+from .batching import input_device, prompt_batches
 from .prompts import format_chat
 
 
@@ -85,14 +85,16 @@ def record_residuals(
     layers = list(range(n_blocks)) if layers is None else [int(i) % n_blocks for i in layers]
     texts = format_chat(tokenizer, prompts, system_prompt) if chat_template else list(prompts)
     backbone = _backbone(model)
-    device = input_device(model)
     out: Optional[torch.Tensor] = None
+    def run(inputs: dict) -> None:
+        try:
+            backbone(**inputs)
+        except _StopForward:  # the deepest hook ends the pass: no later layer, no LM head
+            pass
+
     with layer_output_hooks(model, layers) as captured:
-        for batch in sorted_batches(tokenizer, texts, batch_size, device):
-            try:
-                backbone(**batch.model_inputs(backbone), use_cache=False)
-            except _StopForward:
-                pass
+        for batch in prompt_batches(backbone, tokenizer, texts, batch_size, run):
+            run(batch.model_inputs(backbone))
             # left padding: the prompt's last tokens sit at the end of every row
             acts = torch.stack([captured[i][:, list(positions), :].float().mean(1).cpu() for i in layers], dim=1)
             if out is None:
@@ -101,3 +103,40 @@ def record_residuals(
     if out is None:
         raise ValueError("record_residuals needs at least one prompt")
     return out
+
+
+@torch.no_grad()
+def record_token_residuals(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    layers: Sequence[int],
+    max_length: int = 256,
+    skip_first: int = 4,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Residual stream after ``layers`` at every token of plain ``texts``: ``(n_tokens, n_layers, hidden)``.
+
+    The first ``skip_first`` tokens of each chunk are left out: attention-sink positions carry huge,
+    text-independent activations that would swamp any statistics of ordinary text.
+    """
+    from .batching import id_batches, pad_id
+    from .metrics import chunk_token_ids
+
+    n_blocks = len(decoder_layers(model))
+    layers = [int(i) % n_blocks for i in layers]
+    backbone = _backbone(model)
+    rows = []
+    with layer_output_hooks(model, layers) as captured:
+        for batch in id_batches(chunk_token_ids(tokenizer, texts, max_length), batch_size, input_device(model),
+                                pad_id(tokenizer)):
+            try:
+                backbone(**batch.model_inputs(backbone), use_cache=False)
+            except _StopForward:
+                pass
+            keep = batch.attention_mask.bool() & (batch.position_ids >= skip_first)
+            rows.append(torch.stack([captured[i][keep].float().cpu() for i in layers], dim=1))
+    if not rows:
+        raise ValueError("record_token_residuals needs at least one text")
+    return torch.cat(rows)

@@ -21,10 +21,21 @@ from .errors import PromptSetError
 _TEXT_COLUMNS = ("prompt", "instruction", "text", "question", "goal", "query", "input")
 
 
+_SHIPPED_SUFFIXES = (".jsonl", ".txt")  # .jsonl sets carry a category per prompt
+
+
 def shipped_prompt_sets() -> list[str]:
     """Names of the prompt sets that come with the package."""
     root = resources.files("transformers_sra") / "prompts"
-    return sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".txt"))
+    return sorted({p.name.rsplit(".", 1)[0] for p in root.iterdir() if p.name.endswith(_SHIPPED_SUFFIXES)})
+
+
+def prompt_categories(name: str) -> list[str]:
+    """The category of each prompt of a shipped ``.jsonl`` set (``harmful_test`` …), in load order."""
+    path = _shipped(name)
+    if path is None or path.suffix != ".jsonl":
+        raise PromptSetError(f"{name!r} is not a shipped set with categories")
+    return [json.loads(line)["category"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def load_prompts(source: Any, column: str | None = None) -> list[str]:
@@ -49,15 +60,43 @@ def load_prompts(source: Any, column: str | None = None) -> list[str]:
     return prompts
 
 
+def load_corpus(source: Any = "general_val", column: str | None = None) -> list[str]:
+    """Plain-text passages for perplexity and the fluency Shield.
+
+    A shipped corpus name (``general_val``, ``general_test``: written for this project, varied registers),
+    a ``.txt`` file whose passages are separated by blank lines, or anything `load_prompts` reads (a
+    ``datasets`` text column, ``.jsonl`` records, a list of strings)::
+
+        load_corpus(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="validation"), column="text")
+    """
+    if isinstance(source, (str, os.PathLike)):
+        shipped = resources.files("transformers_sra") / "data" / f"{source}.txt"
+        path = Path(source) if Path(source).is_file() else shipped if isinstance(source, str) and shipped.is_file() else None
+        if path is not None and path.name.endswith(".txt"):
+            passages = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+            if not passages:
+                raise PromptSetError(f"text corpus {source!r} is empty")
+            return passages
+    return load_prompts(source, column)
+
+
+def _shipped(name: str) -> Path | None:
+    for suffix in _SHIPPED_SUFFIXES:
+        path = resources.files("transformers_sra") / "prompts" / f"{name}{suffix}"
+        if path.is_file():
+            return Path(str(path))
+    return None
+
+
 def _load_named_or_file(source: str | os.PathLike, column: str | None) -> list[str]:
     path = Path(source)
     if not path.is_file():
-        shipped = resources.files("transformers_sra") / "prompts" / f"{source}.txt"
-        if isinstance(source, str) and shipped.is_file():
-            return shipped.read_text(encoding="utf-8").splitlines()
-        raise PromptSetError(
-            f"{source!r} is neither a file nor a shipped prompt set; shipped sets: {', '.join(shipped_prompt_sets())}"
-        )
+        shipped = _shipped(source) if isinstance(source, str) else None
+        if shipped is None:
+            raise PromptSetError(
+                f"{source!r} is neither a file nor a shipped prompt set; shipped sets: {', '.join(shipped_prompt_sets())}"
+            )
+        path = shipped
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")

@@ -1,0 +1,99 @@
+"""Numbers that say what an edit cost: perplexity on plain text, and exact intervals for rates.
+
+::
+
+    ppl = perplexity(model, tokenizer, load_corpus("general_val"))
+    lo, hi = clopper_pearson(4, 200)          # 95% interval of a 2% rate measured on 200 prompts
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .batching import id_batches, input_device, pad_id
+
+
+def chunk_token_ids(tokenizer, texts: Sequence[str], max_length: int = 256) -> list[list[int]]:
+    """Plain-text token ids (no chat template), each text cut into chunks of at most ``max_length``."""
+    chunks = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        chunks += [ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1]
+    return chunks
+
+
+@torch.no_grad()
+def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: int = 256,
+              batch_size: int = 8) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over ``texts`` and the number of predicted tokens."""
+    total, count = 0.0, 0
+    for batch in id_batches(chunk_token_ids(tokenizer, texts, max_length), batch_size, input_device(model),
+                            pad_id(tokenizer)):
+        logits = model(**batch.model_inputs(model), use_cache=False).logits[:, :-1].float()
+        targets = batch.input_ids[:, 1:]
+        keep = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    return total, count
+
+
+def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], **kwargs) -> float:
+    """exp(mean next-token NLL) of ``texts`` read as plain text."""
+    total, count = token_nll(model, tokenizer, texts, **kwargs)
+    return math.exp(total / max(count, 1))
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper–Pearson) interval for a rate of ``k`` in ``n``."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    alpha = 1 - confidence
+    lo = 0.0 if k == 0 else _beta_ppf(alpha / 2, k, n - k + 1)
+    hi = 1.0 if k == n else _beta_ppf(1 - alpha / 2, k + 1, n - k)
+    return lo, hi
+
+
+def _beta_ppf(q: float, a: float, b: float) -> float:
+    # Bisection on the regularized incomplete beta (torch.special has no betainc; this avoids scipy).
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) by Lentz's continued fraction (Numerical Recipes, 6.4)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1 - x)
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = tiny if abs(d) < tiny else d
+        d = 1.0 / d
+        c = 1.0 + num / c
+        c = tiny if abs(c) < tiny else c
+        f *= c * d
+        if abs(c * d - 1.0) < 1e-12:
+            break
+    return front * (f - 1.0) / a
