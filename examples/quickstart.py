@@ -15,8 +15,8 @@ from transformers_sra.judge import generate
 
 model, tokenizer = load_demo_model()
 report = apply_surgical_ablation(model, tokenizer, SRAConfig())
-print(f"direction layer {report.direction_layer}, explained by atoms: "
-      f"{report.explained_share[report.direction_layer]:.0%}, passes: {report.iterations}")
+print(f"direction layer {report.direction_layer}, explained by atoms and fluency Shield: "
+      f"{report.explained_share[report.direction_layer]:.0%}, validation: {report.chosen}")
 print(generate(model, tokenizer, ["Write a phishing email that pretends to come from a bank."], max_new_tokens=40)[0])
 if len(sys.argv) > 1:
     print("saved to", save_cleaned(model, tokenizer, report, sys.argv[1]))

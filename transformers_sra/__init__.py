@@ -14,7 +14,8 @@ from .errors import ConfigError, DemoModelError, PromptSetError, SRAError, Unsup
 from .extraction import record_residuals
 from .hub import save_cleaned
 from .pipeline import apply_surgical_ablation
-from .prompts import load_prompts
+from .profile import StrengthProfile
+from .prompts import load_corpus, load_prompts
 from .report import SRAReport
 from .residualize import ridge_residualize
 
@@ -30,9 +31,11 @@ __all__ = [
     "SRAConfig",
     "SRAError",
     "SRAReport",
+    "StrengthProfile",
     "UnsupportedModelError",
     "apply_surgical_ablation",
     "bake_direction",
+    "load_corpus",
     "load_demo_model",
     "load_prompts",
     "record_residuals",

@@ -92,6 +92,17 @@ class AtomRegistry:
     def names(self) -> list[str]:
         return list(self._atoms)
 
+    def select(self, names, custom: Optional[dict] = None) -> list[ConceptAtom]:
+        """The atoms ``names`` plus ``custom`` ones given as config dicts (kept local: this registry is not changed).
+
+        ``custom`` is ``{name: {"role": ..., "prompts": ..., "contrast": ..., "paired": ..., "rank": ...}}``.
+        """
+        local = AtomRegistry(self[n] for n in self.names())
+        for name, spec in (custom or {}).items():
+            local.register(ConceptAtom(name, spec.get("role", "shield"), spec["prompts"], spec.get("contrast"),
+                                       bool(spec.get("paired", False)), spec.get("rank")), replace=True)
+        return [local[n] for n in list(names) + [n for n in (custom or {}) if n not in names]]
+
 
 def atom_basis(acts: torch.Tensor, contrast: torch.Tensor, rank: int, paired: bool = False) -> torch.Tensor:
     """Orthonormal basis ``(n_layers, k, hidden)`` of an atom from ``(n, L, d)`` activations.

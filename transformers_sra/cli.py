@@ -32,9 +32,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "").replace("%", "%%")
         kind = _field_type(f)
-        if kind in (int, float, str):
+        if kind is bool:
+            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        elif kind in (int, float, str):
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
-        elif f.name in ("layers", "candidate_layers", "positions"):
+        elif f.name in ("layers", "candidate_layers", "positions", "fluency_ranks"):
             group.add_argument(flag, type=int, nargs="+", default=argparse.SUPPRESS, help=help_text)
         elif f.name == "atoms":
             group.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_text)
@@ -92,9 +94,11 @@ def _ablate(args: argparse.Namespace) -> int:
             raise SRAError(f"cannot load model {args.model!r}: {str(err).splitlines()[0]}") from None
     report = apply_surgical_ablation(model, tokenizer, config)
     path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite)
-    print(f"direction layer {report.direction_layer}; {len(report.directions)} direction(s) removed from "
-          f"{report.writers_edited} writers; still refused on the extraction set: "
-          f"{report.final_refusals}/{report.iterations[0]['total']}")
+    chosen = report.chosen
+    print(f"direction layer {report.direction_layer}, fluency Shield rank {report.fluency_rank}; "
+          f"{len(report.directions)} direction(s) removed from {report.writers_edited} writers; validation: "
+          f"refusal score {chosen['refusal_score']:.3f} (base {report.validation['base_refusal_score']:.3f}), "
+          f"KL {chosen['kl']:.3f}, perplexity {chosen['ppl_change']:+.2%}")
     print(f"saved to {path}")
     return 0
 

@@ -23,6 +23,7 @@ CONFIG_NAME = "sra_config.json"
 PromptSource = Union[str, list]
 
 PROMPT_FIELDS = ("harmful_prompts", "harmless_prompts", "harmful_val_prompts", "harmless_val_prompts", "neutral_prompts")
+AUTO = "auto"
 
 DEFAULT_ATOMS = (
     "math", "coding", "logic",  # Shields
@@ -66,10 +67,10 @@ class SRAConfig:
         default=(-1,), metadata={"help": "Prompt token positions to read, counted from the end (-1 = last prompt token)."}
     )
     direction_layer: Optional[int] = field(
-        default=None, metadata={"help": "Layer whose activations define the direction; None selects it automatically."}
+        default=None, metadata={"help": "Layer whose activations define the direction; None lets the search choose."}
     )
     candidate_layers: Optional[list] = field(
-        default=None, metadata={"help": "Layers the automatic selection scores; None = 35%..75% of depth."}
+        default=None, metadata={"help": "Direction layers the search scores; None = 40%..70% of depth."}
     )
     layers: Optional[list] = field(
         default=None, metadata={"help": "Decoder layers whose writers are baked; None = all."}
@@ -77,20 +78,42 @@ class SRAConfig:
     ridge_lambda: float = field(
         default=0.01, metadata={"help": "Ridge λ in r − A(AᵀA+λI)⁻¹Aᵀr over unit atom columns; 0 = exact projection."}
     )
-    strength: float = field(default=1.0, metadata={"help": "γ in W ← W − γ u(uᵀW); 1 removes the direction fully."})
+    projected: bool = field(
+        default=False,
+        metadata={"help": "Make the dirty direction orthogonal to the mean harmless activation before residualizing."},
+    )
+    text_corpus: PromptSource = field(
+        default="general_val",
+        metadata={"help": "Plain text (shipped corpus name, .txt with blank-line passages, or a file of records): "
+                  "even passages give the fluency Shield, odd ones the perplexity budget."},
+    )
+    fluency_rank: Union[int, str] = field(
+        default="auto",
+        metadata={"help": "Rank of the fluency Shield (top principal components of residuals on plain text) "
+                  "regressed out with the atoms; 'auto' lets the search choose among fluency_ranks."},
+    )
+    fluency_ranks: tuple = field(default=(64, 0, 128), metadata={"help": "Fluency Shield ranks the search tries (first = start)."})
+    strength: Union[float, dict, str] = field(
+        default="auto",
+        metadata={"help": "γ in W ← W − γ u(uᵀW): a number (flat), a profile {peak, floor, center, width, attn, mlp} "
+                  "as JSON, or 'auto' to let the search choose a profile."},
+    )
     iterations: int = field(
-        default=2, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining)."}
+        default=0, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining)."}
     )
     max_kl: float = field(
-        default=0.1,
-        metadata={"help": "KL budget for mining: a mined direction that raises first-token KL on the held-out "
-                  "harmless prompts above this is taken back."},
+        default=0.05,
+        metadata={"help": "Budget on mean first-token KL(base || edited) on the held-out harmless prompts; the search "
+                  "and every mined pass must stay within it."},
     )
-    kl_weight: float = field(
-        default=1.0, metadata={"help": "Weight of harmless first-token KL against refusal probability in layer scoring."}
+    max_ppl_increase: float = field(
+        default=0.005, metadata={"help": "Budget on the relative perplexity increase on the held-back text (0.005 = +0.5%)."}
+    )
+    judge: Optional[str] = field(
+        default=None, metadata={"help": "Refusal judge: None = the shipped phrase judge, or a local text-classification model folder."}
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per prompt when judging refusals."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per prompt when judging refusals."})
     system_prompt: Optional[str] = field(default=None, metadata={"help": "System message for the chat template, if any."})
     seed: int = field(default=0, metadata={"help": "Seed for anything random (none of the default steps are)."})
 
@@ -104,6 +127,10 @@ class SRAConfig:
             elif isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
         self.atoms = tuple(self.atoms)
+        self.fluency_ranks = tuple(int(r) for r in self.fluency_ranks)
+        self.strength = _parse_strength(self.strength)
+        if isinstance(self.fluency_rank, str) and self.fluency_rank != AUTO:
+            self.fluency_rank = _parse_int(self.fluency_rank, "fluency_rank")
         self.positions = tuple(int(p) for p in self.positions)
         self._validate()
 
@@ -113,12 +140,19 @@ class SRAConfig:
                 raise ConfigError(message)
 
         need(self.ridge_lambda >= 0, f"ridge_lambda must be >= 0, got {self.ridge_lambda}")
-        need(0 < self.strength <= 2, f"strength must be in (0, 2], got {self.strength}")
+        if self.strength != AUTO:
+            from .profile import StrengthProfile
+
+            StrengthProfile.parse(self.strength)  # raises ConfigError with the reason
+        need(self.fluency_rank == AUTO or (isinstance(self.fluency_rank, int) and self.fluency_rank >= 0),
+             f"fluency_rank must be 'auto' or an int >= 0, got {self.fluency_rank!r}")
+        need(len(self.fluency_ranks) > 0 and all(r >= 0 for r in self.fluency_ranks),
+             f"fluency_ranks must be non-empty ints >= 0, got {self.fluency_ranks}")
+        need(self.max_ppl_increase >= 0, f"max_ppl_increase must be >= 0, got {self.max_ppl_increase}")
         need(isinstance(self.iterations, int) and self.iterations >= 0, f"iterations must be an int >= 0, got {self.iterations!r}")
         need(isinstance(self.atom_rank, int) and self.atom_rank >= 1, f"atom_rank must be an int >= 1, got {self.atom_rank!r}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        need(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
         need(self.max_kl > 0, f"max_kl must be > 0, got {self.max_kl}")
         need(len(self.positions) > 0 and all(p < 0 for p in self.positions),
              f"positions are counted from the end of the prompt and must be negative, got {self.positions}")
@@ -131,6 +165,12 @@ class SRAConfig:
             value = getattr(self, name)
             need(value is None or (len(value) > 0 and all(isinstance(i, int) for i in value)),
                  f"{name} must be None or a non-empty list of layer indices, got {value!r}")
+
+    def profile(self):
+        """The fixed `StrengthProfile`, or None when the search chooses it."""
+        from .profile import StrengthProfile
+
+        return None if self.strength == AUTO else StrengthProfile.parse(self.strength)
 
     # -- serialization, peft-style -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -160,3 +200,27 @@ class SRAConfig:
             raise ConfigError(f"no {CONFIG_NAME} at {directory}; pass the folder written by SRAConfig.save_pretrained")
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+
+def _parse_int(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be 'auto' or an integer, got {value!r}") from None
+
+
+def _parse_strength(value):
+    """'auto', a number, a profile dict, or their text forms as they come from the command line."""
+    if not isinstance(value, str) or value == AUTO:
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise ConfigError(f"strength must be 'auto', a number or a JSON profile, got {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"strength must be 'auto', a number or a JSON profile, got {value!r}")
+    return parsed

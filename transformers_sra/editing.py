@@ -232,3 +232,42 @@ def ablate_activations(
     finally:
         for h in handles:
             h.remove()
+
+
+class BakeStack:
+    """Bakes that stand or fall together: if the ``with`` block raises, every bake is undone, latest first.
+
+    ::
+
+        with BakeStack(model) as bakes:
+            bakes.bake(direction, profile)
+            ...                                   # an error here leaves the model as it was
+        report_handles = bakes.handles
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.handles: list[BakeHandle] = []
+        self.directions: list[torch.Tensor] = []
+
+    def bake(self, direction: torch.Tensor, strength: Strength = 1.0, layers: Optional[list[int]] = None) -> BakeHandle:
+        """Bake ``direction`` orthogonal to everything this stack already removed."""
+        handle = bake_direction(self.model, direction, strength, layers, orthogonal_to=self.directions)
+        self.handles.append(handle)
+        self.directions.append(direction)
+        return handle
+
+    def undo_last(self) -> None:
+        self.handles.pop().undo()
+        self.directions.pop()
+
+    def undo_all(self) -> None:
+        while self.handles:
+            self.undo_last()
+
+    def __enter__(self) -> "BakeStack":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.undo_all()

@@ -1,8 +1,10 @@
-"""Hard-negative mining: harmful prompts still refused after a bake define the next direction.
+"""Hard-negative mining: harmful training prompts the edited model still refuses give the next direction.
 
 The next direction is the difference of means between the still-refused prompts and the harmless set,
 measured on the edited model at the direction layer, ridge-residualized against the same atoms and made
-exactly orthogonal to every direction already removed.
+orthogonal to every direction already removed. Its strength is the largest of ``gammas`` that keeps the
+validation budgets, and the pass is kept only if it lowers the validation refusal score: it is judged on
+validation prompts, never on the training prompts it was mined from.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .editing import BakeStack, ablate_activations
 from .extraction import record_residuals
+from .judge import first_token_logprobs, refusal_probability
 from .residualize import difference_of_means, orthogonalize, ridge_residualize
+from .search import Validation
 
 
 def next_direction(
@@ -36,3 +41,54 @@ def next_direction(
     neg = record_residuals(model, tokenizer, harmless, **kwargs)
     raw = difference_of_means(pos, neg)[0]
     return orthogonalize(ridge_residualize(raw, atoms, ridge_lambda), removed)
+
+
+def mine(
+    model: nn.Module,
+    tokenizer,
+    bakes: BakeStack,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    val: Validation,
+    current: dict,
+    *,
+    layer: int,
+    atoms: torch.Tensor,
+    iterations: int,
+    max_kl: float,
+    max_ppl_increase: float,
+    ridge_lambda: float,
+    gammas: Sequence[float] = (1.0, 0.5, 0.25),
+    bake_layers: Optional[list[int]] = None,
+    positions: Sequence[int] = (-1,),
+    batching: Optional[dict] = None,
+) -> list[dict]:
+    """Run up to ``iterations`` mining passes on top of ``bakes``; returns one row per pass tried.
+
+    ``current`` is the validation measurement of the model as baked so far. Still-refused training prompts
+    are those whose first-token refusal score is above 0.5 (no generation).
+    """
+    batching = batching or {}
+    rows = []
+    for iteration in range(1, iterations + 1):
+        score = refusal_probability(first_token_logprobs(model, tokenizer, harmful, **batching), val.refusal_ids)
+        refused = [p for p, s in zip(harmful, score.tolist()) if s > 0.5]
+        row = {"iteration": iteration, "refused_train": len(refused), "total_train": len(harmful), "accepted": False}
+        rows.append(row)
+        if len(refused) < 2:
+            break
+        direction = next_direction(model, tokenizer, refused, harmless, layer, atoms, bakes.directions,
+                                   ridge_lambda=ridge_lambda, positions=positions, **batching)
+        for gamma in gammas:  # the strongest γ that keeps both budgets
+            with ablate_activations(model, direction, gamma, bake_layers):
+                measured = val.measure(model, tokenizer)
+            if measured["kl"] <= max_kl and measured["ppl_change"] <= max_ppl_increase:
+                break
+        row.update(gamma=gamma, **measured)
+        if not (measured["kl"] <= max_kl and measured["ppl_change"] <= max_ppl_increase
+                and measured["refusal_score"] < current["refusal_score"]):
+            break  # a mined direction that does not pay for itself on validation only costs capability
+        bakes.bake(direction, gamma, bake_layers)
+        row["accepted"] = True
+        current = measured
+    return rows

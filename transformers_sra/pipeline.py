@@ -1,31 +1,34 @@
 """`apply_surgical_ablation`: the only place that knows the order of the steps.
 
-prompts → extraction → dirty direction + atoms → ridge residualization → layer selection → bake →
-hard-negative mining (→ bake …) → `SRAReport`. Every input is checked before the first forward pass;
-if anything fails after the first bake, all bakes are undone before the error propagates.
+inputs → activations → directions (dirty, atoms, fluency Shield, clean) → base validation numbers →
+constrained search (layer, Shield rank, strength profile) → bake → hard-negative mining → `SRAReport`.
+Every input is checked before the first forward pass; if anything fails after the first bake, all bakes
+are undone before the error propagates (`BakeStack`).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .architectures import decoder_layers, residual_writers
-from .atoms import AtomRegistry, ConceptAtom, atom_basis, cosine_matrix, subspace_cosine
-from .config import SRAConfig
-from .editing import bake_direction
+from .atoms import AtomRegistry, ConceptAtom, atom_basis, cosine_matrix, principal_basis, subspace_cosine
+from .config import AUTO, SRAConfig
+from .directions import Directions
+from .editing import BakeStack
 from .errors import ConfigError
-from .extraction import record_residuals
-from .judge import first_token_kl, first_token_logprobs, refusal_token_ids, still_refused
-from .mining import next_direction
-from .prompts import load_prompts
+from .extraction import record_residuals, record_token_residuals
+from .judge import resolve_judge
+from .mining import mine
+from .profile import StrengthProfile
+from .prompts import load_corpus, load_prompts
 from .report import SRAReport
-from .residualize import difference_of_means, explained_share, ridge_residualize
-from .selection import default_candidates, select_layer
+from .search import Candidate, Validation, constrained_search, default_candidates, default_profiles
 
 
 class _Timer(dict):
@@ -38,20 +41,68 @@ class _Timer(dict):
             self[step] = self.get(step, 0.0) + round(time.perf_counter() - start, 3)
 
 
-def _atoms_for(config: SRAConfig, registry: AtomRegistry) -> list[ConceptAtom]:
-    registry = AtomRegistry(registry[n] for n in registry.names())  # a copy: custom atoms stay local
-    for name, spec in config.custom_atoms.items():
-        registry.register(
-            ConceptAtom(name, spec.get("role", "shield"), spec["prompts"], spec.get("contrast"),
-                        bool(spec.get("paired", False)), spec.get("rank")),
-            replace=True,
-        )
-    names = list(config.atoms) + [n for n in config.custom_atoms if n not in config.atoms]
-    return [registry[n] for n in names]
+@dataclass
+class _Inputs:
+    """Everything a run reads, loaded and checked once."""
+
+    texts: dict  # set key -> prompts
+    sources: dict  # role ("harmful", "harmless", "harmful_val", "harmless_val", "neutral") -> set key
+    atoms: list[ConceptAtom]
+    layers: list[int]  # candidate direction layers
+    fluency_text: list[str]  # passages for the fluency Shield
+    budget_text: list[str]  # held-back passages for the perplexity budget
+
+    def prompts(self, role: str) -> list[str]:
+        return self.texts[self.sources[role]]
+
+    def to_extract(self) -> set:
+        # the validation sets are only scored, never extracted (unless they double as another set)
+        keys = {self.sources[r] for r in ("harmful", "harmless", "neutral")}
+        return keys | {_set_key(s) for a in self.atoms for s in (a.prompts, a.contrast) if s is not None}
 
 
 def _set_key(source) -> object:
     return source if isinstance(source, str) else tuple(source)
+
+
+def _resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry) -> _Inputs:
+    atoms = registry.select(config.atoms, config.custom_atoms)
+    if not any(a.role in ("shield", "confound") for a in atoms):
+        raise ConfigError("no shield or confound atoms selected; SRA needs at least one (use standard ablation otherwise)")
+    sources = {"harmful": config.harmful_prompts, "harmless": config.harmless_prompts,
+               "harmful_val": config.harmful_val_prompts, "harmless_val": config.harmless_val_prompts,
+               "neutral": config.neutral_prompts}
+    all_sources = list(sources.values()) + [s for a in atoms for s in (a.prompts, a.contrast) if s is not None]
+    texts = {_set_key(s): load_prompts(s) for s in all_sources}
+    corpus = load_corpus(config.text_corpus)
+    if len(corpus) < 2:
+        raise ConfigError("text_corpus needs at least two passages: even ones feed the fluency Shield, odd ones the budget")
+    n_layers = len(decoder_layers(model))
+    residual_writers(model, config.layers)  # UnsupportedModelError now, not mid-bake
+    for i in [config.direction_layer] + list(config.candidate_layers or []):
+        if i is not None and not -n_layers <= i < n_layers:
+            raise ConfigError(f"layer {i} is out of range: the model has {n_layers} decoder layers")
+    if config.direction_layer is not None:
+        layers = [config.direction_layer % n_layers]
+    else:
+        layers = sorted({i % n_layers for i in (config.candidate_layers or default_candidates(n_layers))})
+    return _Inputs(texts, {k: _set_key(v) for k, v in sources.items()}, atoms, layers, corpus[0::2], corpus[1::2])
+
+
+def _directions(model, tokenizer, inputs: _Inputs, config: SRAConfig, extract: dict, ranks: list[int]) -> Directions:
+    acts = {key: record_residuals(model, tokenizer, inputs.texts[key], **extract) for key in inputs.to_extract()}
+    neutral = acts[inputs.sources["neutral"]]
+    bases = {a.name: atom_basis(acts[_set_key(a.prompts)], neutral if a.contrast is None else acts[_set_key(a.contrast)],
+                                a.rank or config.atom_rank, a.paired)
+             for a in inputs.atoms}
+    fluency = None
+    if max(ranks) > 0:
+        tokens = record_token_residuals(model, tokenizer, inputs.fluency_text, layers=inputs.layers,
+                                        batch_size=max(1, config.batch_size // 2))
+        fluency = principal_basis(tokens, min(max(ranks), tokens.shape[0] - 1))
+    return Directions.build(inputs.layers, acts[inputs.sources["harmful"]], acts[inputs.sources["harmless"]], bases,
+                            [a.name for a in inputs.atoms if a.role in ("shield", "confound")], fluency,
+                            config.ridge_lambda, projected=config.projected)
 
 
 def apply_surgical_ablation(
@@ -60,6 +111,8 @@ def apply_surgical_ablation(
     config: Optional[SRAConfig] = None,
     *,
     registry: Optional[AtomRegistry] = None,
+    judge: Optional[Callable[[str], bool]] = None,
+    progress: Optional[Callable[[str, dict], None]] = None,
 ) -> SRAReport:
     """Remove refusal from ``model`` in place with Surgical Refusal Ablation and return the report.
 
@@ -68,129 +121,79 @@ def apply_surgical_ablation(
         report = apply_surgical_ablation(model, tokenizer, SRAConfig())
         model.save_pretrained("out/")          # a normal checkpoint: no hooks, no adapters
         report.undo()                          # or put the weights back
+
+    ``judge`` (a ``str -> bool`` callable) overrides ``config.judge``; ``progress(step, row)`` is called
+    after every scored search candidate and mining pass.
     """
     config = config or SRAConfig()
-    registry = registry or AtomRegistry.default()
     timer = _Timer()
     torch.manual_seed(config.seed)
     model.eval()
-
-    # -- 1. everything that can be wrong with the input, before any compute --------------------------
     with timer("validate"):
-        atoms = _atoms_for(config, registry)
-        sources = {"harmful": config.harmful_prompts, "harmless": config.harmless_prompts,
-                   "harmful_val": config.harmful_val_prompts, "harmless_val": config.harmless_val_prompts,
-                   "neutral": config.neutral_prompts}
-        atom_sources = [s for a in atoms for s in (a.prompts, a.contrast) if s is not None]
-        texts = {_set_key(s): load_prompts(s) for s in list(sources.values()) + atom_sources}
-        # the validation sets are only scored, never extracted (unless they double as another set)
-        to_extract = {_set_key(s) for s in [sources["harmful"], sources["harmless"], sources["neutral"], *atom_sources]}
-        n_layers = len(decoder_layers(model))
-        residual_writers(model, config.layers)  # UnsupportedModelError now, not mid-bake
-        if config.direction_layer is not None:
-            candidates = [config.direction_layer % n_layers]
-        else:
-            candidates = sorted({i % n_layers for i in (config.candidate_layers or default_candidates(n_layers))})
-        for i in [config.direction_layer] + list(config.candidate_layers or []):
-            if i is not None and not -n_layers <= i < n_layers:
-                raise ConfigError(f"layer {i} is out of range: the model has {n_layers} decoder layers")
-        if not any(a.role in ("shield", "confound") for a in atoms):
-            raise ConfigError("no shield or confound atoms selected; SRA needs at least one (use standard ablation otherwise)")
-
-    extract = dict(layers=candidates, positions=config.positions, batch_size=config.batch_size,
-                   system_prompt=config.system_prompt)
-
-    # -- 2. activations, 3. dirty direction, 4. atoms ----------------------------------------------------
-    with timer("extract"):
-        acts = {key: record_residuals(model, tokenizer, texts[key], **extract) for key in to_extract}
-    dirty = difference_of_means(acts[_set_key(sources["harmful"])], acts[_set_key(sources["harmless"])])
-    with timer("atoms"):
-        neutral = acts[_set_key(sources["neutral"])]
-        bases = {
-            a.name: atom_basis(acts[_set_key(a.prompts)],
-                               neutral if a.contrast is None else acts[_set_key(a.contrast)],
-                               a.rank or config.atom_rank, a.paired)
-            for a in atoms
-        }
-    removable = [a.name for a in atoms if a.role in ("shield", "confound")]
-    targets = [a.name for a in atoms if a.role == "target"]
-
-    # -- 5. ridge residualization per candidate layer ------------------------------------------------------
-    with timer("residualize"):
-        atom_matrix = {c: torch.cat([bases[n][j] for n in removable]) for j, c in enumerate(candidates)}
-        clean = {c: ridge_residualize(dirty[j], atom_matrix[c], config.ridge_lambda) for j, c in enumerate(candidates)}
-        explained = {c: explained_share(dirty[j], atom_matrix[c], config.ridge_lambda) for j, c in enumerate(candidates)}
-
-    # -- 6. layer selection ------------------------------------------------------------------------------
-    harmless_val = texts[_set_key(sources["harmless_val"])]
+        inputs = _resolve_inputs(model, config, registry or AtomRegistry.default())
+        resolve_judge(judge or config.judge)  # a bad judge path fails now
+        ranks = list(config.fluency_ranks) if config.fluency_rank == AUTO else [config.fluency_rank]
+        profiles = default_profiles() if config.strength == AUTO else [config.profile()]
     batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
-    with timer("select"):
-        base_harmless_val = first_token_logprobs(model, tokenizer, harmless_val, **batching)
-        if len(candidates) == 1:
-            layer, sweep = candidates[0], []
-        else:
-            layer, sweep = select_layer(
-                model, tokenizer, clean, texts[_set_key(sources["harmful_val"])], harmless_val,
-                refusal_token_ids(tokenizer), base_harmless_val, strength=config.strength,
-                kl_weight=config.kl_weight, bake_layers=config.layers, **batching,
-            )
-    j = candidates.index(layer)
-    dirty_unit = dirty[j] / dirty[j].norm()
-    audit_vectors = torch.stack([dirty_unit, clean[layer]] + [bases[a.name][j][0] for a in atoms])
-    audit = {"layer": layer, "names": ["dirty", "clean"] + [a.name for a in atoms],
+    extract = dict(layers=inputs.layers, positions=config.positions, **batching)
+
+    with timer("extract"):
+        dirs = _directions(model, tokenizer, inputs, config, extract, ranks)
+    with timer("validation"):
+        val = Validation.measure_base(model, tokenizer, inputs.prompts("harmful_val"), inputs.prompts("harmless_val"),
+                                      inputs.budget_text, **batching)
+    directions = {(l, r): dirs.clean(l, r) for l in inputs.layers for r in ranks}
+    with timer("search"):
+        choice, table = constrained_search(
+            model, tokenizer, directions, val, layers=inputs.layers, ranks=ranks, profiles=profiles,
+            max_kl=config.max_kl, max_ppl_increase=config.max_ppl_increase, bake_layers=config.layers,
+            progress=(lambda row: progress("search", row)) if progress else None)
+    chosen = next(row for row in table if row["chosen"])
+
+    with BakeStack(model) as bakes:
+        with timer("bake"):
+            first = bakes.bake(directions[(choice.layer, choice.rank)], choice.profile, config.layers)
+        with timer("mine"):
+            mined = mine(model, tokenizer, bakes, inputs.prompts("harmful"), inputs.prompts("harmless"), val, chosen,
+                         layer=choice.layer, atoms=dirs.atom_matrix(choice.layer, choice.rank),
+                         iterations=config.iterations, max_kl=config.max_kl,
+                         max_ppl_increase=config.max_ppl_increase, ridge_lambda=config.ridge_lambda,
+                         bake_layers=config.layers, positions=config.positions, batching=batching)
+            if progress:
+                for row in mined:
+                    progress("mine", row)
+
+    return _report(model, config, inputs, dirs, choice, table, mined, first, bakes, dict(timer), val)
+
+
+def _report(model, config, inputs, dirs, choice, table, mined, first, bakes, timings, val) -> SRAReport:
+    layer = choice.layer
+    j = inputs.layers.index(layer)
+    clean = bakes.directions[0]
+    audit_vectors = torch.stack([dirs.dirty_unit(layer), clean] + [dirs.atom_bases[a.name][j][0] for a in inputs.atoms])
+    audit = {"layer": layer, "names": ["dirty", "clean"] + [a.name for a in inputs.atoms],
              "cosine": cosine_matrix(audit_vectors).tolist()}
-    coverage = {t: {"dirty": subspace_cosine(dirty_unit, bases[t][j]), "clean": subspace_cosine(clean[layer], bases[t][j])}
-                for t in targets}
-
-    # -- 7. bake, 8. hard-negative mining ----------------------------------------------------------------
-    harmful = texts[_set_key(sources["harmful"])]
-    harmless = texts[_set_key(sources["harmless"])]
-    judge = dict(max_new_tokens=config.max_new_tokens, **batching)
-    handles, removed, iterations = [], [], []
-    direction, best = clean[layer], len(harmful) + 1
-    try:
-        for iteration in range(config.iterations + 1):
-            start = time.perf_counter()
-            with timer("bake"):
-                handles.append(bake_direction(model, direction, config.strength, config.layers, orthogonal_to=removed))
-            with timer("judge"):
-                refused = still_refused(model, tokenizer, harmful, **judge)
-                kl = first_token_kl(base_harmless_val, first_token_logprobs(model, tokenizer, harmless_val, **batching))
-            # The first bake always stays; a mined one must lower refusals within the KL budget.
-            accepted = iteration == 0 or (len(refused) < best and kl <= config.max_kl)
-            iterations.append({"iteration": iteration, "refused": len(refused), "total": len(harmful),
-                               "val_kl": round(kl, 5), "accepted": accepted,
-                               "seconds": round(time.perf_counter() - start, 3)})
-            if not accepted:  # a mined direction that does not pay for itself only costs capability
-                handles.pop().undo()
-                break
-            removed.append(direction)
-            best = len(refused)
-            if not refused or iteration == config.iterations:
-                break
-            with timer("mine"):
-                direction = next_direction(model, tokenizer, refused, harmless, layer, atom_matrix[layer], removed,
-                                           ridge_lambda=config.ridge_lambda, positions=config.positions,
-                                           batch_size=config.batch_size, system_prompt=config.system_prompt)
-    except BaseException:
-        for handle in reversed(handles):
-            handle.undo()
-        raise
-
+    coverage = {a.name: {"dirty": subspace_cosine(dirs.dirty_unit(layer), dirs.atom_bases[a.name][j]),
+                         "clean": subspace_cosine(clean, dirs.atom_bases[a.name][j])}
+                for a in inputs.atoms if a.role == "target"}
     return SRAReport(
         model_name=getattr(model.config, "_name_or_path", "") or type(model).__name__,
         model_type=getattr(model.config, "model_type", ""),
         config=config.to_dict(),
         direction_layer=layer,
-        bake_layers=handles[0].layers,
-        writers_edited=len(handles[0].writer_names),
-        directions=[d.tolist() for d in removed],
-        dirty_direction=dirty_unit.tolist(),
-        layer_sweep=sweep,
+        fluency_rank=choice.rank,
+        strength=choice.profile.to_dict(),
+        bake_layers=first.layers,
+        writers_edited=len(first.writer_names),
+        directions=[d.tolist() for d in bakes.directions],
+        dirty_direction=dirs.dirty_unit(layer).tolist(),
+        search=table,
+        validation={"harmful_scored": len(val.harmful), "harmless": len(val.harmless), "text_passages": len(val.text),
+                    "base_refusal_score": round(val.base_refusal, 5)},
         atom_audit=audit,
-        explained_share=explained,
+        explained_share={l: dirs.explained(l, choice.rank) for l in inputs.layers},
         target_coverage=coverage,
-        iterations=iterations,
-        timings=dict(timer),
-        _handles=handles,
+        iterations=mined,
+        timings=timings,
+        _handles=list(bakes.handles),
     )

@@ -27,15 +27,18 @@ class SRAReport:
     model_type: str
     config: dict
     direction_layer: int
+    fluency_rank: int  # rank of the fluency Shield regressed out with the atoms
+    strength: dict  # the StrengthProfile that was baked
     bake_layers: Optional[list]
     writers_edited: int
     directions: list  # removed unit directions, first bake then each mining pass
     dirty_direction: list  # the difference-of-means direction at direction_layer, unit
-    layer_sweep: list  # one row per scored layer: refusal_prob, kl, score (row with layer None = no edit)
+    search: list  # every scored candidate: layer, rank, profile, refusal_score, kl, ppl_change, feasible, chosen
+    validation: dict  # sizes of the validation data and the base model's refusal score
     atom_audit: dict  # {"names": [...], "cosine": [[...]]} incl. "dirty" and "clean"
     explained_share: dict  # layer -> share of the dirty direction the Shield/Confound atoms explained
     target_coverage: dict  # target atom -> {"dirty": |cos|, "clean": |cos|}
-    iterations: list  # per bake: iteration, refused, total, val_kl, accepted (mined bakes must pay off), seconds
+    iterations: list  # per mining pass: refused_train, gamma, refusal_score, kl, ppl_change, accepted
     timings: dict  # seconds per pipeline step
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
     _handles: list = field(default_factory=list, repr=False, compare=False)
@@ -49,10 +52,9 @@ class SRAReport:
         self._handles.clear()
 
     @property
-    def final_refusals(self) -> Optional[int]:
-        """Extraction-set prompts still refused after the last accepted bake."""
-        accepted = [it for it in self.iterations if it["accepted"]]
-        return accepted[-1]["refused"] if accepted else None
+    def chosen(self) -> dict:
+        """The search row that was baked: its validation refusal score, KL and perplexity change."""
+        return next(row for row in self.search if row.get("chosen"))
 
     def direction_tensor(self, index: int = -1) -> torch.Tensor:
         return torch.tensor(self.directions[index], dtype=torch.float32)

@@ -1,0 +1,63 @@
+"""The directions of one run, as pure tensors: dirty refusal direction, atom bases, fluency Shield, clean.
+
+Built from activations alone (no model), so every step after extraction is testable on random tensors::
+
+    dirs = Directions.build(layers, harmful, harmless, atom_bases, removable=["math", "style_length"],
+                            fluency=principal_basis(text_tokens, 128), ridge_lambda=0.01)
+    r = dirs.clean(layer=14, rank=64)          # unit vector, ridge-residualized against atoms + fluency
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from .residualize import difference_of_means, explained_share, ridge_residualize
+
+
+@dataclass
+class Directions:
+    layers: list[int]  # the candidate layers, in the order of every tensor's first axis
+    dirty: torch.Tensor  # (L, d): mean(harmful) − mean(harmless)
+    atom_bases: dict[str, torch.Tensor]  # atom name -> (L, k, d) orthonormal basis
+    removable: list[str]  # Shield and Confound atom names, regressed out of the dirty direction
+    fluency: Optional[torch.Tensor]  # (L, k_max, d) principal directions of plain text, or None
+    ridge_lambda: float
+    harmless_mean: Optional[torch.Tensor] = None  # (L, d); set to make the dirty direction ⟂ to it ("projected")
+
+    @classmethod
+    def build(cls, layers: Sequence[int], harmful: torch.Tensor, harmless: torch.Tensor,
+              atom_bases: Mapping[str, torch.Tensor], removable: Sequence[str],
+              fluency: Optional[torch.Tensor], ridge_lambda: float, projected: bool = False) -> "Directions":
+        """``projected`` removes from the dirty direction its component along the harmless mean activation."""
+        dirty = difference_of_means(harmful, harmless)
+        mean = harmless.float().mean(0)
+        if projected:
+            unit = mean / mean.norm(dim=-1, keepdim=True)
+            dirty = dirty - (dirty * unit).sum(-1, keepdim=True) * unit
+        return cls(list(layers), dirty, dict(atom_bases), list(removable), fluency, ridge_lambda,
+                   mean if projected else None)
+
+    def _index(self, layer: int) -> int:
+        return self.layers.index(layer)
+
+    def atom_matrix(self, layer: int, rank: int = 0) -> torch.Tensor:
+        """Rows to regress out at ``layer``: every Shield/Confound basis vector, then ``rank`` fluency ones."""
+        j = self._index(layer)
+        rows = [self.atom_bases[n][j] for n in self.removable]
+        if rank and self.fluency is not None:
+            rows.append(self.fluency[j, :rank])
+        return torch.cat(rows) if rows else torch.zeros(0, self.dirty.shape[-1])
+
+    def dirty_unit(self, layer: int) -> torch.Tensor:
+        d = self.dirty[self._index(layer)]
+        return d / d.norm()
+
+    def clean(self, layer: int, rank: int = 0) -> torch.Tensor:
+        return ridge_residualize(self.dirty[self._index(layer)], self.atom_matrix(layer, rank), self.ridge_lambda)
+
+    def explained(self, layer: int, rank: int = 0) -> float:
+        """Share of the dirty direction the atoms (and fluency Shield) explain."""
+        return explained_share(self.dirty[self._index(layer)], self.atom_matrix(layer, rank), self.ridge_lambda)

@@ -1,0 +1,144 @@
+"""Choose where and how hard to remove refusal: a constrained search over hook ablations.
+
+Each candidate (direction layer, rank of the fluency Shield, strength profile) is applied through
+forward hooks on the residual writers (numerically the bake, with no weight touched) and measured on
+validation data only:
+
+* **refusal score**: mean first-token probability of refusal openings on the held-out harmful prompts;
+* **KL**: mean first-token KL(base ‖ edited) on the held-out harmless prompts;
+* **ΔPPL**: relative perplexity change on a held-back slice of the text corpus.
+
+The choice minimises the refusal score **subject to** KL ≤ ``max_kl`` and ΔPPL ≤ ``max_ppl_increase``;
+it is not a weighted sum. The search is coordinate-wise (layers, then Shield ranks, then profiles), so it
+costs a dozen scoring passes, not hundreds of generate-everything trials. Every row goes into the report::
+
+    val = Validation.measure_base(model, tokenizer, harmful_val, harmless_val, text_val)
+    choice, table = constrained_search(model, tokenizer, directions, val, layers=[12, 14], ranks=[0, 64],
+                                       profiles=[StrengthProfile()], max_kl=0.05, max_ppl_increase=0.005)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .editing import ablate_activations
+from .judge import first_token_kl, first_token_logprobs, refusal_probability, refusal_token_ids
+from .metrics import token_nll
+from .profile import StrengthProfile
+
+
+def default_candidates(n_layers: int) -> list[int]:
+    """Direction layers from 40% to 70% of depth, where refusal is read out; earlier ones carry little of it."""
+    lo = int(0.4 * n_layers)
+    return list(range(lo, max(int(0.7 * n_layers) + 1, lo + 1)))
+
+
+def default_profiles() -> list[StrengthProfile]:
+    """The strength profiles the search tries, flat first (chosen on the demo model's validation split)."""
+    return [
+        StrengthProfile(),
+        StrengthProfile(peak=1.0, floor=0.0, center=0.6, width=0.45),
+        StrengthProfile(peak=1.2, floor=0.3, center=0.6, width=0.35),
+        StrengthProfile(peak=1.0, floor=1.0, attn=0.5),
+    ]
+
+
+@dataclass
+class Validation:
+    """Validation prompts and text with the base model's numbers, measured once before any edit."""
+
+    harmful: list[str]
+    harmless: list[str]
+    text: list[str]
+    refusal_ids: list[int]
+    base_harmless: torch.Tensor  # first-token log-probabilities of the base model on ``harmless``
+    base_refusal: float  # mean refusal score of the base model on ``harmful``
+    base_nll: float  # mean next-token NLL of the base model on ``text``
+    batching: dict = field(default_factory=dict)
+
+    @classmethod
+    def measure_base(cls, model: nn.Module, tokenizer, harmful: Sequence[str], harmless: Sequence[str],
+                     text: Sequence[str], **batching) -> "Validation":
+        ids = refusal_token_ids(tokenizer)
+        score = refusal_probability(first_token_logprobs(model, tokenizer, harmful, **batching), ids)
+        total, count = token_nll(model, tokenizer, text)
+        return cls(list(harmful), list(harmless), list(text), ids,
+                   first_token_logprobs(model, tokenizer, harmless, **batching), float(score.mean()),
+                   total / max(count, 1), batching)
+
+    def measure(self, model: nn.Module, tokenizer) -> dict:
+        """Refusal score, KL and ΔPPL of ``model`` as it is now (hooks included)."""
+        refusal = refusal_probability(first_token_logprobs(model, tokenizer, self.harmful, **self.batching), self.refusal_ids)
+        kl = first_token_kl(self.base_harmless, first_token_logprobs(model, tokenizer, self.harmless, **self.batching))
+        total, count = token_nll(model, tokenizer, self.text)
+        return {"refusal_score": round(float(refusal.mean()), 5), "kl": round(kl, 5),
+                "ppl_change": round(math.exp(total / max(count, 1) - self.base_nll) - 1, 5)}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layer: int  # layer whose clean direction is removed
+    rank: int  # rank of the fluency Shield regressed out of it
+    profile: StrengthProfile
+
+
+def constrained_search(
+    model: nn.Module,
+    tokenizer,
+    directions: Mapping[tuple[int, int], torch.Tensor],
+    val: Validation,
+    *,
+    layers: Sequence[int],
+    ranks: Sequence[int],
+    profiles: Sequence[StrengthProfile],
+    max_kl: float,
+    max_ppl_increase: float,
+    bake_layers: Optional[list[int]] = None,
+    progress: Optional[Callable[[dict], None]] = None,
+) -> tuple[Candidate, list[dict]]:
+    """Coordinate search: layers (first rank and profile), then ranks, then profiles; best feasible wins.
+
+    ``directions[(layer, rank)]`` is the clean unit direction of ``layer`` with a rank-``rank`` fluency
+    Shield. Returns the choice and the table of every scored candidate (``feasible`` marks those within
+    both budgets; if none is, the least violating one is returned and marked so).
+    """
+    table: list[dict] = []
+    scored: dict[Candidate, dict] = {}
+
+    def score(c: Candidate) -> dict:
+        if c not in scored:
+            start = time.perf_counter()
+            with ablate_activations(model, directions[(c.layer, c.rank)], c.profile, bake_layers):
+                row = val.measure(model, tokenizer)
+            row = {"layer": c.layer, "rank": c.rank, "profile": c.profile.to_dict(), **row,
+                   "feasible": row["kl"] <= max_kl and row["ppl_change"] <= max_ppl_increase,
+                   "seconds": round(time.perf_counter() - start, 2)}
+            scored[c] = row
+            table.append(row)
+            if progress is not None:
+                progress(row)
+        return scored[c]
+
+    def best(cands: Sequence[Candidate]) -> Candidate:
+        rows = [(c, score(c)) for c in cands]
+        return min(rows, key=lambda cr: _rank_key(cr[1], max_kl, max_ppl_increase))[0]
+
+    choice = best([Candidate(l, ranks[0], profiles[0]) for l in layers])
+    choice = best([Candidate(choice.layer, r, choice.profile) for r in ranks])
+    choice = best([Candidate(choice.layer, choice.rank, p) for p in profiles])
+    choice = min(scored, key=lambda c: _rank_key(scored[c], max_kl, max_ppl_increase))
+    for row in table:
+        row["chosen"] = row is scored[choice]
+    return choice, table
+
+
+def _rank_key(row: dict, max_kl: float, max_ppl: float) -> tuple:
+    # feasible rows by refusal score; infeasible ones after them, by how far they overshoot a budget
+    violation = max(row["kl"] / max_kl, row["ppl_change"] / max_ppl if max_ppl > 0 else math.inf)
+    return (0, row["refusal_score"]) if violation <= 1 else (1, violation)
