@@ -92,7 +92,7 @@ class SRAConfig:
         metadata={"help": "Rank of the fluency Shield (top principal components of residuals on plain text) "
                   "regressed out with the atoms; 'auto' lets the search choose among fluency_ranks."},
     )
-    fluency_ranks: tuple = field(default=(64, 0, 128), metadata={"help": "Fluency Shield ranks the search tries (first = start)."})
+    fluency_ranks: tuple = field(default=(128, 64), metadata={"help": "Fluency Shield ranks the search tries (first = start)."})
     strength: Union[float, dict, str] = field(
         default="auto",
         metadata={"help": "γ in W ← W − γ u(uᵀW): a number (flat), a profile {peak, floor, center, width, attn, mlp} "

@@ -34,18 +34,23 @@ from .profile import StrengthProfile
 
 
 def default_candidates(n_layers: int) -> list[int]:
-    """Direction layers from 40% to 70% of depth, where refusal is read out; earlier ones carry little of it."""
-    lo = int(0.4 * n_layers)
+    """Direction layers from 50% to 70% of depth, where refusal is read out (measured on the demo model's
+    validation split: layers below half depth remove less refusal for more KL)."""
+    lo = int(0.5 * n_layers)
     return list(range(lo, max(int(0.7 * n_layers) + 1, lo + 1)))
 
 
 def default_profiles() -> list[StrengthProfile]:
-    """The strength profiles the search tries, flat first (chosen on the demo model's validation split)."""
+    """The strength profiles the search tries; the first one also scores layers and ranks.
+
+    Chosen on the demo model's validation split: a tent peaking at 60% of depth keeps KL and perplexity
+    well inside the budgets where flat γ = 1 does not; the steeper ones buy refusal with the KL left over.
+    """
     return [
+        StrengthProfile(peak=1.2, floor=0.2, center=0.6, width=0.4),
         StrengthProfile(),
-        StrengthProfile(peak=1.0, floor=0.0, center=0.6, width=0.45),
-        StrengthProfile(peak=1.2, floor=0.3, center=0.6, width=0.35),
-        StrengthProfile(peak=1.0, floor=1.0, attn=0.5),
+        StrengthProfile(peak=1.6, floor=0.4, center=0.6, width=0.35),
+        StrengthProfile(peak=2.0, floor=0.0, center=0.6, width=0.3),
     ]
 
 
