@@ -15,7 +15,7 @@ import copy
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn

@@ -25,10 +25,9 @@ from .errors import ConfigError
 from .extraction import record_residuals, record_token_residuals
 from .judge import resolve_judge
 from .mining import mine
-from .profile import StrengthProfile
 from .prompts import load_corpus, load_prompts
 from .report import SRAReport
-from .search import Candidate, Validation, constrained_search, default_candidates, default_profiles
+from .search import Validation, constrained_search, default_candidates, default_profiles
 
 
 class _Timer(dict):
