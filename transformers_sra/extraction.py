@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .architectures import decoder_layers
-from .batching import input_device, prompt_batches
+from .batching import id_batches, input_device, pad_id, prompt_batches
+from .metrics import chunk_token_ids
 from .prompts import format_chat
 
 
@@ -121,9 +122,6 @@ def record_token_residuals(
     The first ``skip_first`` tokens of each chunk are left out: attention-sink positions carry huge,
     text-independent activations that would swamp any statistics of ordinary text.
     """
-    from .batching import id_batches, pad_id
-    from .metrics import chunk_token_ids
-
     n_blocks = len(decoder_layers(model))
     layers = [int(i) % n_blocks for i in layers]
     backbone = _backbone(model)
