@@ -7,8 +7,8 @@ same flat strengths, so both curves are traced the same way. Every point: judged
 ``harmless_test``, perplexity change on ``general_test``. Writes JSON and a PNG::
 
     pip install -e ".[demo,bench]"
-    python benchmarks/frontier.py --out benchmarks/results          # about 45 minutes on 2 CPU cores
-    python benchmarks/frontier.py --limit 50 --strengths 1.0        # a quick look
+    python benchmarks/frontier.py --out benchmarks/results          # about 80 minutes on 2 CPU cores
+    python benchmarks/frontier.py --limit 100 --strengths 0.5 1.0  # 38 minutes: the README figure
 """
 
 from __future__ import annotations
