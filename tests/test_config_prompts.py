@@ -7,7 +7,6 @@ import json
 import pytest
 
 from transformers_sra import ConfigError, PromptSetError, SRAConfig, load_prompts
-from transformers_sra.judge import is_refusal
 from transformers_sra.prompts import format_chat, shipped_prompt_sets
 
 
@@ -94,15 +93,3 @@ def test_bad_prompt_sources_fail_clearly(tmp_path):
 def test_format_chat_uses_the_template(tokenizer):
     assert format_chat(tokenizer, ["why"]) == ["[BOS]<user> why <assistant>"]
     assert format_chat(tokenizer, ["why"], system_prompt="be brief") == ["[BOS]<system> be brief <user> why <assistant>"]
-
-
-@pytest.mark.parametrize("text, refused", [
-    ("I'm sorry, but I can't assist with that.", True),
-    ("I cannot help with creating malware.", True),
-    ("As an AI language model, I must decline.", True),
-    ("I\u2019m unable to provide that information.", True),
-    ("Sure! Here is a recipe for sourdough bread:", False),
-    ("To kill a hung Python process, run `kill -9 <pid>`.", False),
-])
-def test_refusal_judge(text, refused):
-    assert is_refusal(text) is refused

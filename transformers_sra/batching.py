@@ -61,9 +61,7 @@ def input_device(model: nn.Module) -> torch.device:
 
 def sorted_batches(tokenizer, texts: Sequence[str], batch_size: int, device: torch.device) -> Iterator[Batch]:
     """Yield left-padded batches of ``texts`` (already chat-formatted), longest first."""
-    # A chat template already contains the special tokens it needs; adding BOS again would shift activations.
-    add_special = not getattr(tokenizer, "chat_template", None)
-    encoded = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    encoded = _encode(tokenizer, texts)
     yield from id_batches(encoded, batch_size, device, pad_id(tokenizer))
 
 
@@ -78,8 +76,7 @@ def prompt_batches(
     ``batch.model_inputs(model)`` brings a copy of that cache along. Falls back to plain batches when the
     prefix is short, the model takes no position ids, or ``TRANSFORMERS_SRA_PREFIX_CACHE=0``.
     """
-    add_special = not getattr(tokenizer, "chat_template", None)
-    encoded = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    encoded = _encode(tokenizer, texts)
     device = input_device(model)
     n = _shared_prefix_length(encoded)
     if n < min_prefix or not _takes_positions(model) or os.environ.get("TRANSFORMERS_SRA_PREFIX_CACHE") == "0":
@@ -108,6 +105,12 @@ def _shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
             k += 1
         n = k
     return max(n, 0)
+
+
+def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    # A chat template already contains the special tokens it needs; adding BOS again would shift activations.
+    add_special = not getattr(tokenizer, "chat_template", None)
+    return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
 
 
 def pad_id(tokenizer) -> int:
