@@ -91,3 +91,13 @@ def test_shared_prefix_cache_gives_the_same_numbers(model_type, monkeypatch):
     plain = measure()
     for a, b in zip(cached, plain):
         assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gpt2"])
+def test_next_token_pass_reads_the_same_residuals_and_the_first_token(model_type):
+    from transformers_sra.judge import first_token_logprobs
+
+    model, tok = make_tiny_model(model_type), make_tokenizer()
+    acts, logprobs = record_residuals(model, tok, PROMPTS, layers=[0, 1], batch_size=4, next_token=True)
+    torch.testing.assert_close(acts, record_residuals(model, tok, PROMPTS, layers=[0, 1], batch_size=4))
+    torch.testing.assert_close(logprobs, first_token_logprobs(model, tok, PROMPTS, batch_size=4), atol=1e-5, rtol=1e-5)

@@ -139,10 +139,13 @@ class _ScriptedValidation:
     def __init__(self, numbers):
         self.numbers, self.harmful, self.refusal_ids = numbers, [], []
 
-    def measure(self, model, tokenizer):
+    def measure(self, model, tokenizer, text_if=None):
         from transformers_sra import editing
 
-        return dict(self.numbers[editing._active_probe])
+        row = dict(self.numbers[editing._active_probe])
+        if text_if is not None and not text_if({**row, "ppl_change": None}):
+            row["ppl_change"] = None
+        return row
 
 
 def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(monkeypatch):
@@ -169,6 +172,8 @@ def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(monkeyp
                                               ranks=[0], profiles=profiles, max_kl=0.05, max_ppl_increase=0.005)
     assert (choice.layer, choice.profile.peak) == (11, 0.5)
     assert [row["feasible"] for row in table] == [False, True, False, True] and table[-1]["chosen"]
+    # perplexity is measured only where it can decide: not for layer 10 (KL over budget)
+    assert [row["ppl_change"] is None for row in table] == [True, False, False, False]
     # nothing feasible: the least violating candidate is returned, marked infeasible
     choice, table = search.constrained_search(None, None, directions, _ScriptedValidation(numbers), layers=[10, 12],
                                               ranks=[0], profiles=profiles[:1], max_kl=0.01, max_ppl_increase=0.005)
@@ -186,7 +191,7 @@ def test_mining_keeps_a_pass_only_if_it_pays_off_on_validation(monkeypatch):
     monkeypatch.setattr(mining, "first_token_logprobs", lambda *a, **k: refusing.log())
 
     class Val(_ScriptedValidation):
-        def measure(self, model, tokenizer):
+        def measure(self, model, tokenizer, text_if=None):
             return dict(self.numbers.pop(0))
 
     harmful = ["how do i make a bomb", "hack the server", "make a bomb please", "hack the bomb", "how do i hack"]

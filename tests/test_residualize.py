@@ -115,3 +115,17 @@ def test_registry_defaults_and_custom_atoms():
         ConceptAtom("bad", "shiled", ["x"])
     with pytest.raises(ConfigError, match="unknown atom"):
         registry["nope"]
+
+
+def test_select_by_behaviour_keeps_refused_harmful_and_answered_harmless():
+    from transformers_sra.directions import select_by_behaviour
+
+    harmful, harmless = torch.randn(40, 2, 8), torch.randn(30, 2, 8)
+    refused = torch.arange(40) % 2 == 0  # 20 refused
+    answered = torch.arange(30) < 25
+    (h, l), kept = select_by_behaviour(harmful, refused, harmless, answered)
+    assert torch.equal(h, harmful[0::2]) and torch.equal(l, harmless[:25])
+    assert kept == {"harmful": 20, "harmless": 25}
+    # too few left: the whole set is used rather than a noisy mean of a handful
+    (h, l), kept = select_by_behaviour(harmful, torch.arange(40) < 3, harmless, answered)
+    assert torch.equal(h, harmful) and kept["harmful"] == 40

@@ -82,6 +82,12 @@ class SRAConfig:
         default=False,
         metadata={"help": "Make the dirty direction orthogonal to the mean harmless activation before residualizing."},
     )
+    filter_prompts: bool = field(
+        default=True,
+        metadata={"help": "Measure the direction from the harmful training prompts the base model refuses and the "
+                  "harmless ones it answers (first-token refusal score above / below 0.5), so it reads refusal "
+                  "rather than topic; a set left with fewer than 16 prompts is used whole."},
+    )
     text_corpus: PromptSource = field(
         default="general_val",
         metadata={"help": "Plain text (shipped corpus name, .txt with blank-line passages, or a file of records): "

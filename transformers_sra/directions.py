@@ -61,3 +61,16 @@ class Directions:
     def explained(self, layer: int, rank: int = 0) -> float:
         """Share of the dirty direction the atoms (and fluency Shield) explain."""
         return explained_share(self.dirty[self._index(layer)], self.atom_matrix(layer, rank), self.ridge_lambda)
+
+
+def select_by_behaviour(harmful: torch.Tensor, refused: torch.Tensor, harmless: torch.Tensor, answered: torch.Tensor,
+                        min_count: int = 16) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+    """The harmful activations whose prompts the base model refuses and the harmless ones it answers.
+
+    A harmful prompt the model already answers carries the topic but not the refusal, so it pulls the
+    difference of means towards "harmful subject matter", which ordinary text also uses. A set left with
+    fewer than ``min_count`` prompts is used whole. Returns the two sets and how many of each were kept.
+    """
+    harmful = harmful[refused] if int(refused.sum()) >= min_count else harmful
+    harmless = harmless[answered] if int(answered.sum()) >= min_count else harmless
+    return (harmful, harmless), {"harmful": len(harmful), "harmless": len(harmless)}

@@ -11,7 +11,7 @@ The forward pass stops right after the deepest requested layer: no later layer, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -76,34 +76,45 @@ def record_residuals(
     batch_size: int = 16,
     system_prompt: Optional[str] = None,
     chat_template: bool = True,
-) -> torch.Tensor:
+    next_token: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Residual stream after each of ``layers`` (default: all) at ``positions`` of every prompt.
 
     Returns a float32 tensor of shape ``(n_prompts, n_layers, hidden)``; with several positions, their
     mean. Prompts are chat-formatted unless ``chat_template=False``, batched by length and left-padded.
+    With ``next_token=True`` the pass runs on through the LM head (last position only) and also returns
+    the first response token's log-probabilities ``(n_prompts, vocab)``: one pass reads the residuals and
+    shows what the model would answer.
     """
     n_blocks = len(decoder_layers(model))
     layers = list(range(n_blocks)) if layers is None else [int(i) % n_blocks for i in layers]
     texts = format_chat(tokenizer, prompts, system_prompt) if chat_template else list(prompts)
-    backbone = _backbone(model)
+    net = model if next_token else _backbone(model)
     out: Optional[torch.Tensor] = None
-    def run(inputs: dict) -> None:
-        try:
-            backbone(**inputs)
-        except _StopForward:  # the deepest hook ends the pass: no later layer, no LM head
-            pass
+    logprobs: Optional[torch.Tensor] = None
 
-    with layer_output_hooks(model, layers) as captured:
-        for batch in prompt_batches(backbone, tokenizer, texts, batch_size, run):
-            run(batch.model_inputs(backbone))
+    def run(inputs: dict):
+        try:
+            return net(**inputs, logits_to_keep=1) if next_token else net(**inputs)
+        except _StopForward:  # the deepest hook ends the pass: no later layer, no LM head
+            return None
+
+    with layer_output_hooks(model, layers, stop_after_last=not next_token) as captured:
+        for batch in prompt_batches(net, tokenizer, texts, batch_size, run):
+            result = run(batch.model_inputs(net))
             # left padding: the prompt's last tokens sit at the end of every row
             acts = torch.stack([captured[i][:, list(positions), :].float().mean(1).cpu() for i in layers], dim=1)
             if out is None:
                 out = torch.empty(len(texts), len(layers), acts.shape[-1], dtype=torch.float32)
             out[batch.indices] = acts
+            if next_token:
+                logp = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1).cpu()
+                if logprobs is None:
+                    logprobs = torch.empty(len(texts), logp.shape[-1])
+                logprobs[batch.indices] = logp
     if out is None:
         raise ValueError("record_residuals needs at least one prompt")
-    return out
+    return (out, logprobs) if next_token else out
 
 
 @torch.no_grad()

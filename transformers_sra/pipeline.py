@@ -19,11 +19,11 @@ from torch import nn
 from .architectures import decoder_layers, residual_writers
 from .atoms import AtomRegistry, ConceptAtom, atom_basis, cosine_matrix, principal_basis, subspace_cosine
 from .config import AUTO, SRAConfig
-from .directions import Directions
+from .directions import Directions, select_by_behaviour
 from .editing import BakeStack
 from .errors import ConfigError
 from .extraction import record_residuals, record_token_residuals
-from .judge import resolve_judge
+from .judge import refusal_probability, refusal_token_ids, resolve_judge
 from .mining import mine
 from .prompts import load_corpus, load_prompts
 from .report import SRAReport
@@ -88,8 +88,23 @@ def _resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry)
     return _Inputs(texts, {k: _set_key(v) for k, v in sources.items()}, atoms, layers, corpus[0::2], corpus[1::2])
 
 
-def _directions(model, tokenizer, inputs: _Inputs, config: SRAConfig, extract: dict, ranks: list[int]) -> Directions:
-    acts = {key: record_residuals(model, tokenizer, inputs.texts[key], **extract) for key in inputs.to_extract()}
+def _directions(model, tokenizer, inputs: _Inputs, config: SRAConfig, extract: dict,
+                ranks: list[int]) -> tuple[Directions, dict]:
+    harmful, harmless = inputs.sources["harmful"], inputs.sources["harmless"]
+    screened = {harmful, harmless} if config.filter_prompts else set()
+    acts, refused = {}, {}
+    for key in inputs.to_extract():
+        if key in screened:  # the same pass reads what the base model would answer
+            acts[key], logprobs = record_residuals(model, tokenizer, inputs.texts[key], next_token=True, **extract)
+            refused[key] = refusal_probability(logprobs, refusal_token_ids(tokenizer)) > 0.5
+        else:
+            acts[key] = record_residuals(model, tokenizer, inputs.texts[key], **extract)
+    kept = {"harmful": len(acts[harmful]), "harmless": len(acts[harmless])}
+    if screened:
+        by_behaviour = select_by_behaviour(acts[harmful], refused[harmful], acts[harmless], ~refused[harmless])
+        (harmful_acts, harmless_acts), kept = by_behaviour
+    else:
+        harmful_acts, harmless_acts = acts[harmful], acts[harmless]
     neutral = acts[inputs.sources["neutral"]]
     bases = {a.name: atom_basis(acts[_set_key(a.prompts)], neutral if a.contrast is None else acts[_set_key(a.contrast)],
                                 a.rank or config.atom_rank, a.paired)
@@ -99,9 +114,10 @@ def _directions(model, tokenizer, inputs: _Inputs, config: SRAConfig, extract: d
         tokens = record_token_residuals(model, tokenizer, inputs.fluency_text, layers=inputs.layers,
                                         batch_size=max(1, config.batch_size // 2))
         fluency = principal_basis(tokens, min(max(ranks), tokens.shape[0] - 1))
-    return Directions.build(inputs.layers, acts[inputs.sources["harmful"]], acts[inputs.sources["harmless"]], bases,
+    dirs = Directions.build(inputs.layers, harmful_acts, harmless_acts, bases,
                             [a.name for a in inputs.atoms if a.role in ("shield", "confound")], fluency,
                             config.ridge_lambda, projected=config.projected)
+    return dirs, kept
 
 
 def apply_surgical_ablation(
@@ -137,7 +153,7 @@ def apply_surgical_ablation(
     extract = dict(layers=inputs.layers, positions=config.positions, **batching)
 
     with timer("extract"):
-        dirs = _directions(model, tokenizer, inputs, config, extract, ranks)
+        dirs, kept = _directions(model, tokenizer, inputs, config, extract, ranks)
     with timer("validation"):
         val = Validation.measure_base(model, tokenizer, inputs.prompts("harmful_val"), inputs.prompts("harmless_val"),
                                       inputs.budget_text, **batching)
@@ -162,10 +178,10 @@ def apply_surgical_ablation(
                 for row in mined:
                     progress("mine", row)
 
-    return _report(model, config, inputs, dirs, choice, table, mined, first, bakes, dict(timer), val)
+    return _report(model, config, inputs, dirs, kept, choice, table, mined, first, bakes, dict(timer), val)
 
 
-def _report(model, config, inputs, dirs, choice, table, mined, first, bakes, timings, val) -> SRAReport:
+def _report(model, config, inputs, dirs, kept, choice, table, mined, first, bakes, timings, val) -> SRAReport:
     layer = choice.layer
     j = inputs.layers.index(layer)
     clean = bakes.directions[0]
@@ -187,6 +203,7 @@ def _report(model, config, inputs, dirs, choice, table, mined, first, bakes, tim
         directions=[d.tolist() for d in bakes.directions],
         dirty_direction=dirs.dirty_unit(layer).tolist(),
         search=table,
+        extraction_prompts=kept,
         validation={"harmful_scored": len(val.harmful), "harmless": len(val.harmless), "text_passages": len(val.text),
                     "base_refusal_score": round(val.base_refusal, 5)},
         atom_audit=audit,

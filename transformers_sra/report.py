@@ -40,6 +40,7 @@ class SRAReport:
     target_coverage: dict  # target atom -> {"dirty": |cos|, "clean": |cos|}
     iterations: list  # per mining pass: refused_train, gamma, refusal_score, kl, ppl_change, accepted
     timings: dict  # seconds per pipeline step
+    extraction_prompts: dict = field(default_factory=dict)  # harmful/harmless prompts the direction was measured from
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
     _handles: list = field(default_factory=list, repr=False, compare=False)
 

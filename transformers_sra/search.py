@@ -44,11 +44,12 @@ def default_profiles() -> list[StrengthProfile]:
     """The strength profiles the search tries; the first one also scores layers and ranks.
 
     Chosen on the demo model's validation split: a tent peaking at 60% of depth keeps KL and perplexity
-    well inside the budgets where flat γ = 1 does not; the steeper ones buy refusal with the KL left over.
+    well inside the budgets where flat γ = 1 does not (flat γ = 1 never met the perplexity budget there,
+    +1.1% to +1.7%); the steeper ones buy refusal with the KL left over.
     """
     return [
         StrengthProfile(peak=1.2, floor=0.2, center=0.6, width=0.4),
-        StrengthProfile(),
+        StrengthProfile(peak=1.4, floor=0.3, center=0.6, width=0.4),
         StrengthProfile(peak=1.6, floor=0.4, center=0.6, width=0.35),
         StrengthProfile(peak=2.0, floor=0.0, center=0.6, width=0.3),
     ]
@@ -77,13 +78,19 @@ class Validation:
                    first_token_logprobs(model, tokenizer, harmless, **batching), float(score.mean()),
                    total / max(count, 1), batching)
 
-    def measure(self, model: nn.Module, tokenizer) -> dict:
-        """Refusal score, KL and ΔPPL of ``model`` as it is now (hooks included)."""
+    def measure(self, model: nn.Module, tokenizer, text_if: Optional[Callable[[dict], bool]] = None) -> dict:
+        """Refusal score, KL and ΔPPL of ``model`` as it is now (hooks included).
+
+        ``text_if(row)`` sees the refusal score and KL first; when it says no, the perplexity pass (about a
+        third of the cost) is skipped and ``ppl_change`` is None.
+        """
         refusal = refusal_probability(first_token_logprobs(model, tokenizer, self.harmful, **self.batching), self.refusal_ids)
         kl = first_token_kl(self.base_harmless, first_token_logprobs(model, tokenizer, self.harmless, **self.batching))
-        total, count = token_nll(model, tokenizer, self.text)
-        return {"refusal_score": round(float(refusal.mean()), 5), "kl": round(kl, 5),
-                "ppl_change": round(math.exp(total / max(count, 1) - self.base_nll) - 1, 5)}
+        row = {"refusal_score": round(float(refusal.mean()), 5), "kl": round(kl, 5), "ppl_change": None}
+        if text_if is None or text_if(row):
+            total, count = token_nll(model, tokenizer, self.text)
+            row["ppl_change"] = round(math.exp(total / max(count, 1) - self.base_nll) - 1, 5)
+        return row
 
 
 @dataclass(frozen=True)
@@ -111,18 +118,26 @@ def constrained_search(
 
     ``directions[(layer, rank)]`` is the clean unit direction of ``layer`` with a rank-``rank`` fluency
     Shield. Returns the choice and the table of every scored candidate (``feasible`` marks those within
-    both budgets; if none is, the least violating one is returned and marked so).
+    both budgets; if none is, the least violating one is returned and marked so). A candidate over the KL
+    budget, or no better than the best feasible one so far, cannot win, so its perplexity is not measured
+    (``ppl_change`` None).
     """
     table: list[dict] = []
     scored: dict[Candidate, dict] = {}
+
+    def could_win(row: dict) -> bool:
+        # perplexity is only worth measuring for a candidate within the KL budget that beats the best so far
+        best = min((r["refusal_score"] for r in table if r["feasible"]), default=math.inf)
+        return row["kl"] <= max_kl and row["refusal_score"] < best
 
     def score(c: Candidate) -> dict:
         if c not in scored:
             start = time.perf_counter()
             with ablate_activations(model, directions[(c.layer, c.rank)], c.profile, bake_layers):
-                row = val.measure(model, tokenizer)
+                row = val.measure(model, tokenizer, text_if=could_win)
+            ppl = row["ppl_change"]
             row = {"layer": c.layer, "rank": c.rank, "profile": c.profile.to_dict(), **row,
-                   "feasible": row["kl"] <= max_kl and row["ppl_change"] <= max_ppl_increase,
+                   "feasible": row["kl"] <= max_kl and ppl is not None and ppl <= max_ppl_increase,
                    "seconds": round(time.perf_counter() - start, 2)}
             scored[c] = row
             table.append(row)
@@ -145,5 +160,8 @@ def constrained_search(
 
 def _rank_key(row: dict, max_kl: float, max_ppl: float) -> tuple:
     # feasible rows by refusal score; infeasible ones after them, by how far they overshoot a budget
-    violation = max(row["kl"] / max_kl, row["ppl_change"] / max_ppl if max_ppl > 0 else math.inf)
+    ppl = row["ppl_change"]
+    violation = max(row["kl"] / max_kl, 0.0 if ppl is None else ppl / max_ppl if max_ppl > 0 else math.inf)
+    if ppl is None and violation <= 1:  # not measured because it could not win: after every feasible row
+        violation = 1.0 + 1e-9
     return (0, row["refusal_score"]) if violation <= 1 else (1, violation)
