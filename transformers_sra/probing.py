@@ -115,8 +115,15 @@ def run_fp32(module: nn.Module, args: tuple, kwargs: dict, overrides: Optional[d
     return functional_call(module, state, _map_tensors(args, up), _map_tensors(kwargs, up), strict=False)
 
 
-def layer_output(layer: nn.Module, call: LayerCall) -> torch.Tensor:
-    out = _first_tensor(run_fp32(layer, call.args, call.kwargs))
+def layer_output(layer: nn.Module, call: LayerCall, overrides: Optional[dict] = None,
+                 x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The layer's output hidden states on ``call`` (fp32), optionally with other parameters or another input."""
+    args, kwargs = call.args, call.kwargs
+    if x is not None and isinstance(call.hidden_key, int):
+        args = (x, *args[1:])
+    elif x is not None:
+        kwargs = {**kwargs, call.hidden_key: x}
+    out = _first_tensor(run_fp32(layer, args, kwargs, overrides))
     if out is None or out.shape != call.x.shape:
         raise UnsupportedModelError(f"decoder layer {type(layer).__name__} does not return hidden states shaped like its input")
     return out
@@ -257,12 +264,13 @@ class _Recorder:
             def hook(_module, args, kwargs, output):
                 out = _first_tensor(output)
                 if name in self.freeze and out is not None:
-                    out = self.freeze[name][len(self.calls.get(name, []))]
+                    out = self.freeze[name][len(self.calls.get(name, []))].clone()
                     output = _replace_first(output, out)
                 if name in self.shift and out is not None:
                     out = out + self.shift[name].to(out.dtype)
                     output = _replace_first(output, out)
-                self.calls.setdefault(name, []).append((args, kwargs, out))
+                # Cloned: some families add into a sublayer's output in place (Llama 4's shared expert).
+                self.calls.setdefault(name, []).append((args, kwargs, None if out is None else out.clone()))
                 return output
 
             return hook
@@ -290,11 +298,11 @@ def _single_input(call) -> bool:
     return len(tensors) == 1
 
 
-def _record(layer: nn.Module, call: LayerCall, shift: Optional[dict] = None,
-            freeze: Optional[dict] = None) -> tuple[_Recorder, torch.Tensor]:
+def _record(layer: nn.Module, call: LayerCall, shift: Optional[dict] = None, freeze: Optional[dict] = None,
+            overrides: Optional[dict] = None, x: Optional[torch.Tensor] = None) -> tuple[_Recorder, torch.Tensor]:
     with torch.no_grad(), _Recorder(layer) as rec:
         rec.shift, rec.freeze = shift or {}, freeze or {}
-        out = layer_output(layer, call)
+        out = layer_output(layer, call, overrides, x)
     return rec, out
 
 
@@ -321,7 +329,8 @@ def _writer_param(module: nn.Module, calls: list, hidden: int, seed: int) -> Opt
         return out is not None and out.shape[-1] == hidden and _perpendicular(out, u)
 
     for name, axis in weights:
-        biases = [n for n, p in params.items() if n != name and p.shape[-1] == hidden]
+        # A bias has one axis fewer than its weight (a vector, or one per expert) and the hidden size last.
+        biases = [n for n, p in params.items() if p.dim() == params[name].dim() - 1 and p.shape[-1] == hidden]
         if not perp_after({name: axis, **{b: params[b].dim() - 1 for b in biases}}):
             continue
         needed = [b for b in biases if not perp_after({name: axis, **{c: params[c].dim() - 1 for c in biases if c != b}})]
@@ -376,12 +385,49 @@ def probe_layer(layer: nn.Module, call: LayerCall, hidden: int, seed: int = 0) -
         if found is not None:
             specs.append(WriterSpec(name, *found, post, kind_of(name) or ""))
     specs = _assign_kinds(specs, order)
-    for post in dict.fromkeys(s.post_norm for s in specs if s.post_norm):
-        bias = modules[post]._parameters.get("bias")
-        if isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.numel() == hidden:
-            kind = next(s.kind for s in specs if s.post_norm == post)
-            specs.append(WriterSpec(post, "bias", 0, None, None, kind, constant=True))
-    return specs
+    frozen = {n: [o for _, _, o in clean.calls[n]] for n in matrix}
+    _check_residual_passthrough(layer, call, base, frozen, gen)
+    return specs + _constant_writers(layer, call, clean, base, frozen, norms, direct, specs, hidden, gen)
+
+
+def _check_residual_passthrough(layer, call, base, frozen, gen) -> None:
+    """Refuse a layer that normalizes or rescales the residual stream it passes on (post-LN, scaled residuals):
+    there the write ``out − x`` depends on x itself, along v too, and no edit of the writers can remove that."""
+    d = torch.randn(call.x.shape[-1], generator=gen)
+    d = d / d.norm() * float(call.x.float().norm(dim=-1).mean())
+    _, out = _record(layer, call, freeze=frozen, x=call.x.float() + d.to(call.x.device))
+    moved = (out - base).reshape(-1, d.numel()) - d.to(out.device)
+    if not float(moved.norm(dim=1).max()) <= _PARALLEL_TOL * float(d.norm()):
+        raise UnsupportedModelError(
+            f"decoder layer {type(layer).__name__} normalizes or rescales the residual stream it passes on (post-LN or a "
+            "scaled residual), so its write depends on the direction in a way no rank-one edit of weights can remove")
+
+
+def _constant_writers(layer, call, clean, base, frozen, norms, direct, specs, hidden, gen) -> list[WriterSpec]:
+    """Vectors added at every token: a post-norm's bias, a bias an MoE block adds to its output. Each hidden-size
+    vector parameter not already a writer's bias is shifted by d; if the write (or a post-norm's input) moves by
+    multiples of d, that vector is a writer of its own."""
+    covered = {f"{s.path}.{s.bias}" for s in specs if s.bias} | {f"{s.path}.{s.param}" for s in specs}
+    found = []
+    for pname, p in layer.named_parameters():
+        owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+        if p.dim() != 1 or p.numel() != hidden or pname in covered or not owner or owner not in clean.calls:
+            continue
+        d = torch.randn(hidden, generator=gen)
+        d = d / d.norm() * max(float(p.detach().float().norm()), 1.0)
+        current = read_param(layer.get_submodule(owner), pname.rsplit(".", 1)[-1]).to(p.device)
+        rec, out = _record(layer, call, freeze=frozen, overrides={pname: current + d.to(p.device)})
+        post = None
+        if not _along(out - base, d):
+            posts = [n for n in norms if direct[n] and n != owner and not owner.startswith(n + ".")
+                     and rec.input_of(n) is not None and rec.input_of(n).shape == clean.input_of(n).shape
+                     and _along(rec.input_of(n) - clean.input_of(n), d)]
+            if not posts:
+                continue
+            post = posts[0]
+        kind = kind_of(owner) or next((s.kind for s in specs if s.post_norm in (owner, post)), "mlp")
+        found.append(WriterSpec(owner, pname.rsplit(".", 1)[-1], 0, None, post, kind, constant=True))
+    return found
 
 
 def _assign_kinds(specs: list[WriterSpec], order: dict[str, int]) -> list[WriterSpec]:
