@@ -47,6 +47,16 @@ def _shrink(values: dict) -> dict:
         for k in keys:
             if isinstance(values.get(k), int) and not isinstance(values.get(k), bool) and values[k] > size:
                 out[k] = size
+    # Mamba-2 mixers: heads × head dim must equal expand × hidden.
+    expand = values.get("mamba_expand", values.get("expand"))
+    for heads, dim in (("mamba_n_heads", "mamba_d_head"), ("mamba_n_heads", "mamba_head_dim"), ("num_heads", "head_dim")):
+        if isinstance(expand, int) and isinstance(values.get(heads), int) and isinstance(values.get(dim), int) \
+                and ("state_size" in values or "mamba_d_state" in values):
+            out[heads] = expand * HIDDEN // out.get(dim, values[dim])
+    if values.get("kv_lora_rank"):  # multi-head latent attention: keys have as many heads as queries
+        for k in ("num_key_value_heads", "n_head_kv", "num_kv_heads"):
+            if isinstance(values.get(k), int):
+                out[k] = out.get("num_attention_heads", values.get("num_attention_heads"))
     for k, v in values.items():
         if k.endswith("_token_id") and isinstance(v, int) and v >= VOCAB:
             out[k] = 2

@@ -194,5 +194,6 @@ def _report(model, config, inputs, dirs, choice, table, mined, first, bakes, tim
         target_coverage=coverage,
         iterations=mined,
         timings=timings,
+        invariant=bakes.invariant,
         _handles=list(bakes.handles),
     )

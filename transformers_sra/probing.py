@@ -32,7 +32,7 @@ from .weights import read_param
 # scale the two kinds apart. Mamba mixers and linear attention count as attention: they mix tokens.
 _ATTN_WORDS = ("attn", "attention", "mixer", "mamba", "ssm", "time_mix", "token_mix", "temporal", "recurrent",
                "linear_attn", "conv", "rwkv", "retention")
-_MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "expert", "moe", "channel_mix", "dense_4h", "fc")
+_MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "expert", "moe", "channel_mix", "dense_4h", "fc", "down_proj")
 _PARALLEL_TOL = 1e-3  # a perturbation response counts as "along d" within this relative residual (fp32 rounding)
 _PERP_TOL = 1e-4
 
@@ -240,13 +240,18 @@ def _project(t: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
     return (moved - (moved @ u).unsqueeze(-1) * u).movedim(-1, axis)
 
 
-def kind_of(path: str) -> Optional[str]:
-    """"attn" or "mlp" from the first path segment that names a token or channel mixer; None if none does."""
-    for segment in path.lower().split("."):
-        if any(w in segment for w in _MLP_WORDS):
-            return "mlp"
-        if any(w in segment for w in _ATTN_WORDS):
-            return "attn"
+def kind_of(path: str, modules: Optional[dict] = None) -> Optional[str]:
+    """"attn" or "mlp" from the innermost path segment (or its module's class) that names a token or channel
+    mixer; None if none does. Innermost first, so a hybrid's ``mixer.experts`` is "mlp" and ``mixer.out_proj`` "attn"."""
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        sub = ".".join(parts[:end])
+        cls = type(modules[sub]).__name__.lower() if modules and sub in modules else ""
+        for word in (parts[end - 1].lower(), cls):
+            if any(w in word for w in _MLP_WORDS):
+                return "mlp"
+            if any(w in word for w in _ATTN_WORDS):
+                return "attn"
     return None
 
 
@@ -383,7 +388,7 @@ def probe_layer(layer: nn.Module, call: LayerCall, hidden: int, seed: int = 0) -
             post = max(posts, key=lambda n: (len(list(modules[n].parameters())) > 0, -order[n]))
         found = _writer_param(modules[name], clean.calls[name], hidden, seed)
         if found is not None:
-            specs.append(WriterSpec(name, *found, post, kind_of(name) or ""))
+            specs.append(WriterSpec(name, *found, post, kind_of(name, modules) or ""))
     specs = _assign_kinds(specs, order)
     frozen = {n: [o for _, _, o in clean.calls[n]] for n in matrix}
     _check_residual_passthrough(layer, call, base, frozen, gen)
@@ -425,7 +430,7 @@ def _constant_writers(layer, call, clean, base, frozen, norms, direct, specs, hi
             if not posts:
                 continue
             post = posts[0]
-        kind = kind_of(owner) or next((s.kind for s in specs if s.post_norm in (owner, post)), "mlp")
+        kind = kind_of(owner, clean.modules) or next((s.kind for s in specs if s.post_norm in (owner, post)), "mlp")
         found.append(WriterSpec(owner, pname.rsplit(".", 1)[-1], 0, None, post, kind, constant=True))
     return found
 

@@ -41,6 +41,7 @@ class SRAReport:
     iterations: list  # per mining pass: refused_train, gamma, refusal_score, kl, ppl_change, accepted
     timings: dict  # seconds per pipeline step
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
+    invariant: dict = field(default_factory=dict)  # bake self-check: largest residual share along v before/after
     _handles: list = field(default_factory=list, repr=False, compare=False)
 
     def undo(self) -> None:
