@@ -246,7 +246,8 @@ def kind_of(path: str, modules: Optional[dict] = None) -> Optional[str]:
     parts = path.split(".")
     for end in range(len(parts), 0, -1):
         sub = ".".join(parts[:end])
-        cls = type(modules[sub]).__name__.lower() if modules and sub in modules else ""
+        # Class names only for containers: a leaf's class says how it computes (Linear, Conv1D), not its role.
+        cls = type(modules[sub]).__name__.lower() if modules and sub in modules and end < len(parts) else ""
         for word in (parts[end - 1].lower(), cls):
             if any(w in word for w in _MLP_WORDS):
                 return "mlp"
