@@ -16,9 +16,9 @@ import warnings
 import pytest
 import torch
 
-from tiny_families import HIDDEN, VOCAB, causal_lm_families, make_family_model
+from tiny_families import HIDDEN, VOCAB, causal_lm_families, layer_write_components, make_family_model, one_thread
 from transformers_sra import UnsupportedModelError, bake_direction
-from transformers_sra.architectures import LAYOUTS, decoder_layers, residual_writers
+from transformers_sra.architectures import LAYOUTS, residual_writers
 
 ROWS: dict[str, dict] = {}
 FAMILIES = causal_lm_families()
@@ -26,35 +26,12 @@ FAMILIES = causal_lm_families()
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    # Tiny matmuls: one thread avoids OpenMP contention on a shared 2-core machine (hundreds of x faster).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
     out = os.environ.get("SRA_COVERAGE_JSON")
     if out:
         with open(out, "w", encoding="utf-8") as f:
             json.dump({k: ROWS[k] for k in sorted(ROWS)}, f, indent=1)
-
-
-def layer_write_ratios(model, v: torch.Tensor) -> list[float]:
-    """Per layer, max over tokens of |<write, v>| / |write| on a fresh random-token input (not the bake's probe)."""
-    ratios = []
-
-    def hook(_module, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        y = output[0] if isinstance(output, tuple) else output
-        write = (y - x).double().reshape(-1, v.numel())
-        ratios.append(float(((write @ v.double()).abs() / write.norm(dim=-1).clamp_min(1e-30)).max()))
-
-    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.randint(3, VOCAB - 1, (2, 7), generator=torch.Generator().manual_seed(5)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return ratios
 
 
 def unit(seed: int = 0) -> torch.Tensor:
@@ -99,7 +76,7 @@ def test_family_is_baked_exactly_or_refused(model_type):
         return
     writers = residual_writers(model)
     rel, posts = _summary(model, writers)
-    after = max(layer_write_ratios(model, v))
+    after = max(layer_write_components(model, v, VOCAB - 1))
     ROWS[model_type] = {"status": "exact" if after <= 1e-4 else "FAILED", "writers": rel, "post_norms": posts,
                         "method": "table" if model_type in LAYOUTS else "probe",
                         "invariant": handle.invariant, "independent_after": after}

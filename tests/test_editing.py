@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import HIDDEN, TINY_CONFIGS, make_tiny_model
+from tiny_families import layer_write_components, one_thread
 from transformers_sra import ConfigError, UnsupportedModelError, bake_direction
 from transformers_sra.architectures import decoder_layers, residual_writers
 from transformers_sra.editing import ablate_activations
@@ -13,31 +14,8 @@ from transformers_sra.editing import ablate_activations
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    # Tiny matmuls: one thread avoids OpenMP contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def layer_write_components(model, v: torch.Tensor) -> list[float]:
-    """Per layer, max over tokens of |<write, v>| / |write|, where write = layer output − layer input."""
-    ratios = []
-
-    def hook(_module, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        y = output[0] if isinstance(output, tuple) else output
-        write = (y - x).double()
-        ratios.append(float(((write @ v.double()).abs() / write.norm(dim=-1)).max()))
-
-    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
-    try:
-        with torch.no_grad():
-            model(torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1)))
-    finally:
-        for h in handles:
-            h.remove()
-    return ratios
+    with one_thread():
+        yield
 
 
 def unit(seed: int = 0) -> torch.Tensor:

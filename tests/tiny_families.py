@@ -6,9 +6,13 @@ remote code, sub-configs the defaults leave empty, or sizes the generic shrink b
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from transformers_sra.architectures import decoder_layers
 
 HIDDEN = 64
 VOCAB = 256
@@ -116,3 +120,35 @@ def make_family_model(model_type: str, seed: int = 0) -> torch.nn.Module:
             else:
                 param.copy_(0.05 * torch.randn_like(param))
     return model
+
+
+@contextmanager
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP contention on a shared 2-core machine (hundreds of times faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def layer_write_components(model, v: torch.Tensor, vocab: int = 128) -> list[float]:
+    """Per layer, max over tokens of |<write, v>| / |write|, where write = layer output − layer input, on a fixed
+    random-token input (independent of the probe the bake checks itself with)."""
+    ratios = []
+
+    def hook(_module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        y = output[0] if isinstance(output, tuple) else output
+        write = (y - x).double().reshape(-1, v.numel())
+        ratios.append(float(((write @ v.double()).abs() / write.norm(dim=-1).clamp_min(1e-30)).max()))
+
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(1)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return ratios
