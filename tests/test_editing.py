@@ -268,3 +268,13 @@ def test_offloaded_weights_are_edited_where_they_live():
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_offloaded_unknown_family_is_refused_before_any_edit():
+    from accelerate import cpu_offload
+
+    model = make_tiny_model("llama")
+    model.config.model_type = "offloaded_fork"
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(UnsupportedModelError, match="offloaded.*load the model on one device"):
+        bake_direction(model, unit())

@@ -19,7 +19,7 @@ that holds for RMSNorm (any gain convention) and for LayerNorm, whose centring a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -104,6 +104,8 @@ def run_fp32(module: nn.Module, args: tuple, kwargs: dict, overrides: Optional[d
     """
     up = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731
     if _is_offloaded(module):
+        if overrides:  # accelerate's hook would load the stored weights over the trial ones
+            raise UnsupportedModelError(f"cannot try trial weights in offloaded {type(module).__name__}")
         return module(*args, **kwargs)
     state = {}
     if overrides or any(t.is_floating_point() and t.dtype != torch.float32
@@ -348,6 +350,10 @@ def _writer_param(module: nn.Module, calls: list, hidden: int, seed: int) -> Opt
 
 def probe_layer(layer: nn.Module, call: LayerCall, hidden: int, seed: int = 0) -> list[WriterSpec]:
     """The residual writers of one decoder layer, found from its data flow on the recorded call."""
+    if _is_offloaded(layer):  # trial weights cannot be swapped in under accelerate's hooks
+        raise UnsupportedModelError(
+            f"cannot probe the writers of offloaded {type(layer).__name__}: load the model on one device to bake a "
+            "family that has no entry in transformers_sra.architectures.LAYOUTS, or add one")
     clean, base = _record(layer, call)
     modules = clean.modules
     subtree_linear = {n: any(_is_linear_like(m, hidden) for m in mod.modules()) for n, mod in modules.items()}
