@@ -82,3 +82,19 @@ def test_family_is_baked_exactly_or_refused(model_type):
                         "invariant": handle.invariant, "independent_after": after}
     assert handle.invariant["after"] <= 1e-4 and handle.invariant["before"] > 1e-3
     assert after <= 1e-4, f"{model_type}: a layer still writes {after:.2e} along v"
+    if model_type in LAYOUTS:  # the table is a fast path: probing must find the same writers
+        key = lambda w: (w.name, w.param, w.hidden_axis, w.bias, w.post_norm is None, w.kind, w.constant)  # noqa: E731
+        assert sorted(map(key, residual_writers(model, method="probe"))) == sorted(map(key, writers))
+
+
+def test_hybrid_stack_layers_get_their_own_writers():
+    with one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make_family_model("qwen3_next")
+        kinds = model.config.layer_types
+        per_layer = [sorted(w.name.split(".", 3)[-1] for w in residual_writers(model, [i])) for i in range(len(kinds))]
+        handle = bake_direction(model, unit())
+    assert len(set(kinds)) == 2 and handle.invariant["after"] <= 1e-4
+    for kind, names in zip(kinds, per_layer):
+        attn = "linear_attn.out_proj" if kind == "linear_attention" else "self_attn.o_proj"
+        assert names == sorted([attn, "mlp.experts", "mlp.shared_expert.down_proj"]), (kind, names)

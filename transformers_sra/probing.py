@@ -323,9 +323,16 @@ def _writer_param(module: nn.Module, calls: list, hidden: int, seed: int) -> Opt
         if module.weight.shape[axis] != hidden:
             return None
         return "weight", axis, "bias" if getattr(module, "bias", None) is not None else None
-    args, kwargs, _ = calls[0]
-    u = torch.randn(hidden, generator=torch.Generator().manual_seed(seed))
-    u = u / u.norm()
+    args, kwargs, clean_out = calls[0]
+    # A test direction the output still has a component along (a model already baked along u would pass any edit).
+    gen = torch.Generator().manual_seed(seed + 7919)
+    for _ in range(5):
+        u = torch.randn(hidden, generator=gen)
+        u = u / u.norm()
+        if not _perpendicular(clean_out.float(), u):
+            break
+    else:
+        return None  # the module writes nothing on the probe: it cannot be told apart
     params = {n: p for n, p in module._parameters.items() if p is not None and p.is_floating_point()}
     weights = sorted(((n, a) for n, p in params.items() if p.dim() >= 2 for a in _hidden_axes(p, hidden)),
                      key=lambda na: (-params[na[0]].dim(), -params[na[0]].numel()))
