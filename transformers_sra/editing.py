@@ -200,6 +200,10 @@ def _completion_hook(p: _Planned):
     return hook
 
 
+def _post_norm_note(writer: Writer) -> str:
+    return f" (post-norm {type(writer.post_norm).__name__})" if writer.post_norm is not None else ""
+
+
 def _verify(model: nn.Module, planned: list[_Planned], layers: list[int], calls: dict[int, LayerCall],
             direction: Direction) -> dict:
     """The bake's self-check on each edited layer (see `bake_direction`); returns the invariant record."""
@@ -222,8 +226,7 @@ def _verify(model: nn.Module, planned: list[_Planned], layers: list[int], calls:
         dtype = next(blocks[i].parameters()).dtype
         tol = _NATIVE_TOL.get(dtype, 2e-2) if native_precision(blocks[i]) else INVARIANT_TOL
         if not ratio <= tol:
-            found = ", ".join(sorted({p.writer.name + (f" (post-norm {type(p.writer.post_norm).__name__})" if p.writer.post_norm is not None else "")
-                                      for p in mine}))
+            found = ", ".join(sorted({p.writer.name + _post_norm_note(p.writer) for p in mine}))
             raise UnsupportedModelError(
                 f"bake check failed in decoder layer {i}: after the edit its residual write still has {ratio:.1e} of its "
                 f"size along the direction (limit {tol:g}); writers found: {found}. The bake was undone. The layer writes "
