@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from transformers_sra.architectures import decoder_layers
@@ -29,14 +29,14 @@ _SIZES = {
         "linear_num_value_heads", "linear_num_key_heads"),
     2: ("num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num", "num_experts_per_tok",
         "moe_topk", "top_k", "num_experts_per_token", "moe_k", "n_group", "topk_group"),
-    16: ("head_dim", "kv_channels", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "mamba_d_head",
+    16: ("hidden_size_per_layer_input", "global_head_dim", "head_dim", "kv_channels", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "mamba_d_head",
          "mamba_head_dim", "linear_key_head_dim", "linear_value_head_dim", "attention_head_dim", "mamba_d_state",
          "state_size", "d_state", "ssm_state_size"),
     8: ("rotary_dim", "rotary_emb_base_dim"),
     32: ("q_lora_rank", "kv_lora_rank", "time_step_rank", "sliding_window", "attention_window", "local_attention"),
     3: ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "num_decoder_layers"),
     1: ("first_k_dense_replace", "n_shared_experts", "num_shared_experts", "moe_layer_freq", "decoder_sparse_step"),
-    VOCAB: ("vocab_size",),
+    VOCAB: ("vocab_size", "vocab_size_per_layer_input"),
     512: ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"),
 }
 
@@ -87,6 +87,10 @@ def tiny_config(model_type: str):
         for k, v in _shrink(config.to_dict()).items():
             if not isinstance(getattr(config, k, None), dict):
                 _set(config, k, v)
+        for sub in vars(config).values():  # vision / audio towers of multimodal wrappers
+            if isinstance(sub, PretrainedConfig) and sub is not text:
+                for k, v in _shrink(sub.to_dict()).items():
+                    _set(sub, k, v)
     layer_types = getattr(text, "layer_types", None)
     if isinstance(layer_types, list) and "layer_types" not in updates:
         _set(text, "layer_types", layer_types[: getattr(text, "num_hidden_layers", 3)])
