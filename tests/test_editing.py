@@ -6,29 +6,16 @@ import pytest
 import torch
 
 from conftest import HIDDEN, TINY_CONFIGS, make_tiny_model
+from tiny_families import layer_write_components, one_thread
 from transformers_sra import ConfigError, UnsupportedModelError, bake_direction
 from transformers_sra.architectures import decoder_layers, residual_writers
 from transformers_sra.editing import ablate_activations
 
 
-def layer_write_components(model, v: torch.Tensor) -> list[float]:
-    """Per layer, max over tokens of |<write, v>| / |write|, where write = layer output − layer input."""
-    ratios = []
-
-    def hook(_module, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        y = output[0] if isinstance(output, tuple) else output
-        write = (y - x).double()
-        ratios.append(float(((write @ v.double()).abs() / write.norm(dim=-1)).max()))
-
-    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
-    try:
-        with torch.no_grad():
-            model(torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1)))
-    finally:
-        for h in handles:
-            h.remove()
-    return ratios
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    with one_thread():
+        yield
 
 
 def unit(seed: int = 0) -> torch.Tensor:
@@ -126,18 +113,135 @@ def test_bad_direction_leaves_model_untouched():
     assert all(torch.equal(p, original[k]) for k, p in model.state_dict().items())
 
 
-def test_unknown_family_uses_a_fitting_layout():
+def test_unknown_family_is_probed_and_matches_the_table():
     model = make_tiny_model("llama")
     model.config.model_type = "my_llama_fork"
+    handle = bake_direction(model, unit())
+    assert max(layer_write_components(model, unit())) <= 1e-4
+    assert handle.invariant["after"] <= 1e-4 < 1e-3 < handle.invariant["before"]
+    assert [w.name for w in residual_writers(model, [0])] == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
+
+
+def test_unknown_post_norm_family_is_probed_with_its_norms():
+    model = make_tiny_model("gemma2")
+    model.config.model_type = "mystery_sandwich"
+    writers = residual_writers(model, [0])
+    assert [type(w.post_norm).__name__ for w in writers] == ["Gemma2RMSNorm", "Gemma2RMSNorm"]
     bake_direction(model, unit())
     assert max(layer_write_components(model, unit())) <= 1e-4
 
 
-def test_unknown_post_norm_family_is_refused():
+def _key(model, w):
+    names = {id(m): n for n, m in model.named_modules()}
+    return (w.name, w.param, w.hidden_axis, w.bias, names.get(id(w.post_norm)), w.kind, w.constant)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_probing_agrees_with_the_table(model_type):
+    model = make_tiny_model(model_type)
+    table = [_key(model, w) for w in residual_writers(model, method="table")]
+    probed = [_key(model, w) for w in residual_writers(model, method="probe")]
+    assert sorted(probed) == sorted(table)
+
+
+def _layernorm_sandwich(bias: bool):
+    """gemma2 with its post-sublayer norms swapped for LayerNorms (centring, optional bias), under an unknown name."""
     model = make_tiny_model("gemma2")
-    model.config.model_type = "mystery_sandwich"
-    with pytest.raises(UnsupportedModelError, match="post-sublayer norms"):
+    model.config.model_type = "layernorm_sandwich"
+    torch.manual_seed(3)
+    for layer in decoder_layers(model):
+        for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+            norm = torch.nn.LayerNorm(HIDDEN, bias=bias)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(HIDDEN))
+                if bias:
+                    norm.bias.copy_(torch.randn(HIDDEN))
+            setattr(layer, name, norm)
+    return model
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_layernorm_post_norms_with_bias_are_baked_exactly(bias):
+    model = _layernorm_sandwich(bias)
+    v = unit()
+    writers = residual_writers(model, [0])
+    assert sum(w.post_norm is not None for w in writers) == 2
+    assert [w.name for w in writers if w.constant] == (
+        ["model.layers.0.post_attention_layernorm", "model.layers.0.post_feedforward_layernorm"] if bias else [])
+    assert min(layer_write_components(model, v)) > 1e-3
+    handle = bake_direction(model, v)
+    assert max(layer_write_components(model, v)) <= 1e-4
+    assert handle.invariant["after"] <= 1e-4
+
+
+def test_norm_transpose_is_gain_for_rmsnorm_and_centred_gain_for_layernorm():
+    from transformers_sra.probing import norm_transpose
+
+    v, g = unit(1), torch.randn(HIDDEN, generator=torch.Generator().manual_seed(2))
+    layer_norm = torch.nn.LayerNorm(HIDDEN)
+    with torch.no_grad():
+        layer_norm.weight.copy_(g)
+        layer_norm.bias.copy_(torch.randn(HIDDEN))
+    rms = make_tiny_model("gemma2").model.layers[0].post_attention_layernorm  # Gemma's (1 + w) convention
+    direction = lambda t: t / t.norm()  # noqa: E731
+    torch.testing.assert_close(direction(norm_transpose(layer_norm, v)), direction(g * v - (g * v).mean()))
+    torch.testing.assert_close(direction(norm_transpose(rms, v)), direction((1 + rms.weight.detach()) * v))
+
+
+def test_mis_declared_table_entry_is_caught_undone_and_refused(monkeypatch):
+    from transformers_sra import architectures
+
+    model = make_tiny_model("gemma2")
+    original = {k: p.clone() for k, p in model.state_dict().items()}
+    # The attention post-norm left out: the table's writers are right, the direction for o_proj is not.
+    monkeypatch.setitem(architectures.LAYOUTS, "gemma2",
+                        architectures.Layout("self_attn.o_proj", "mlp", None, "post_feedforward_layernorm"))
+    with pytest.raises(UnsupportedModelError, match=r"decoder layer 0.*self_attn\.o_proj.*undone"):
         bake_direction(model, unit())
+    for k, p in model.state_dict().items():
+        torch.testing.assert_close(p, original[k], atol=1e-6, rtol=0)
+    monkeypatch.undo()
+    handle = bake_direction(model, unit(), verify=False)  # the opt-out runs no check and records none
+    assert handle.invariant == {}
+
+
+def test_quantized_weights_are_refused_before_any_edit():
+    model = make_tiny_model("llama")
+    original = {k: p.clone() for k, p in model.state_dict().items()}
+
+    class FakeQuantizer:  # what transformers attaches for bitsandbytes, GPTQ, AWQ, packed GGUF
+        class quantization_config:
+            quant_method = "bitsandbytes"
+
+    model.hf_quantizer = FakeQuantizer()
+    with pytest.raises(UnsupportedModelError, match="bitsandbytes.*load the model dequantized"):
+        bake_direction(model, unit())
+    del model.hf_quantizer
+    o_proj = model.model.layers[1].self_attn.o_proj
+    o_proj.weight = torch.nn.Parameter(torch.zeros_like(o_proj.weight, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(UnsupportedModelError, match="o_proj.weight is stored as .*int8.*dequantized"):
+        bake_direction(model, unit())
+    assert all(torch.equal(p, original[k]) for k, p in model.state_dict().items() if "layers.1.self_attn.o_proj" not in k)
+
+
+def test_encoder_decoder_is_refused():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=128, d_model=HIDDEN, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96)
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        bake_direction(BartForConditionalGeneration(config), unit())
+
+
+def test_bake_stack_reports_its_invariant():
+    from transformers_sra.editing import BakeStack
+
+    model = make_tiny_model("qwen2_moe")
+    with BakeStack(model) as bakes:
+        bakes.bake(unit(1), 0.5)
+        bakes.bake(unit(2))
+    check = bakes.invariant
+    assert check["bakes_checked"] == 2 and check["after"] <= 1e-4 < 1e-3 < check["before"]
 
 
 def test_unrecognizable_model_is_refused():
@@ -164,3 +268,13 @@ def test_offloaded_weights_are_edited_where_they_live():
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_offloaded_unknown_family_is_refused_before_any_edit():
+    from accelerate import cpu_offload
+
+    model = make_tiny_model("llama")
+    model.config.model_type = "offloaded_fork"
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(UnsupportedModelError, match="offloaded.*load the model on one device"):
+        bake_direction(model, unit())

@@ -1,14 +1,17 @@
-"""The only module that knows model families: where each decoder layer writes to the residual stream.
+"""Where each decoder layer writes to the residual stream: a table of known families, probing for the rest.
 
 A layout names, relative to one decoder layer, the attention-out writer, the root under which MLP
 writers live (dense down projections, shared experts and fused 3-D expert tensors are all found there),
 and, for post-norm families, the norm that stands between each sublayer and the residual add.
-`LAYOUTS` maps ``config.model_type`` to a layout; unknown types fall back to trying every known
-layout, and a model none of them fits exactly raises `UnsupportedModelError` before anything is edited.
+`LAYOUTS` maps ``config.model_type`` to a layout: a fast path and a readable list of what is known. Every
+other decoder-only model has its writers found by probing its layers' data flow (`probing.py`); every bake
+then checks its own result (`editing.py`), so a wrong table entry or a missed writer is refused, not baked.
+Encoder-decoder models and quantized weights are refused here, before anything is edited.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,11 +19,10 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .probing import LayerCall, WriterSpec, _is_conv1d, capture_layer_calls, layer_signature, probe_layer
 
 # Leaf names of dense MLP writers (down projections) across families.
 _MLP_WRITER_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "w2")
-# Norm names that only post-norm (sandwich) families have; an unknown model with one of these is refused.
-_POST_NORM_MARKERS = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_self_attn_layernorm", "post_attn_norm")
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,12 @@ class Writer:
     param: str  # "weight" or, for fused experts, "down_proj"
     hidden_axis: int  # axis of `param` that indexes the residual stream
     bias: Optional[str]  # bias parameter name (last axis is the hidden one), if any
-    post_norm: Optional[nn.Module]  # RMS-style norm between this writer and the residual add
+    post_norm: Optional[nn.Module]  # norm (RMSNorm, LayerNorm, ...) between this writer and the residual add
     kind: str = "mlp"  # "attn" (attention out) or "mlp" (MLP down, experts): strength profiles treat them apart
+    constant: bool = False  # a post-norm's bias: added as it is at every token, so u is v itself
+
+
+_LAYER_LISTS = ("layers", "h", "blocks", "layer", "decoder_layers")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -79,10 +85,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             pass
     candidates += [getattr(model, "base_model", None), model]
     for root in candidates:
-        for attr in ("layers", "h", "blocks"):
+        for attr in _LAYER_LISTS:
             layers = getattr(root, attr, None) if root is not None else None
             if isinstance(layers, nn.ModuleList) and len(layers) > 0:
                 return layers
+    # Otherwise the shallowest list of blocks under a usual name (multimodal wrappers nest the text decoder).
+    found = [(name.count("."), name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and name.rsplit(".", 1)[-1] in _LAYER_LISTS]
+    if found:
+        return min(found, key=lambda t: t[:2])[2]
     raise UnsupportedModelError(
         f"cannot find the decoder layers of {type(model).__name__}; transformers-sra supports decoder-only causal LMs"
     )
@@ -97,97 +108,147 @@ def _hidden_size(model: nn.Module) -> int:
     raise UnsupportedModelError(f"cannot read the hidden size of {type(model).__name__} from its config")
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) stores its weight (in, out); matched by name to avoid importing it.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+def layer_indices(model: nn.Module, layers: Optional[list[int]] = None) -> list[int]:
+    """``layers`` (negative counts from the end; None: all) as indices into `decoder_layers`."""
+    n = len(decoder_layers(model))
+    indices = range(n) if layers is None else layers
+    for i in indices:
+        if not -n <= i < n:
+            raise UnsupportedModelError(f"layer {i} is out of range: the model has {n} decoder layers")
+    return [i % n for i in indices]
 
 
-def _mlp_writers(root: nn.Module, root_name: str, hidden: int, layer: int, post_norm) -> list[Writer]:
-    found = []
+def check_editable(model: nn.Module) -> None:
+    """Refuse what no rank-one weight edit can serve, before anything is touched.
+
+    Encoder-decoder models have a second residual stream the method does not address. Quantized weights (bitsandbytes
+    int8/4-bit, GPTQ/AWQ packed integers, fp8, packed GGUF blocks) would be edited without their scales, silently
+    corrupting the model, so they are refused from ``hf_quantizer`` and from the parameter types.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model; transformers-sra edits decoder-only causal LMs")
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = getattr(quantizer, "quantization_config", None)
+    method = getattr(qconfig, "quant_method", None) or type(quantizer).__name__
+    if quantizer is not None and not getattr(qconfig, "dequantize", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has quantized weights ({getattr(method, 'value', method)}); a rank-one edit cannot "
+            "be applied to packed or scaled weights: load the model dequantized (no quantization_config, dtype=torch.bfloat16 "
+            "or float32) and quantize after the bake")
+    params = {id(p) for p in model.parameters()}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        leaf = name.rsplit(".", 1)[-1]
+        packed = leaf in _PACKED_NAMES or "quant" in type(t).__name__.lower() or type(t).__name__ in ("Params4bit", "Int8Params")
+        # Integer buffers (position ids, masks, expert maps) are fine; integer or 1-byte weight matrices are not.
+        if packed or (id(t) in params and t.dim() >= 2 and (not t.is_floating_point() or t.element_size() == 1)):
+            raise UnsupportedModelError(
+                f"{name} is stored as {type(t).__name__} of {t.dtype}: quantized weights cannot be edited exactly; "
+                "load the model dequantized (dtype=torch.bfloat16 or float32) and quantize after the bake")
+
+
+# Buffer names that GPTQ, AWQ, Marlin and similar kernels use for packed integer weights and their scales.
+_PACKED_NAMES = ("qweight", "qzeros", "g_idx", "weight_packed", "weight_scale", "weight_scale_inv", "SCB", "absmax")
+
+
+def _linear_writer(module: nn.Module, path: str, hidden: int) -> tuple[int, Optional[str]]:
+    if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        raise UnsupportedModelError(f"{path} is a {type(module).__name__}, not a linear writer")
+    axis = 1 if _is_conv1d(module) else 0
+    return axis, "bias" if getattr(module, "bias", None) is not None else None
+
+
+def _table_specs(block: nn.Module, layout: Layout, hidden: int, prefix: str) -> list[WriterSpec]:
+    """Writers of one layer under its table layout; raises AttributeError/UnsupportedModelError if it does not fit."""
+    specs = [WriterSpec(layout.attn_writer, "weight", *_linear_writer(block.get_submodule(layout.attn_writer),
+                                                                      f"{prefix}.{layout.attn_writer}", hidden),
+                        layout.attn_post_norm, "attn")]
+    root = block.get_submodule(layout.mlp_root)
+    mlp = []
     for sub_name, module in root.named_modules():
-        full = f"{root_name}.{sub_name}" if sub_name else root_name
-        leaf = sub_name.rsplit(".", 1)[-1] if sub_name else root_name.rsplit(".", 1)[-1]
+        path = f"{layout.mlp_root}.{sub_name}" if sub_name else layout.mlp_root
         fused = module._parameters.get("down_proj")
         if isinstance(fused, torch.Tensor) and fused.dim() == 3:
             # v5 fused experts: (E, hidden, inter), or (E, inter, hidden) when the class says is_transposed.
             axis = 2 if getattr(module, "is_transposed", False) else 1
-            if fused.shape[axis] != hidden:
-                raise UnsupportedModelError(f"{full}.down_proj has shape {tuple(fused.shape)}; expected hidden size {hidden} on axis {axis}")
             bias = "down_proj_bias" if isinstance(module._parameters.get("down_proj_bias"), torch.Tensor) else None
-            found.append(Writer(layer, full, module, "down_proj", axis, bias, post_norm))
-        elif leaf in _MLP_WRITER_NAMES and (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            axis = 1 if _is_conv1d(module) else 0
-            bias = "bias" if getattr(module, "bias", None) is not None else None
-            found.append(Writer(layer, full, module, "weight", axis, bias, post_norm))
-    return found
-
-
-def _resolve(layer_module: nn.Module, layout: Layout, index: int, prefix: str, hidden: int) -> list[Writer]:
-    """Writers of one layer under `layout`; raises KeyError/UnsupportedModelError if the layout does not fit."""
-
-    def norm(path):
-        return layer_module.get_submodule(path) if path else None
-
-    attn = layer_module.get_submodule(layout.attn_writer)
-    if not (isinstance(attn, nn.Linear) or _is_conv1d(attn)):
-        raise UnsupportedModelError(f"{prefix}.{layout.attn_writer} is a {type(attn).__name__}, not a linear writer")
-    attn_axis = 1 if _is_conv1d(attn) else 0
-    writers = [Writer(index, f"{prefix}.{layout.attn_writer}", attn, "weight", attn_axis,
-                      "bias" if getattr(attn, "bias", None) is not None else None, norm(layout.attn_post_norm), "attn")]
-    mlp = _mlp_writers(layer_module.get_submodule(layout.mlp_root), f"{prefix}.{layout.mlp_root}", hidden, index,
-                       norm(layout.mlp_post_norm))
+            mlp.append(WriterSpec(path, "down_proj", axis, bias, layout.mlp_post_norm, "mlp"))
+        elif path.rsplit(".", 1)[-1] in _MLP_WRITER_NAMES and (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            mlp.append(WriterSpec(path, "weight", *_linear_writer(module, f"{prefix}.{path}", hidden), layout.mlp_post_norm, "mlp"))
     if not mlp:
         raise UnsupportedModelError(f"no MLP writer found under {prefix}.{layout.mlp_root}")
-    for w in writers + mlp:
-        if w.module._parameters[w.param].shape[w.hidden_axis] != hidden:
-            raise UnsupportedModelError(f"{w.name} does not write a hidden-size ({hidden}) output")
-    return writers + mlp
+    specs += mlp
+    for post, kind in ((layout.attn_post_norm, "attn"), (layout.mlp_post_norm, "mlp")):
+        bias = block.get_submodule(post)._parameters.get("bias") if post else None
+        if isinstance(bias, torch.Tensor):
+            specs.append(WriterSpec(post, "bias", 0, None, None, kind, constant=True))
+    return specs
 
 
-def residual_writers(model: nn.Module, layers: Optional[list[int]] = None) -> list[Writer]:
+def _writer(block: nn.Module, spec: WriterSpec, index: int, prefix: str, hidden: int) -> Writer:
+    module = block.get_submodule(spec.path)
+    param = module._parameters.get(spec.param)
+    if not isinstance(param, torch.Tensor) or param.shape[spec.hidden_axis] != hidden:
+        raise UnsupportedModelError(f"{prefix}.{spec.path}.{spec.param} does not write a hidden-size ({hidden}) output")
+    post = block.get_submodule(spec.post_norm) if spec.post_norm else None
+    return Writer(index, f"{prefix}.{spec.path}", module, spec.param, spec.hidden_axis, spec.bias, post, spec.kind,
+                  spec.constant)
+
+
+def residual_writers(model: nn.Module, layers: Optional[list[int]] = None, *, method: str = "auto",
+                     calls: Optional[dict[int, LayerCall]] = None) -> list[Writer]:
     """Every residual-stream writer of the chosen decoder layers (all by default), in layer order.
 
-    Raises `UnsupportedModelError` when the model's family is not in `LAYOUTS` and no known layout fits
-    every layer, or when an unknown family has post-norms (a silent pre-norm edit would be wrong there).
+    ``method``: "auto" reads `LAYOUTS` for known families and probes the rest; "table" or "probe" forces one.
+    ``calls`` are recorded layer calls to probe with (`probing.capture_layer_calls`); one forward is run if needed.
+    Raises `UnsupportedModelError` (before any edit) for encoder-decoder or quantized models, for a known family
+    whose layers do not match its table entry, and for a layer in which probing finds no writer.
     """
+    check_editable(model)
     blocks = decoder_layers(model)
     hidden = _hidden_size(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     names = {id(m): n for n, m in model.named_modules()}
-    indices = range(len(blocks)) if layers is None else layers
-    for i in indices:
-        if not -len(blocks) <= i < len(blocks):
-            raise UnsupportedModelError(f"layer {i} is out of range: the model has {len(blocks)} decoder layers")
-    indices = [i % len(blocks) for i in indices]
+    indices = layer_indices(model, layers)
+    layout = LAYOUTS.get(model_type) if method != "probe" else None
+    if layout is None and method == "table":
+        raise UnsupportedModelError(f"model type {model_type!r} has no entry in transformers_sra.architectures.LAYOUTS")
 
-    layout = LAYOUTS.get(model_type)
-    if layout is None:
-        layout = _fallback_layout(blocks[0], model_type, names[id(blocks[0])], hidden)
+    specs: dict[int, list[WriterSpec]] = {}
+    if layout is not None:
+        for i in indices:
+            try:
+                specs[i] = _table_specs(blocks[i], layout, hidden, names[id(blocks[i])])
+            except AttributeError as err:
+                raise UnsupportedModelError(f"layer {i} of {model_type!r} does not match its writer layout: {err}") from None
+    else:
+        specs = _probe(model, blocks, indices, hidden, calls)
     writers = []
     for i in indices:
-        try:
-            writers += _resolve(blocks[i], layout, i, names[id(blocks[i])], hidden)
-        except AttributeError as err:
-            raise UnsupportedModelError(f"layer {i} of {model_type!r} does not match its writer layout: {err}") from None
+        if not specs[i]:
+            raise UnsupportedModelError(
+                f"no residual-stream writer found in layer {i} ({type(blocks[i]).__name__}) of {model_type!r}: "
+                "its write to the residual stream does not pass through a linear map that a rank-one edit can reach")
+        writers += [_writer(blocks[i], s, i, names[id(blocks[i])], hidden) for s in specs[i]]
     return writers
 
 
-def _fallback_layout(block: nn.Module, model_type, prefix: str, hidden: int) -> Layout:
-    module_names = {n.rsplit(".", 1)[-1] for n, _ in block.named_modules()}
-    if module_names & set(_POST_NORM_MARKERS):
-        raise UnsupportedModelError(
-            f"model type {model_type!r} has post-sublayer norms and no entry in transformers_sra.architectures.LAYOUTS; "
-            "add one naming its writers and post-norms"
-        )
-    for layout in dict.fromkeys(LAYOUTS.values()):
-        if layout.attn_post_norm is not None:
-            continue
-        try:
-            _resolve(block, layout, 0, prefix, hidden)
-            return layout
-        except (AttributeError, UnsupportedModelError):
-            continue
-    raise UnsupportedModelError(
-        f"model type {model_type!r} is not supported: no known writer layout fits its decoder layers; "
-        "add an entry to transformers_sra.architectures.LAYOUTS"
-    )
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _probe(model, blocks, indices, hidden, calls) -> dict[int, list[WriterSpec]]:
+    """Probe one layer of each kind (layer signature) among ``indices``; cached per model."""
+    cache = _PROBED.setdefault(model, {})
+    first: dict[tuple, int] = {}
+    for i in indices:
+        first.setdefault(layer_signature(blocks[i]), i)
+    todo = {sig: i for sig, i in first.items() if sig not in cache}
+    if todo:
+        missing = [i for i in todo.values() if calls is None or i not in calls]
+        recorded = dict(calls or {})
+        if missing:
+            recorded.update(capture_layer_calls(model, blocks, missing, hidden))
+        for sig, i in todo.items():
+            cache[sig] = probe_layer(blocks[i], recorded[i], hidden)
+    return {i: cache[layer_signature(blocks[i])] for i in indices}

@@ -1,9 +1,12 @@
 """Bake a direction out of the model's weights: ``W ← W − γ u (uᵀW)`` on every residual-stream writer.
 
 The math runs in fp32 and is cast back to each weight's dtype. For post-norm layers the projection
-direction is ``u = normalize(g ⊙ v)``, with g the post-norm gain, so that what reaches the residual
-stream has no component along v. Weights that accelerate offloads (``meta`` on the module, real in the
-hook's ``weights_map``) are edited where they really live::
+direction is ``u ∝ Aᵀv``, with A the post-norm's linear part (``g ⊙ v`` for RMSNorm), so that what reaches
+the residual stream has no component along v; a post-norm's bias is edited with ``u = v``. Weights that
+accelerate offloads (``meta`` on the module, real in the hook's ``weights_map``) are edited where they
+really live. Every bake checks itself: each edited layer is run on a recorded random-token input, and if
+its residual write (output − input) keeps more than 1e-4 of its size along v, the bake is undone and
+`UnsupportedModelError` names the layer and the writers found::
 
     handle = bake_direction(model, direction, strength=1.0)   # every decoder layer
     ...
@@ -19,74 +22,32 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .architectures import Writer, decoder_layers, residual_writers
+from .architectures import Writer, _hidden_size, check_editable, decoder_layers, layer_indices, residual_writers
 from .errors import ConfigError, UnsupportedModelError
+from .probing import LayerCall, capture_layer_calls, layer_output, native_precision, norm_transpose, write_ratio
 from .profile import StrengthProfile
 from .residualize import orthogonalize
+from .weights import read_param, write_param
+
+# The bake's self-check: after the edit, no layer may write more than this share of its write along v
+# (fp32 rounding leaves ~1e-6). Offloaded layers run in their own dtype, where bf16 rounding alone is ~1e-2.
+INVARIANT_TOL = 1e-4
+_NATIVE_TOL = {torch.float32: INVARIANT_TOL, torch.float64: INVARIANT_TOL}
 
 Direction = Union[torch.Tensor, Mapping[int, torch.Tensor]]
 Strength = Union[float, Mapping, StrengthProfile]
 
 
-# -- one way to touch a weight ---------------------------------------------------------------------------
-def _offload_map(module: nn.Module):
-    hook = getattr(module, "_hf_hook", None)
-    return getattr(hook, "weights_map", None) if hook is not None else None
-
-
-def read_param(module: nn.Module, name: str) -> torch.Tensor:
-    """A real fp32 copy of ``module.<name>``, also when accelerate keeps it on ``meta`` and offloads it."""
-    param = module._parameters[name]
-    if param.device.type == "meta":
-        weights_map = _offload_map(module)
-        if weights_map is None:
-            raise UnsupportedModelError(f"{type(module).__name__}.{name} is on the meta device with no offload map to read from")
-        return weights_map[name].detach().to(torch.float32, copy=True)
-    return param.detach().to(torch.float32, copy=True)
-
-
-def write_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Write ``value`` into ``module.<name>`` in its own dtype, into the offload store for meta weights."""
-    param = module._parameters[name]
-    if param.device.type != "meta":
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-        return
-    weights_map = _offload_map(module)
-    stored = weights_map[name]
-    new = value.to(dtype=stored.dtype, device=stored.device)
-    # The map is a PrefixedDataset over a dict or an OffloadedWeightsLoader; disk-backed entries are
-    # re-read on every access, so the edit must replace the entry, not mutate a loaded copy.
-    store, key = weights_map, name
-    while hasattr(store, "prefix") and hasattr(store, "dataset"):
-        store, key = store.dataset, f"{store.prefix}{key}"
-    if hasattr(store, "state_dict") and isinstance(store.state_dict, dict):
-        store.state_dict[key] = new
-    elif isinstance(store, dict):
-        store[key] = new
-    else:
-        raise UnsupportedModelError(f"cannot write into offload store of type {type(store).__name__}")
-
-
 # -- the projection --------------------------------------------------------------------------------------
-def post_norm_gain(norm: nn.Module, hidden: int) -> torch.Tensor:
-    """Effective per-channel gain of an RMS-style norm, probed with a constant input (rms = 1).
-
-    Probing covers every gain convention (``w``, ``1 + w``) without knowing the class.
-    """
-    param = next(iter(norm.parameters()), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
-    with torch.no_grad():
-        out = norm(torch.ones(1, hidden, dtype=dtype, device=device))
-    return out.reshape(-1).to(torch.float32)
-
-
 def writer_direction(writer: Writer, v: torch.Tensor) -> torch.Tensor:
-    """The unit vector ``u`` to project out of this writer so its residual contribution is ⟂ v."""
+    """The unit vector ``u`` to project out of this writer so its residual contribution is ⟂ v.
+
+    Behind a post-norm ``N(y) = A y / s(y) + b`` it is ``u ∝ Aᵀ v`` (``g ⊙ v`` for RMSNorm, centred ``g ⊙ v``
+    for LayerNorm), found by probing the norm (`probing.norm_transpose`).
+    """
     v = v.to(torch.float32)
     if writer.post_norm is not None:
-        v = post_norm_gain(writer.post_norm, v.numel()).to(v.device) * v
+        v = norm_transpose(writer.post_norm, v).to(v.device)
     norm = v.norm()
     if not torch.isfinite(norm) or norm < 1e-12:
         raise ConfigError(f"direction for {writer.name} is zero or not finite")
@@ -116,11 +77,16 @@ class _Edit:
 
 @dataclass
 class BakeHandle:
-    """Record of one bake. ``undo()`` adds the removed rank-one parts back (exact up to dtype rounding)."""
+    """Record of one bake. ``undo()`` adds the removed rank-one parts back (exact up to dtype rounding).
+
+    ``invariant`` is the self-check: the largest share of a layer's residual write along v ``before`` and
+    ``after`` the bake, over the ``layers_checked`` (empty when the bake ran with ``verify=False``).
+    """
 
     strength: StrengthProfile
     layers: list[int]
     writer_names: list[str]
+    invariant: dict = field(default_factory=dict)
     _edits: list[_Edit] = field(default_factory=list, repr=False)
 
     def undo(self) -> None:
@@ -149,6 +115,14 @@ def _layer_vector(direction: Direction, writer: Writer) -> torch.Tensor:
     return v
 
 
+@dataclass
+class _Planned:
+    writer: Writer
+    u: torch.Tensor
+    gamma: float
+    earlier: list  # this writer's u for each direction already baked out (orthogonal_to)
+
+
 def bake_direction(
     model: nn.Module,
     direction: Direction,
@@ -156,17 +130,22 @@ def bake_direction(
     layers: Optional[list[int]] = None,
     *,
     orthogonal_to: Sequence[Direction] = (),
+    verify: bool = True,
 ) -> BakeHandle:
-    """Project ``direction`` out of every attention-out and MLP-down writer (biases and experts included).
+    """Project ``direction`` out of every residual-stream writer (attention, MLP, experts, mixers, biases).
 
     Args:
-        model: a transformers causal LM (any device map, offloaded weights included).
+        model: a transformers decoder-only causal LM (any device map, offloaded weights included).
         direction: one hidden-size vector for all layers, or ``{layer: vector}`` for per-layer directions.
         strength: γ; 1.0 removes the component completely. A `StrengthProfile` (or its dict) sets γ per
             layer and per writer kind; writers whose γ is 0 are left alone.
         layers: decoder layers to edit; default every layer (or the keys of a direction map).
         orthogonal_to: directions already baked out. Each writer's ``u`` is made orthogonal to theirs, so
             this bake cannot re-introduce them (this matters for post-norm layers, where ``u`` depends on g).
+        verify: run each edited layer on a random-token probe after the edit and check that its residual
+            write has no component along the direction (γ < 1 is completed to γ = 1 for the check); on failure
+            undo the bake and raise `UnsupportedModelError`. Costs one forward of a few tokens. Turn off for
+            models baked shard by shard.
 
     Returns a `BakeHandle`; ``handle.undo()`` restores the weights. If any writer fails, the writers
     already edited are restored before the error propagates, so the model is never left half-edited.
@@ -174,31 +153,86 @@ def bake_direction(
     profile = StrengthProfile.parse(strength)
     if isinstance(direction, Mapping):
         layers = sorted(int(k) for k in direction) if layers is None else [i for i in layers if i in direction]
-    writers = residual_writers(model, layers)
+    check_editable(model)
+    calls = capture_layer_calls(model, decoder_layers(model), layer_indices(model, layers), _hidden_size(model)) \
+        if verify and layer_indices(model, layers) else None
+    writers = residual_writers(model, layers, calls=calls)
     # Resolve every direction before touching a weight, so bad input never half-edits the model.
-    plan = []
+    planned = []
     for w, gamma in zip(writers, writer_strengths(model, writers, profile)):
         u = writer_direction(w, _layer_vector(direction, w))
-        if orthogonal_to:
-            u = orthogonalize(u, [writer_direction(w, _layer_vector(p, w)) for p in orthogonal_to])
-        if gamma > 0:
-            plan.append((w, u, gamma))
+        earlier = [writer_direction(w, _layer_vector(p, w)) for p in orthogonal_to]
+        planned.append(_Planned(w, orthogonalize(u, earlier) if earlier else u, gamma, earlier))
+    plan = [p for p in planned if p.gamma > 0]
 
-    handle = BakeHandle(profile, sorted({w.layer for w, _, _ in plan}), [w.name for w, _, _ in plan])
+    handle = BakeHandle(profile, sorted({p.writer.layer for p in plan}), [p.writer.name for p in plan])
     try:
-        for w, u, gamma in plan:
+        for p in plan:
+            w = p.writer
             for name, axis in ((w.param, w.hidden_axis), (w.bias, -1)):
                 if name is None:
                     continue
                 t = read_param(w.module, name)
-                u_dev = u.to(t.device)
-                new, coef = _project_out(t, u_dev, axis, gamma)
+                u_dev = p.u.to(t.device)
+                new, coef = _project_out(t, u_dev, axis, p.gamma)
                 write_param(w.module, name, new)
-                handle._edits.append(_Edit(w, name, axis, u_dev, coef, gamma))
+                handle._edits.append(_Edit(w, name, axis, u_dev, coef, p.gamma))
+        if calls is not None:
+            handle.invariant = _verify(model, planned, handle.layers, calls, direction)
     except BaseException:
         handle.undo()
         raise
     return handle
+
+
+def _completion_hook(p: _Planned):
+    """Forward hook that finishes this writer's edit to γ = 1 for every direction baked so far (check only)."""
+    basis = torch.linalg.qr(torch.stack([p.u] + p.earlier, dim=1))[0]  # (hidden, k), orthonormal
+    bias = read_param(p.writer.module, p.writer.param) if p.writer.constant else None
+
+    def hook(_module, _args, output):
+        y = output[0] if isinstance(output, tuple) else output
+        b = basis.to(device=y.device, dtype=y.dtype)
+        source = bias.to(device=y.device, dtype=y.dtype) if bias is not None else y
+        y = y - (source @ b) @ b.T
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    return hook
+
+
+def _post_norm_note(writer: Writer) -> str:
+    return f" (post-norm {type(writer.post_norm).__name__})" if writer.post_norm is not None else ""
+
+
+def _verify(model: nn.Module, planned: list[_Planned], layers: list[int], calls: dict[int, LayerCall],
+            direction: Direction) -> dict:
+    """The bake's self-check on each edited layer (see `bake_direction`); returns the invariant record."""
+    blocks = decoder_layers(model)
+    before, after = 0.0, 0.0
+    for i in layers:
+        mine = [p for p in planned if p.writer.layer == i]
+        v = _layer_vector(direction, mine[0].writer).to(torch.float32)
+        v = v / v.norm()
+        call = calls[i]
+        before = max(before, write_ratio(call.out.float() - call.x.float(), v))
+        hooks = [p.writer.module.register_forward_hook(_completion_hook(p)) for p in mine if p.gamma != 1 or p.earlier]
+        try:
+            with torch.no_grad():
+                ratio = write_ratio(layer_output(blocks[i], call) - call.x.float(), v)
+        finally:
+            for h in hooks:
+                h.remove()
+        after = max(after, ratio)
+        dtype = next(blocks[i].parameters()).dtype
+        tol = _NATIVE_TOL.get(dtype, 2e-2) if native_precision(blocks[i]) else INVARIANT_TOL
+        if not ratio <= tol:
+            found = ", ".join(sorted({p.writer.name + _post_norm_note(p.writer) for p in mine}))
+            raise UnsupportedModelError(
+                f"bake check failed in decoder layer {i}: after the edit its residual write still has {ratio:.1e} of its "
+                f"size along the direction (limit {tol:g}); writers found: {found}. The bake was undone. The layer writes "
+                "to the residual stream through something these rank-one edits cannot reach (a writer or post-norm that "
+                "was missed, a norm over the residual stream itself, or a wrong LAYOUTS entry)")
+    return {"before": before, "after": after, "layers_checked": len(layers), "tolerance": INVARIANT_TOL}
 
 
 @contextmanager
@@ -211,11 +245,13 @@ def ablate_activations(
     """
     handles = []
 
-    def make_hook(u: torch.Tensor, strength: float):
+    def make_hook(u: torch.Tensor, strength: float, constant: Optional[torch.Tensor]):
         def hook(_module, _args, output):
             y = output[0] if isinstance(output, tuple) else output
             uu = u.to(device=y.device, dtype=torch.float32)
-            projected = (y.float() - strength * (y.float() @ uu).unsqueeze(-1) * uu).to(y.dtype)
+            # A post-norm's bias is the same vector at every token: remove its component, not the norm output's.
+            source = y.float() if constant is None else constant.to(y.device)
+            projected = (y.float() - strength * (source @ uu).unsqueeze(-1) * uu).to(y.dtype)
             return (projected, *output[1:]) if isinstance(output, tuple) else projected
 
         return hook
@@ -227,7 +263,8 @@ def ablate_activations(
         for w, gamma in zip(writers, writer_strengths(model, writers, strength)):
             if gamma > 0:
                 u = writer_direction(w, _layer_vector(direction, w))
-                handles.append(w.module.register_forward_hook(make_hook(u, gamma)))
+                constant = read_param(w.module, w.param) if w.constant else None
+                handles.append(w.module.register_forward_hook(make_hook(u, gamma, constant)))
         yield
     finally:
         for h in handles:
@@ -245,17 +282,27 @@ class BakeStack:
         report_handles = bakes.handles
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, verify: bool = True) -> None:
         self.model = model
+        self.verify = verify
         self.handles: list[BakeHandle] = []
         self.directions: list[torch.Tensor] = []
 
     def bake(self, direction: torch.Tensor, strength: Strength = 1.0, layers: Optional[list[int]] = None) -> BakeHandle:
         """Bake ``direction`` orthogonal to everything this stack already removed."""
-        handle = bake_direction(self.model, direction, strength, layers, orthogonal_to=self.directions)
+        handle = bake_direction(self.model, direction, strength, layers, orthogonal_to=self.directions, verify=self.verify)
         self.handles.append(handle)
         self.directions.append(direction)
         return handle
+
+    @property
+    def invariant(self) -> dict:
+        """The self-checks of every bake in the stack: largest residual share along v before and after."""
+        checks = [h.invariant for h in self.handles if h.invariant]
+        if not checks:
+            return {}
+        return {"before": max(c["before"] for c in checks), "after": max(c["after"] for c in checks),
+                "bakes_checked": len(checks), "tolerance": INVARIANT_TOL}
 
     def undo_last(self) -> None:
         self.handles.pop().undo()

@@ -211,5 +211,6 @@ def _report(model, config, inputs, dirs, kept, choice, table, mined, first, bake
         target_coverage=coverage,
         iterations=mined,
         timings=timings,
+        invariant=bakes.invariant,
         _handles=list(bakes.handles),
     )

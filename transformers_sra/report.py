@@ -42,6 +42,7 @@ class SRAReport:
     timings: dict  # seconds per pipeline step
     extraction_prompts: dict = field(default_factory=dict)  # harmful/harmless prompts the direction was measured from
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
+    invariant: dict = field(default_factory=dict)  # bake self-check: largest residual share along v before/after
     _handles: list = field(default_factory=list, repr=False, compare=False)
 
     def undo(self) -> None:
