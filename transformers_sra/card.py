@@ -208,7 +208,8 @@ def render_card(report, *, base_model: Optional[str] = None, license: Optional[s
     known_id, known_license = base_model_info(report.model_name)
     base_model = base_model or known_id
     license = license or known_license
-    shown_name = base_model or Path(report.model_name).name or report.model_name
+    local = report.model_name and Path(report.model_name).exists()
+    shown_name = base_model or (Path(report.model_name).name if local else report.model_name) or "model"
     data = ModelCardData(base_model=base_model, license=license, library_name="transformers",
                          pipeline_tag="text-generation", tags=list(TAGS),
                          model_name=f"{shown_name}-sra", eval_results=_eval_results(report) or None)
