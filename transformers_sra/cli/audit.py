@@ -1,0 +1,124 @@
+"""``sra audit``: the atom orthogonality audit and the per-layer sweep, with figures; the model is not edited."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConfigError
+from ..progress import logger
+from . import summary
+from .args import config_from
+from .loading import load_model
+
+
+@dataclass
+class AuditArguments:
+    _argument_group_name = "audit"
+    output: str = field(default="sra-audit", metadata={"help": "Folder for audit.json and the figures (replaced if it exists).",
+                                                         "metavar": "DIR"})
+    config: Optional[str] = field(default=None, metadata={"help": "An SRAConfig as JSON or YAML; flags override it.",
+                                                                 "metavar": "FILE"})
+    sweep: bool = field(default=True, metadata={"help": "Only the cosines: skip scoring the clean direction of every "
+                                                                "candidate layer (hooks, no edit)."})
+    layer: Optional[int] = field(default=None, metadata={"help": "Layer whose cosine matrix is printed (default: the "
+                                                                  "sweep's best, else the middle candidate).",
+                                                                  "metavar": "N"})
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..audit import audit_model
+
+    config = config_from(args)
+    target = Path(args.output)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--output {target} is a file; pass a folder")
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device_map=args.device_map,
+                                  trust_remote_code=args.trust_remote_code)
+    audit = audit_model(model, tokenizer, config, sweep=args.sweep)
+    layers = audit["layers"]
+    layer = next(x for x in (args.layer, audit["best_layer"], layers[len(layers) // 2]) if x is not None)
+    if layer not in audit["cosine"]:
+        raise ConfigError(f"--layer {layer} is not a candidate layer; the audit covered {layers}")
+    figures = _save(audit, target, layer)
+    result = {"command": "audit", "output": str(target), "layer": layer, "figures": figures, **audit}
+    text = [f"cosines at layer {layer} (dirty/clean: refusal directions; roles: "
+            + ", ".join(f"{n} {r}" for n, r in audit["roles"].items()) + ")",
+            summary.table([""] + audit["names"], [[n] + row for n, row in zip(audit["names"], audit["cosine"][layer])])]
+    if audit["sweep"]:
+        text += ["", f"layer sweep: clean direction, fluency rank {audit['fluency_rank']}; base refusal score "
+                     f"{audit['base_refusal_score']:.3f}; budgets KL ≤ {audit['budgets']['max_kl']}, "
+                     f"ΔPPL ≤ {summary.percent(audit['budgets']['max_ppl_increase'])}",
+                 summary.table(["layer", "refusal score", "KL", "ΔPPL", "explained by atoms", "feasible"],
+                               [(r["layer"], r["refusal_score"], r["kl"], summary.percent(r["ppl_change"]),
+                                 f"{r['explained_share']:.0%}", "yes" if r["feasible"] else "no")
+                                for r in audit["sweep"]])]
+    text += ["", f"saved: {target / 'audit.json'}" + "".join(f", {f}" for f in figures)]
+    summary.emit(result, "\n".join(text), args.json)
+    return 0
+
+
+def _save(audit: dict, target: Path, layer: int) -> list[str]:
+    """audit.json and the figures, written into a sibling folder and renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        (tmp / "audit.json").write_text(json.dumps(audit, indent=1), encoding="utf-8")
+        names = _figures(audit, tmp, layer)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [str(target / n) for n in names]
+
+
+def _figures(audit: dict, folder: Path, layer: int) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("figures skipped: pip install 'transformers-sra[bench]' for matplotlib")
+        return []
+    names = audit["names"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(names), 0.6 + 0.5 * len(names)))
+    image = ax.imshow(audit["cosine"][layer], vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i, row in enumerate(audit["cosine"][layer]):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title(f"cosine between refusal directions and atoms, layer {layer}")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(folder / "atom_cosines.png", dpi=120)
+    plt.close(fig)
+    out = ["atom_cosines.png"]
+    if audit["sweep"]:
+        rows = sorted(audit["sweep"], key=lambda r: r["layer"])
+        fig, left = plt.subplots(figsize=(6, 3.5))
+        xs = [r["layer"] for r in rows]
+        left.plot(xs, [r["refusal_score"] for r in rows], "o-", color="tab:red", label="refusal score")
+        left.axhline(audit["base_refusal_score"], color="tab:red", ls=":", label="base refusal score")
+        left.set_xlabel("direction layer")
+        left.set_ylabel("refusal score (validation)")
+        right = left.twinx()
+        right.plot(xs, [r["kl"] for r in rows], "s--", color="tab:blue", label="first-token KL")
+        right.axhline(audit["budgets"]["max_kl"], color="tab:blue", ls=":", label="KL budget")
+        right.set_ylabel("KL(base ‖ ablated)")
+        handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+        left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+        left.set_title("removing the clean direction, layer by layer")
+        fig.tight_layout()
+        fig.savefig(folder / "layer_sweep.png", dpi=120)
+        plt.close(fig)
+        out.append("layer_sweep.png")
+    return out
