@@ -1,4 +1,5 @@
-"""Metrics: plain functions (``core``) and one offline `evaluate.Metric` per file.
+"""Metrics: plain functions (``core``) and one offline `evaluate.Metric` per file (``perplexity`` is the function;
+the `Perplexity` metric lives in ``text_perplexity.py``).
 
 Each metric class works without the Hub: instantiate it, or ``evaluate.load`` its file path::
 
@@ -14,7 +15,7 @@ from .core import answer_nll, chunk_token_ids, clopper_pearson, perplexity, toke
 from .answer_perplexity import AnswerPerplexity
 from .first_token_kl import FirstTokenKL
 from .over_refusal_rate import OverRefusalRate
-from .perplexity import Perplexity
+from .text_perplexity import Perplexity
 from .refusal_rate import RefusalRate
 from .refusal_score import RefusalScore
 
