@@ -314,7 +314,7 @@ def test_audit_matches_the_search_and_edits_nothing(tiny, tmp_path, capsys, conf
     assert main(argv) == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     audit = json.loads((out / "audit.json").read_text())
-    assert {"atom_cosines.png", "layer_sweep.png"} <= {p.name for p in out.iterdir()}
+    assert {"atom_orthogonality.png", "layer_sweep.png"} <= {p.name for p in out.iterdir()}
     assert audit["names"] == ["dirty", "clean", "mathy", "short"] and len(audit["sweep"]) == 3
     matrix = torch.tensor(audit["cosine"][str(audit["best_layer"])])
     torch.testing.assert_close(matrix.diagonal(), torch.ones(4), atol=1e-3, rtol=0)
@@ -346,3 +346,21 @@ def test_chat_streams_the_greedy_reply_and_compares(tiny, tmp_path, capsys, monk
     assert main(["chat", str(tiny), "--prompt", "how do i bake bread", "--max-new-tokens", "6", "--json"]) == 0
     line = capsys.readouterr().out
     assert json.loads(line)["turns"] == [{"prompt": "how do i bake bread", "model": expected["edited"]}]
+
+
+def test_ablate_evaluates_base_standard_and_sra_for_the_summary_and_card(tiny, config_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["ablate", "--model", str(tiny), "--output", str(out), "--config", str(config_dir),
+                 "--direction-layer", "1", "--eval-limit", "2", "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    metrics = SRAReport.load(out).metrics
+    assert set(metrics) >= {"base", "standard", "sra"} and metrics["sets"]["harmful"] == 2
+    lines = {line.split("  ")[0]: line for line in captured.out.splitlines()}
+    for name, label in (("base", "base model"), ("standard", "standard ablation"), ("sra", "SRA")):
+        m = metrics[name]["metrics"]
+        assert lines[label].split()[len(label.split())] == f"{m['refusal_rate']:.1%}", lines[label]
+    assert f"{metrics['sra']['metrics']['first_token_kl']:.4f}" in lines["SRA"]
+    assert "evaluate base done in" in captured.err and "evaluate edit done in" in captured.err
+    assert (out / "README.md").is_file() and (out / "refusal_vs_kl.png").is_file()

@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager, nullcontext
 
 from ..config import PROMPT_FIELDS, SRAConfig
+from ..demo import DEMO_MODEL_ID
 from ..errors import ConfigError
 from ..progress import logger, stage
 from ..prompts import load_corpus, load_prompts
@@ -26,14 +27,17 @@ def timed(timings: dict, name: str, log: bool = True):
 
 def log_step(prefix: str):
     """A ``progress(step, i, n)`` callback for `evaluate_model` that logs each finished metric."""
-    return lambda step, i, n: logger.info(f"{prefix}: {step} measured ({i}/{n})")
+    names = {"sra": "SRA", "standard": "standard ablation"}
+    return lambda step, i, n: logger.info(
+        f"{prefix} " + " ".join(names.get(part, part.replace("_", "-")) for part in step.split(":")) + f" ({i}/{n})")
 
 
 def check_inputs(args: argparse.Namespace) -> SRAConfig:
     """Everything that can be checked without the model: config values, prompt files, output folder, repo id."""
-    from ..hub import check_output_dir
+    from ..hub import check_card_dependencies, check_output_dir
 
     config = config_from(args)
+    check_card_dependencies()  # the folder's card needs jinja2 and matplotlib: say so before the model loads
     for name in PROMPT_FIELDS:
         load_prompts(getattr(config, name))
     load_corpus(config.text_corpus)
@@ -67,21 +71,22 @@ def run(args: argparse.Namespace) -> int:
         measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                        system_prompt=config.system_prompt)
         with timed(timings, "evaluate base"):
-            base = cached_evaluation(model, tokenizer, sets, progress=log_step("base"), **measure)
+            base = cached_evaluation(model, tokenizer, sets, progress=log_step("measured base"), **measure)
     report = apply_surgical_ablation(model, tokenizer, config)
     timings.update({f"sra {k}": v for k, v in report.timings.items()})
     if args.evaluate:
         with timed(timings, "evaluate edit"):
-            evaluate_edit(model, tokenizer, report, base, sets, standard=args.standard, progress=log_step("edited"),
+            evaluate_edit(model, tokenizer, report, base, sets, standard=args.standard, progress=log_step("measured"),
                           **measure)
     with timed(timings, "save"):
-        path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite)
+        path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite,
+                            base_model=DEMO_MODEL_ID if args.model is None else None)
     url = None
     if args.push_to_hub:
         from ..hub import push_cleaned
 
         with timed(timings, "push"):
-            url = push_cleaned(path, args.push_to_hub, private=args.private)
+            url = push_cleaned(path, args.push_to_hub, private=args.private, create_pr=args.create_pr)
     result = {"command": "ablate", "output": str(path), "pushed": url and str(url), "model": report.model_name,
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "direction_layer": report.direction_layer, "fluency_rank": report.fluency_rank,
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
               "validation": {"base_refusal_score": report.validation["base_refusal_score"],
                              **{k: report.chosen[k] for k in ("refusal_score", "kl", "ppl_change")}},
               "test": {k: report.metrics[k]["metrics"] for k in ("base", "standard", "sra") if k in report.metrics},
-              "timings": timings, "memory": summary.peak_memory()}
+              "max_new_tokens": config.max_new_tokens, "timings": timings, "memory": summary.peak_memory()}
     summary.emit(result, render(result, report), args.json)
     return 0
 
@@ -121,8 +126,8 @@ def render(result: dict, report: SRAReport) -> str:
     lines = [""]
     if result["test"]:
         lines += [_test_table(result["test"]),
-                  "  refusal: judged 128-token replies to harmful_test; over-refusal: prompts that only sound unsafe; "
-                  "KL: first-token KL(base ‖ model) on harmless_test", ""]
+                  f"  refusal: judged {result['max_new_tokens']}-token replies to harmful_test; over-refusal: prompts "
+                  "that only sound unsafe; KL: first-token KL(base ‖ model) on harmless_test", ""]
     lines += [summary.pairs([
         ("validation", f"refusal score {val['refusal_score']:.3f} (base {val['base_refusal_score']:.3f}), "
                        f"KL {val['kl']:.3f}, ΔPPL {summary.percent(val['ppl_change'])}"),

@@ -88,6 +88,7 @@ class AblateArguments:
     push_to_hub: Optional[str] = _arg(None, "Push the finished folder to this Hub repo id (token from HF_TOKEN or the login cache).",
                                        metavar="REPO")
     private: bool = _arg(False, "With --push-to-hub: create the repo private.")
+    create_pr: bool = _arg(False, "With --push-to-hub: open a pull request instead of committing to main.")
     evaluate: bool = _arg(True, "Skip the held-out evaluation of base, standard ablation and SRA (on by default: it "
                                 "fills the summary, the report and the card; the base's numbers are cached on disk).")
     standard: bool = _arg(True, "Leave standard ablation (the dirty direction) out of the evaluation.")

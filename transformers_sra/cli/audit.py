@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 from ..errors import ConfigError
@@ -80,45 +81,20 @@ def _save(audit: dict, target: Path, layer: int) -> list[str]:
 
 
 def _figures(audit: dict, folder: Path, layer: int) -> list[str]:
-    try:
-        import matplotlib
+    """The card's own heatmap and sweep figures (`figures.py`), drawn from the audit instead of a report."""
+    import importlib.util
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("figures skipped: pip install 'transformers-sra[bench]' for matplotlib")
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.info("figures skipped: pip install 'transformers-sra[card]' for matplotlib")
         return []
-    names = audit["names"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(names), 0.6 + 0.5 * len(names)))
-    image = ax.imshow(audit["cosine"][layer], vmin=-1, vmax=1, cmap="RdBu_r")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    for i, row in enumerate(audit["cosine"][layer]):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_title(f"cosine between refusal directions and atoms, layer {layer}")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(folder / "atom_cosines.png", dpi=120)
-    plt.close(fig)
-    out = ["atom_cosines.png"]
+    from ..figures import FIGURES, layer_sweep, orthogonality_heatmap
+
+    view = SimpleNamespace(atom_audit={"names": audit["names"], "cosine": audit["cosine"][layer], "layer": layer},
+                           direction_layer=layer, search=audit["sweep"], config=audit["budgets"],
+                           validation={"base_refusal_score": audit["base_refusal_score"]})
+    orthogonality_heatmap(view, folder / FIGURES["orthogonality"])
+    out = [FIGURES["orthogonality"]]
     if audit["sweep"]:
-        rows = sorted(audit["sweep"], key=lambda r: r["layer"])
-        fig, left = plt.subplots(figsize=(6, 3.5))
-        xs = [r["layer"] for r in rows]
-        left.plot(xs, [r["refusal_score"] for r in rows], "o-", color="tab:red", label="refusal score")
-        left.axhline(audit["base_refusal_score"], color="tab:red", ls=":", label="base refusal score")
-        left.set_xlabel("direction layer")
-        left.set_ylabel("refusal score (validation)")
-        right = left.twinx()
-        right.plot(xs, [r["kl"] for r in rows], "s--", color="tab:blue", label="first-token KL")
-        right.axhline(audit["budgets"]["max_kl"], color="tab:blue", ls=":", label="KL budget")
-        right.set_ylabel("KL(base ‖ ablated)")
-        handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-        left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
-        left.set_title("removing the clean direction, layer by layer")
-        fig.tight_layout()
-        fig.savefig(folder / "layer_sweep.png", dpi=120)
-        plt.close(fig)
-        out.append("layer_sweep.png")
+        layer_sweep(view, folder / FIGURES["layer_sweep"])
+        out.append(FIGURES["layer_sweep"])
     return out
