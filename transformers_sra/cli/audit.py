@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"command": "audit", "output": str(target), "layer": layer, "figures": figures, **audit}
     text = [f"cosines at layer {layer} (dirty/clean: refusal directions; roles: "
             + ", ".join(f"{n} {r}" for n, r in audit["roles"].items()) + ")",
-            summary.table([""] + audit["names"], [[n] + row for n, row in zip(audit["names"], audit["cosine"][layer])])]
+            summary.table([""] + audit["names"], [[n] + [f"{c:+.2f}" for c in row]
+                                                   for n, row in zip(audit["names"], audit["cosine"][layer])])]
     if audit["sweep"]:
         text += ["", f"layer sweep: clean direction, fluency rank {audit['fluency_rank']}; base refusal score "
                      f"{audit['base_refusal_score']:.3f}; budgets KL ≤ {audit['budgets']['max_kl']}, "
