@@ -60,6 +60,13 @@ def stage(name: str) -> Iterator[None]:
     _say(f"{name} done in {time.perf_counter() - start:.1f} s")
 
 
+def step_logger(prefix: str):
+    """A ``progress(step, i, n)`` callback (the evaluation's) that logs each finished step as a stage line."""
+    names = {"sra": "SRA", "standard": "standard ablation"}
+    return lambda step, i, n: _say(
+        f"{prefix} " + " ".join(names.get(part, part.replace("_", "-")) for part in step.split(":")) + f" ({i}/{n})")
+
+
 def _say(message: str) -> None:
     if _SHOW.get() and not logger.isEnabledFor(logging.INFO):
         tqdm.write(message, file=sys.stderr)  # forced on without a logging set-up: still shown, and never through a bar

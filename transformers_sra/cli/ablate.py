@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 from ..config import PROMPT_FIELDS, SRAConfig
 from ..demo import DEMO_MODEL_ID
 from ..errors import ConfigError
-from ..progress import logger, stage
+from ..progress import stage, step_logger
 from ..prompts import load_corpus, load_prompts
 from ..report import SRAReport
 from . import summary
@@ -23,13 +23,6 @@ def timed(timings: dict, name: str, log: bool = True):
     with stage(name) if log else nullcontext():
         yield
     timings[name] = round(time.perf_counter() - start, 3)
-
-
-def log_step(prefix: str):
-    """A ``progress(step, i, n)`` callback for `evaluate_model` that logs each finished metric."""
-    names = {"sra": "SRA", "standard": "standard ablation"}
-    return lambda step, i, n: logger.info(
-        f"{prefix} " + " ".join(names.get(part, part.replace("_", "-")) for part in step.split(":")) + f" ({i}/{n})")
 
 
 def check_inputs(args: argparse.Namespace) -> SRAConfig:
@@ -71,12 +64,12 @@ def run(args: argparse.Namespace) -> int:
         measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                        system_prompt=config.system_prompt)
         with timed(timings, "evaluate base"):
-            base = cached_evaluation(model, tokenizer, sets, progress=log_step("measured base"), **measure)
+            base = cached_evaluation(model, tokenizer, sets, progress=step_logger("measured base"), **measure)
     report = apply_surgical_ablation(model, tokenizer, config)
     timings.update({f"sra {k}": v for k, v in report.timings.items()})
     if args.evaluate:
         with timed(timings, "evaluate edit"):
-            evaluate_edit(model, tokenizer, report, base, sets, standard=args.standard, progress=log_step("measured"),
+            evaluate_edit(model, tokenizer, report, base, sets, standard=args.standard, progress=step_logger("measured"),
                           **measure)
     with timed(timings, "save"):
         path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite,

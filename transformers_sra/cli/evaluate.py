@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
-from ..progress import stage
+from ..progress import stage, step_logger
 from . import summary
 from .loading import load_model
 
@@ -81,12 +81,12 @@ def run(args: argparse.Namespace) -> int:
                    system_prompt=args.system_prompt)
     model, tokenizer = load_model(args.base, gguf_file=args.base_gguf_file, **load)
     with stage("evaluate the base model"):
-        base = cached_evaluation(model, tokenizer, sets, **measure)
+        base = cached_evaluation(model, tokenizer, sets, progress=step_logger("measured base"), **measure)
     del model
     gc.collect()
     model, tokenizer = load_model(args.edited, gguf_file=args.edited_gguf_file, **load)
     with stage("evaluate the edited model"):
-        edited = evaluate_model(model, tokenizer, sets, base=base, **measure)
+        edited = evaluate_model(model, tokenizer, sets, base=base, progress=step_logger("measured edited"), **measure)
     result = {"command": "evaluate", "base": args.base, "edited": args.edited, "output": str(target),
               "sets": sets.sizes(), "judge": judge_summary(args.judge),
               "metrics": {"base": base.metrics, "edited": edited.metrics},
