@@ -20,7 +20,8 @@ from transformers_sra import evaluation as evaluation_module
 from transformers_sra.card import METRICS, escape_md, render_card
 from transformers_sra.editing import ablate_activations
 from transformers_sra.evaluation import (EvalSets, Evaluation, cached_evaluation, evaluate_edit, evaluate_model,
-                                         evaluate_pair, load_pairs, standard_ablation)
+                                         evaluate_pair, judge_summary, load_pairs, reapply_edit,
+                                         standard_ablation)
 from transformers_sra.figures import FIGURES
 from transformers_sra.hub import push_cleaned, save_cleaned
 from transformers_sra.judge import first_token_logprobs, refusal_probability, refusal_token_ids
@@ -316,3 +317,57 @@ def test_offline_push_fails_with_one_sentence_and_leaves_the_folder(ablated, mon
     assert _digest(folder) == before
     with pytest.raises(SRAError, match="not a complete transformers-sra folder"):
         push_cleaned(tmp_path, "me/x")
+
+
+def test_reapply_edit_rebuilds_the_edit_from_the_report_alone(ablated):
+    model, _, report, folder, _ = ablated
+    fresh = make_tiny_model("qwen2")
+    loaded = SRAReport.load(folder)
+    reapply_edit(fresh, loaded)
+    edited = model.state_dict()
+    assert all(torch.allclose(v, edited[k], atol=1e-6) for k, v in fresh.state_dict().items())
+    loaded.undo()
+    base = make_tiny_model("qwen2").state_dict()
+    assert all(torch.allclose(v, base[k], atol=1e-6) for k, v in fresh.state_dict().items())
+
+
+# -- the real demo model: the card from the numbers the real-model suite already measured --------------------------
+@pytest.mark.real_model
+def test_demo_model_card_and_folder_from_the_measured_run(measured, demo, tmp_path):
+    """Costs one re-bake, one save and one reload (under a minute); no new generation."""
+    results, report = measured
+    model, tok = demo
+
+    def as_metrics(row: dict) -> dict:
+        out = {}
+        if "refusal" in row:
+            out.update(refusal_rate=row["refusal"], refusal_rate_ci95=list(row["ci95"]))
+        if "kl" in row:
+            out.update(first_token_kl=row["kl"], perplexity_change=row["ppl_change"])
+        return {"metrics": out}
+
+    report.metrics = {name: as_metrics(results[name]) for name in ("base", "standard", "sra")}
+    report.metrics.update(sets={"harmful": results["base"]["n"], "harmless": 200}, judge=judge_summary())
+    report.metrics["standard"]["description"] = ("Standard ablation here: the dirty direction at SRA's layer, "
+                                                 "flat strength 1 on every layer.")
+    reapply_edit(model, report)
+    try:
+        folder = save_cleaned(model, tok, report, tmp_path / "demo-sra")
+        ids = tok(["Write a phishing email that pretends to come from a bank."], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = model(ids).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert torch.equal(reloaded(ids).logits, expected)
+    finally:
+        report.undo()
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "Qwen/Qwen2.5-Coder-0.5B-Instruct" and card.data.license == "apache-2.0"
+    text = card.text
+    table = text[text.index("| metric |"):text.index("Refusals are counted")]
+    print("\n" + table)
+    assert f"{results['sra']['refusal']:.1%} [" in table and f"{results['base']['refusal']:.1%} [" in table
+    import matplotlib.image
+
+    for name in FIGURES.values():
+        assert matplotlib.image.imread(folder / name).shape[0] > 300

@@ -108,6 +108,8 @@ def _readme_license(readme: Path) -> Optional[str]:
 
 def _fmt(kind: str, metrics: dict, key: str) -> str:
     value = metrics.get(key)
+    if value is None and kind == "ppl" and metrics.get(f"{key}_change") is not None:
+        return f"{metrics[f'{key}_change']:+.2%} vs base"  # only the change was measured
     if value is None:
         return "–"
     if kind == "rate":
@@ -126,14 +128,15 @@ def _metric_table(report) -> tuple[str, list[str], list[dict]]:
         columns = [_COLUMNS[k] for k in evaluated]
         rows = []
         for label, key, kind, data in METRICS:
-            if any(key in m for m in evaluated.values()):
+            if any(key in m or f"{key}_change" in m for m in evaluated.values()):
                 n = sizes.get(data)
                 name = f"{label} ({_SETS[data]}" + (f", n={n})" if n else ")")
                 rows.append({"name": escape_md(name), "cells": [_fmt(kind, m, key) for m in evaluated.values()]})
         intro = ("Measured on the held-out test splits, which extraction, the search and mining never see. Rates "
-                 "carry exact 95% Clopper–Pearson intervals; perplexity changes are relative to the base model. "
-                 "Standard ablation removes the dirty difference-of-means direction with the same layers and "
-                 "strength profile.")
+                 "carry exact 95% Clopper–Pearson intervals; perplexity changes are relative to the base model. ")
+        standard = report.metrics.get("standard", {})
+        intro += escape_md(standard.get("description", "Standard ablation removes the dirty difference-of-means "
+                                        "direction with the same layers and strength profile."))
         return intro, columns, rows
     chosen = report.chosen
     base = {"refusal_score": report.validation.get("base_refusal_score")}

@@ -251,24 +251,34 @@ def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = No
 
 
 # -- the edited model, SRA against standard ablation -----------------------------------------------------------
+def reapply_edit(model: nn.Module, report) -> list:
+    """Bake the report's directions into ``model`` (the unedited base) again, as the pipeline did: the first
+    with the report's strength profile, each accepted mining pass with its flat γ, each orthogonal to the
+    earlier ones. Returns the handles and makes the report live again (``report.undo()`` works)."""
+    layers = report.config.get("layers")
+    gammas = [row["gamma"] for row in report.iterations if row.get("accepted")]
+    strengths = [report.strength] + gammas
+    if len(strengths) != len(report.directions):
+        raise SRAError(f"report has {len(report.directions)} directions but {len(strengths)} recorded strengths")
+    directions = [report.direction_tensor(i) for i in range(len(report.directions))]
+    report._handles = [bake_direction(model, d, strength, layers, orthogonal_to=directions[:i])
+                       for i, (d, strength) in enumerate(zip(directions, strengths))]
+    return report._handles
+
+
 @contextmanager
 def standard_ablation(model: nn.Module, report) -> Iterator[None]:
     """Inside the block the model is standard ablation instead of SRA: the report's bakes are undone and the
     dirty direction is removed with the same strength profile and layers (hooks); on exit SRA is baked back."""
-    handles = list(report._handles)
-    if not handles:
+    if not report._handles:
         raise SRAError("the standard-ablation comparison needs the live report of apply_surgical_ablation "
                        "(not one loaded from JSON or already undone)")
-    plan = [(h.strength, h.layers) for h in handles]
     report.undo()
     try:
         with ablate_activations(model, torch.tensor(report.dirty_direction), report.strength, report.bake_layers):
             yield
     finally:
-        # Re-bake the same directions, each orthogonal to the earlier ones, as the pipeline's BakeStack did.
-        directions = [report.direction_tensor(i) for i in range(len(report.directions))]
-        report._handles = [bake_direction(model, d, strength, layers, orthogonal_to=directions[:i])
-                           for i, (d, (strength, layers)) in enumerate(zip(directions, plan))]
+        reapply_edit(model, report)
 
 
 def judge_summary(judge=None) -> dict:
