@@ -28,7 +28,7 @@ TAGS = ["transformers-sra", "refusal-ablation", "surgical-refusal-ablation", "ab
 
 # (label, metric key, kind, evaluation set): the card table and the model-index, in this order
 METRICS = [
-    ("Refusal rate, judged 128-token replies", "refusal_rate", "rate", "harmful"),
+    ("Refusal rate, judged greedy replies", "refusal_rate", "rate", "harmful"),
     ("Refusal score (first-token mass on refusal openers)", "refusal_score", "score", "harmful"),
     ("Over-refusal rate (safe prompts that sound unsafe)", "over_refusal_rate", "rate", "over_refusal"),
     ("First-token KL(base ‖ model), harmless prompts", "first_token_kl", "score", "harmless"),
@@ -131,6 +131,8 @@ def _metric_table(report) -> tuple[str, list[str], list[dict]]:
             if any(key in m or f"{key}_change" in m for m in evaluated.values()):
                 n = sizes.get(data)
                 name = f"{label} ({_SETS[data]}" + (f", n={n})" if n else ")")
+                if key == "refusal_rate" and report.metrics.get("max_new_tokens"):
+                    name = name.replace("greedy replies", f"greedy {report.metrics['max_new_tokens']}-token replies")
                 rows.append({"name": escape_md(name), "cells": [_fmt(kind, m, key) for m in evaluated.values()]})
         intro = ("Measured on the held-out test splits, which extraction, the search and mining never see. Rates "
                  "carry exact 95% Clopper–Pearson intervals; perplexity changes are relative to the base model. ")
