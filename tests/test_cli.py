@@ -364,3 +364,39 @@ def test_ablate_evaluates_base_standard_and_sra_for_the_summary_and_card(tiny, c
     assert f"{metrics['sra']['metrics']['first_token_kl']:.4f}" in lines["SRA"]
     assert "evaluate base done in" in captured.err and "evaluate edit done in" in captured.err
     assert (out / "README.md").is_file() and (out / "refusal_vs_kl.png").is_file()
+
+
+def test_push_to_hub_uploads_the_finished_folder_and_an_offline_push_fails_in_one_line(tiny, config_dir, tmp_path,
+                                                                                       capsys, monkeypatch):
+    import huggingface_hub
+
+    uploads = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def upload_folder(self, **kwargs):
+            uploads.append(kwargs)
+            return f"https://hub.example/{kwargs['repo_id']}/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub.ModelCard, "validate", lambda self, *a, **k: None)
+    out = tmp_path / "out"
+    assert _ablate(tiny, config_dir, out, "--push-to-hub", "me/tiny-sra", "--json", "--quiet") == 0
+    assert json.loads(capsys.readouterr().out)["pushed"] == "https://hub.example/me/tiny-sra/commit/1"
+    assert [(u["repo_id"], u["folder_path"]) for u in uploads] == [("me/tiny-sra", str(out))]
+
+    class OfflineApi(FakeApi):
+        def create_repo(self, repo_id, **kwargs):
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    out2 = tmp_path / "out2"
+    assert _ablate(tiny, config_dir, out2, "--push-to-hub", "me/tiny-sra", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: could not push") and "local folder is unchanged" in err
+    assert (out2 / "model.safetensors").is_file() and (out2 / "README.md").is_file()  # saved before the push
