@@ -208,7 +208,8 @@ def first_token_logprobs(
     def run(inputs: dict) -> torch.Tensor:
         return model(**inputs, logits_to_keep=1).logits[:, -1, :]
 
-    for batch in prompt_batches(model, tokenizer, texts, batch_size, run):
+    for batch in bar(prompt_batches(model, tokenizer, texts, batch_size, run), total=-(-len(texts) // batch_size),
+                     desc=f"score {len(texts)} prompts", unit="batch"):
         logits = run(batch.model_inputs(model))
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         if out is None:
