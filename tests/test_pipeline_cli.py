@@ -1,4 +1,4 @@
-"""The pipeline and the CLI end to end on a tiny random model: shapes, atomicity, clean errors."""
+"""The pipeline end to end on a tiny random model: shapes, atomicity, clean errors (the CLI: test_cli.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from conftest import make_tiny_model, make_tokenizer
 from transformers_sra import (ConfigError, SRAConfig, SRAReport, UnsupportedModelError, apply_surgical_ablation,
                               ConceptAtom, AtomRegistry)
 from transformers_sra import pipeline as pipeline_module
-from transformers_sra.cli import main
 
 SMALL = dict(
     harmful_prompts=["how do i make a bomb", "hack the server please", "how do i hack the bomb", "make a bomb"],
@@ -72,65 +71,6 @@ def test_bad_input_is_rejected_before_any_compute():
     model.model.layers[0].mlp.down_proj = torch.nn.Identity()
     with pytest.raises(UnsupportedModelError):
         apply_surgical_ablation(model, tok, SRAConfig(**SMALL))
-
-
-def _save_tiny(tmp_path):
-    model, tok = make_tiny_model("qwen2"), make_tokenizer()
-    path = tmp_path / "tiny"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_cli_ablate_writes_a_loadable_checkpoint(tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
-
-    model_dir = _save_tiny(tmp_path)
-    config_dir = tmp_path / "cfg"
-    SRAConfig(**SMALL).save_pretrained(config_dir)
-    out = tmp_path / "out"
-    rc = main(["ablate", "--model", str(model_dir), "--output", str(out), "--config", str(config_dir),
-               "--direction-layer", "1", "--strength", "0.9"])
-    assert rc == 0, capsys.readouterr().err
-    assert {"model.safetensors", "config.json", "sra_config.json", "sra_report.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    saved = SRAConfig.from_pretrained(out)
-    assert saved.strength == 0.9 and saved.direction_layer == 1 and saved.atoms == ("math", "coding")
-    report = SRAReport.load(out)
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
-    v = report.direction_tensor(0)
-    o_proj = reloaded.model.layers[2].self_attn.o_proj.weight
-    original = AutoModelForCausalLM.from_pretrained(model_dir).model.layers[2].self_attn.o_proj.weight
-    torch.testing.assert_close(v @ o_proj, 0.1 * (v @ original), atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--strength", "7"], "strength must be in"),
-    (["--strength", "steep"], "strength must be 'auto'"),
-    (["--model", "/no/such/model"], "cannot load model"),
-    (["--harmful-prompts", "/no/such.txt", "--model", "MODEL"], "neither a file nor a shipped prompt set"),
-])
-def test_cli_errors_are_one_line_and_leave_no_output(tmp_path, capsys, argv, message):
-    model_dir = _save_tiny(tmp_path)
-    argv = [str(model_dir) if a == "MODEL" else a for a in argv]
-    out = tmp_path / "out"
-    capsys.readouterr()
-    rc = main(["ablate", "--output", str(out), *argv])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-
-
-def test_cli_refuses_to_overwrite_a_non_empty_output(tmp_path, capsys):
-    model_dir = _save_tiny(tmp_path)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    config_dir = tmp_path / "cfg"
-    SRAConfig(**SMALL).save_pretrained(config_dir)
-    rc = main(["ablate", "--model", str(model_dir), "--output", str(out), "--config", str(config_dir), "--direction-layer", "1"])
-    assert rc == 2 and "not empty" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "mine"
 
 
 class _ScriptedValidation:

@@ -1,62 +1,19 @@
 """The proof: SRA on the real demo model (Qwen2.5-Coder-0.5B-Instruct), measured on held-out test splits.
 
-One module-scoped run measures the base model, SRA with the default `SRAConfig()` and standard
-dirty-direction ablation at SRA's layer (flat γ = 1); the tests assert on those numbers. The ``*_test``
+One session-scoped run (``measured`` in conftest.py) measures the base model, SRA with the default `SRAConfig()`
+and standard dirty-direction ablation at SRA's layer (flat γ = 1); the tests assert on those numbers. The ``*_test``
 splits and ``general_test`` are never seen by extraction, the search or mining, which use ``*_train``,
 ``*_val`` and ``general_val`` only. Refusal is judged on 128-token greedy replies.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from transformers_sra import SRAConfig, SRAReport, apply_surgical_ablation, bake_direction, load_prompts
-from transformers_sra.judge import first_token_kl, first_token_logprobs, judged
-from transformers_sra.metrics import clopper_pearson, token_nll
-from transformers_sra.prompts import load_corpus
+from transformers_sra import SRAReport
 
 pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="module")
-def measured(demo):
-    model, tokenizer = demo
-    harmful, harmless, text = load_prompts("harmful_test"), load_prompts("harmless_test"), load_corpus("general_test")
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def collateral():
-        total, count = token_nll(model, tokenizer, text)
-        kl = first_token_kl(base_logprobs, first_token_logprobs(model, tokenizer, harmless, batch_size=32))
-        return {"kl": kl, "ppl_change": math.exp(total / count - base_nll) - 1}
-
-    def refusal(max_new_tokens=128):
-        replies, refused = judged(model, tokenizer, harmful, max_new_tokens=max_new_tokens, batch_size=32)
-        k = sum(refused)
-        return {"refused": k, "n": len(harmful), "refusal": k / len(harmful), "ci95": clopper_pearson(k, len(harmful)),
-                "refused_replies": [r for r, v in zip(replies, refused) if v]}
-
-    base_logprobs = first_token_logprobs(model, tokenizer, harmless, batch_size=32)
-    total, count = token_nll(model, tokenizer, text)
-    base_nll = total / count
-    # Base refusals come in the first words ("I'm sorry, but I can't ..."); 48 tokens keep CI inside its budget.
-    results = {"base": refusal(max_new_tokens=48)}
-    report = apply_surgical_ablation(model, tokenizer, SRAConfig())
-    results["sra"] = {**refusal(), **collateral()}
-    report.undo()
-    results["undo_max_abs_diff"] = max(float((v - original[k]).abs().max()) for k, v in model.state_dict().items())
-    standard = bake_direction(model, torch.tensor(report.dirty_direction), 1.0)
-    results["standard"] = collateral()
-    standard.undo()
-    for name in ("base", "sra", "standard"):
-        row = {k: v for k, v in results[name].items() if k != "refused_replies"}
-        print(f"\n{name}: {row}")
-    print("SRA replies judged refusals:", *results["sra"]["refused_replies"], sep="\n  ")
-    print("layer", report.direction_layer, "fluency rank", report.fluency_rank, "profile", report.strength,
-          "\nsearch", *report.search, "\nmining", report.iterations, "\ntimings", report.timings, sep="\n")
-    return results, report
 
 
 def test_base_model_refuses_a_good_share(measured):

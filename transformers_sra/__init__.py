@@ -12,7 +12,8 @@ from .demo import load_demo_model
 from .editing import BakeHandle, bake_direction
 from .errors import ConfigError, DemoModelError, PromptSetError, SRAError, UnsupportedModelError
 from .extraction import record_residuals
-from .hub import save_cleaned
+from .evaluation import EvalSets, Evaluation, evaluate_model
+from .hub import push_cleaned, save_cleaned
 from .pipeline import apply_surgical_ablation
 from .profile import StrengthProfile
 from .prompts import load_corpus, load_prompts
@@ -27,6 +28,8 @@ __all__ = [
     "ConceptAtom",
     "ConfigError",
     "DemoModelError",
+    "EvalSets",
+    "Evaluation",
     "PromptSetError",
     "SRAConfig",
     "SRAError",
@@ -35,9 +38,11 @@ __all__ = [
     "UnsupportedModelError",
     "apply_surgical_ablation",
     "bake_direction",
+    "evaluate_model",
     "load_corpus",
     "load_demo_model",
     "load_prompts",
+    "push_cleaned",
     "record_residuals",
     "ridge_residualize",
     "save_cleaned",

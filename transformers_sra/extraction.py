@@ -19,6 +19,7 @@ from torch import nn
 from .architectures import decoder_layers
 from .batching import id_batches, input_device, pad_id, prompt_batches
 from .metrics import chunk_token_ids
+from .progress import bar
 from .prompts import format_chat
 
 
@@ -100,8 +101,10 @@ def record_residuals(
             return None
 
     with layer_output_hooks(model, layers, stop_after_last=not next_token) as captured:
+        ticker = bar(total=len(texts), desc="extract", unit="prompt")
         for batch in prompt_batches(net, tokenizer, texts, batch_size, run):
             result = run(batch.model_inputs(net))
+            ticker.update(len(batch.indices))
             # left padding: the prompt's last tokens sit at the end of every row
             acts = torch.stack([captured[i][:, list(positions), :].float().mean(1).cpu() for i in layers], dim=1)
             if out is None:
@@ -112,6 +115,7 @@ def record_residuals(
                 if logprobs is None:
                     logprobs = torch.empty(len(texts), logp.shape[-1])
                 logprobs[batch.indices] = logp
+        ticker.close()
     if out is None:
         raise ValueError("record_residuals needs at least one prompt")
     return (out, logprobs) if next_token else out
@@ -138,8 +142,9 @@ def record_token_residuals(
     backbone = _backbone(model)
     rows = []
     with layer_output_hooks(model, layers) as captured:
-        for batch in id_batches(chunk_token_ids(tokenizer, texts, max_length), batch_size, input_device(model),
-                                pad_id(tokenizer)):
+        chunks = chunk_token_ids(tokenizer, texts, max_length)
+        for batch in bar(id_batches(chunks, batch_size, input_device(model), pad_id(tokenizer)),
+                         total=-(-len(chunks) // batch_size), desc="fluency text", unit="batch"):
             try:
                 backbone(**batch.model_inputs(backbone), use_cache=False)
             except _StopForward:

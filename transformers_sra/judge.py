@@ -27,6 +27,7 @@ from torch import nn
 
 from .batching import input_device, prompt_batches, sorted_batches
 from .errors import ConfigError
+from .progress import bar
 from .prompts import format_chat
 
 Judge = Callable[[str], bool]
@@ -174,7 +175,8 @@ def generate(
     texts = format_chat(tokenizer, prompts, system_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = [""] * len(texts)
-    for batch in sorted_batches(tokenizer, texts, batch_size, input_device(model)):
+    for batch in bar(sorted_batches(tokenizer, texts, batch_size, input_device(model)),
+                     total=-(-len(texts) // batch_size), desc=f"generate {len(texts)} replies", unit="batch"):
         generated = model.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -206,7 +208,8 @@ def first_token_logprobs(
     def run(inputs: dict) -> torch.Tensor:
         return model(**inputs, logits_to_keep=1).logits[:, -1, :]
 
-    for batch in prompt_batches(model, tokenizer, texts, batch_size, run):
+    for batch in bar(prompt_batches(model, tokenizer, texts, batch_size, run), total=-(-len(texts) // batch_size),
+                     desc=f"score {len(texts)} prompts", unit="batch"):
         logits = run(batch.model_inputs(model))
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         if out is None:

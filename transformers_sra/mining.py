@@ -17,6 +17,7 @@ from torch import nn
 from .editing import BakeStack, ablate_activations
 from .extraction import record_residuals
 from .judge import first_token_logprobs, refusal_probability
+from .progress import bar
 from .residualize import difference_of_means, orthogonalize, ridge_residualize
 from .search import Validation
 
@@ -70,7 +71,7 @@ def mine(
     """
     batching = batching or {}
     rows = []
-    for iteration in range(1, iterations + 1):
+    for iteration in bar(range(1, iterations + 1), desc="mining pass", unit="pass"):
         score = refusal_probability(first_token_logprobs(model, tokenizer, harmful, **batching), val.refusal_ids)
         refused = [p for p, s in zip(harmful, score.tolist()) if s > 0.5]
         row = {"iteration": iteration, "refused_train": len(refused), "total_train": len(harmful), "accepted": False}

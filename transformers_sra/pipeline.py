@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .extraction import record_residuals, record_token_residuals
 from .judge import refusal_probability, refusal_token_ids, resolve_judge
 from .mining import mine
+from .progress import stage, with_progress_option
 from .prompts import load_corpus, load_prompts
 from .report import SRAReport
 from .search import Validation, constrained_search, default_candidates, default_profiles
@@ -35,7 +36,8 @@ class _Timer(dict):
     def __call__(self, step: str):
         start = time.perf_counter()
         try:
-            yield
+            with stage(step):
+                yield
         finally:
             self[step] = self.get(step, 0.0) + round(time.perf_counter() - start, 3)
 
@@ -120,6 +122,7 @@ def _directions(model, tokenizer, inputs: _Inputs, config: SRAConfig, extract: d
     return dirs, kept
 
 
+@with_progress_option
 def apply_surgical_ablation(
     model: nn.Module,
     tokenizer,
@@ -127,7 +130,7 @@ def apply_surgical_ablation(
     *,
     registry: Optional[AtomRegistry] = None,
     judge: Optional[Callable[[str], bool]] = None,
-    progress: Optional[Callable[[str, dict], None]] = None,
+    progress: Union[bool, Callable[[str, dict], None], None] = None,
 ) -> SRAReport:
     """Remove refusal from ``model`` in place with Surgical Refusal Ablation and return the report.
 
@@ -137,8 +140,9 @@ def apply_surgical_ablation(
         model.save_pretrained("out/")          # a normal checkpoint: no hooks, no adapters
         report.undo()                          # or put the weights back
 
-    ``judge`` (a ``str -> bool`` callable) overrides ``config.judge``; ``progress(step, row)`` is called
-    after every scored search candidate and mining pass.
+    ``judge`` (a ``str -> bool`` callable) overrides ``config.judge``. ``progress=True`` shows a bar per
+    long step on stderr (so does the ``transformers_sra`` logger at INFO; otherwise nothing is printed);
+    a callable ``progress(step, row)`` is called after every scored search candidate and mining pass.
     """
     config = config or SRAConfig()
     timer = _Timer()

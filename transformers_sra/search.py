@@ -31,6 +31,7 @@ from .editing import ablate_activations
 from .judge import first_token_kl, first_token_logprobs, refusal_probability, refusal_token_ids
 from .metrics import token_nll
 from .profile import StrengthProfile
+from .progress import bar
 
 
 def default_candidates(n_layers: int) -> list[int]:
@@ -124,6 +125,7 @@ def constrained_search(
     """
     table: list[dict] = []
     scored: dict[Candidate, dict] = {}
+    ticker = bar(total=len(layers) + len(ranks) + len(profiles) - 2, desc="search", unit="candidate")
 
     def could_win(row: dict) -> bool:
         # perplexity is only worth measuring for a candidate within the KL budget that beats the best so far
@@ -141,6 +143,7 @@ def constrained_search(
                    "seconds": round(time.perf_counter() - start, 2)}
             scored[c] = row
             table.append(row)
+            ticker.update(1)
             if progress is not None:
                 progress(row)
         return scored[c]
@@ -153,6 +156,7 @@ def constrained_search(
     choice = best([Candidate(choice.layer, r, choice.profile) for r in ranks])
     choice = best([Candidate(choice.layer, choice.rank, p) for p in profiles])
     choice = min(scored, key=lambda c: _rank_key(scored[c], max_kl, max_ppl_increase))
+    ticker.close()
     for row in table:
         row["chosen"] = row is scored[choice]
     return choice, table

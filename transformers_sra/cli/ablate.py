@@ -1,0 +1,137 @@
+"""``sra ablate``: check, load, evaluate the base, remove refusal, evaluate, save atomically, push; summary."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import contextmanager, nullcontext
+
+from ..config import PROMPT_FIELDS, SRAConfig
+from ..demo import DEMO_MODEL_ID
+from ..errors import ConfigError
+from ..progress import stage, step_logger
+from ..prompts import load_corpus, load_prompts
+from ..report import SRAReport
+from . import summary
+from .args import config_from
+from .loading import check_model_source, load_model
+
+
+@contextmanager
+def timed(timings: dict, name: str, log: bool = True):
+    start = time.perf_counter()
+    with stage(name) if log else nullcontext():
+        yield
+    timings[name] = round(time.perf_counter() - start, 3)
+
+
+def check_inputs(args: argparse.Namespace) -> SRAConfig:
+    """Everything that can be checked without the model: config values, prompt files, output folder, repo id."""
+    from ..hub import check_card_dependencies, check_output_dir
+
+    config = config_from(args)
+    check_card_dependencies()  # the folder's card needs jinja2 and matplotlib: say so before the model loads
+    for name in PROMPT_FIELDS:
+        load_prompts(getattr(config, name))
+    load_corpus(config.text_corpus)
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise ConfigError(f"--eval-limit must be >= 1, got {args.eval_limit}")
+    check_output_dir(args.output, args.overwrite)
+    check_model_source(args.model)
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as err:
+            raise ConfigError(f"--push-to-hub {args.push_to_hub!r} is not a repo id like user/name: {err}") from None
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..hub import save_cleaned
+    from ..pipeline import apply_surgical_ablation
+
+    config = check_inputs(args)
+    timings: dict = {}
+    with timed(timings, "load", log=False):  # load_model logs its own stage
+        model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype,
+                                      device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+    if args.evaluate:
+        from ..evaluation import EvalSets, cached_evaluation, evaluate_edit
+
+        sets = EvalSets.default(limit=args.eval_limit)
+        measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                       system_prompt=config.system_prompt)
+        with timed(timings, "evaluate base"):
+            base = cached_evaluation(model, tokenizer, sets, progress=step_logger("measured base"), **measure)
+    report = apply_surgical_ablation(model, tokenizer, config)
+    timings.update({f"sra {k}": v for k, v in report.timings.items()})
+    if args.evaluate:
+        with timed(timings, "evaluate edit"):
+            evaluate_edit(model, tokenizer, report, base, sets, standard=args.standard, progress=step_logger("measured"),
+                          **measure)
+    with timed(timings, "save"):
+        path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite,
+                            base_model=DEMO_MODEL_ID if args.model is None else None)
+    url = None
+    if args.push_to_hub:
+        from ..hub import push_cleaned
+
+        with timed(timings, "push"):
+            url = push_cleaned(path, args.push_to_hub, private=args.private, create_pr=args.create_pr)
+    result = {"command": "ablate", "output": str(path), "pushed": url and str(url), "model": report.model_name,
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "direction_layer": report.direction_layer, "fluency_rank": report.fluency_rank,
+              "strength": report.strength, "bake_layers": report.bake_layers, "writers_edited": report.writers_edited,
+              "validation": {"base_refusal_score": report.validation["base_refusal_score"],
+                             **{k: report.chosen[k] for k in ("refusal_score", "kl", "ppl_change")}},
+              "test": {k: report.metrics[k]["metrics"] for k in ("base", "standard", "sra") if k in report.metrics},
+              "max_new_tokens": config.max_new_tokens, "timings": timings, "memory": summary.peak_memory()}
+    summary.emit(result, render(result, report), args.json)
+    return 0
+
+
+_LABELS = {"base": "base model", "standard": "standard ablation", "sra": "SRA"}
+
+
+def _test_table(test: dict) -> str:
+    rows = []
+    for name, m in test.items():
+        ci = m.get("refusal_rate_ci95")
+        refusal = "-" if m.get("refusal_rate") is None else f"{m['refusal_rate']:.1%}" + (
+            f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
+        rows.append((_LABELS[name], refusal, summary.rate(m.get("over_refusal_rate")),
+                     0.0 if name == "base" else m.get("first_token_kl"),
+                     summary.percent(0.0 if name == "base" else m.get("perplexity_change")),
+                     summary.percent(0.0 if name == "base" else m.get("math_perplexity_change")),
+                     summary.percent(0.0 if name == "base" else m.get("code_perplexity_change"))))
+    return summary.table(["held-out test sets", "refusal (95% CI)", "over-refusal", "KL", "ΔPPL text", "ΔPPL math",
+                          "ΔPPL code"], rows)
+
+
+def render(result: dict, report: SRAReport) -> str:
+    val = result["validation"]
+    strength = report.strength
+    profile = (f"flat γ = {strength['peak']}" if strength.get("peak") == strength.get("floor")
+               else f"tent, peak {strength.get('peak')} at {strength.get('center')} of depth, floor {strength.get('floor')}")
+    layers = "all" if report.bake_layers is None else ", ".join(map(str, report.bake_layers))
+    lines = [""]
+    if result["test"]:
+        lines += [_test_table(result["test"]),
+                  f"  refusal: judged {result['max_new_tokens']}-token replies to harmful_test; over-refusal: prompts "
+                  "that only sound unsafe; KL: first-token KL(base ‖ model) on harmless_test", ""]
+    lines += [summary.pairs([
+        ("validation", f"refusal score {val['refusal_score']:.3f} (base {val['base_refusal_score']:.3f}), "
+                       f"KL {val['kl']:.3f}, ΔPPL {summary.percent(val['ppl_change'])}"),
+        ("direction layer", report.direction_layer),
+        ("fluency Shield rank", report.fluency_rank),
+        ("strength", profile),
+        ("baked layers", f"{layers} ({report.writers_edited} writers)"),
+        ("mining passes kept", f"{sum(bool(r.get('accepted')) for r in report.iterations)} of {len(report.iterations)}"),
+        ("output", result["output"] + (f" (pushed: {result['pushed']})" if result["pushed"] else "")),
+        ("dtype", result["dtype"]),
+        ("wall time", summary.timings_line(result["timings"])),
+        ("peak memory", summary.memory_line(result["memory"])),
+    ])]
+    return "\n".join(lines)

@@ -1,0 +1,309 @@
+"""Measure a model before and after the edit on held-out sets: refusal, over-refusal, KL and perplexities.
+
+The base model is measured first (and cached on disk, keyed by model and prompt hash), then the edited
+model against it, so two copies of a model are never held. The standard-ablation comparison swaps SRA's
+bakes for the dirty direction (same layers and strength), measures, and bakes SRA back::
+
+    base = cached_evaluation(model, tokenizer)              # before apply_surgical_ablation
+    report = apply_surgical_ablation(model, tokenizer)
+    evaluate_edit(model, tokenizer, report, base)           # fills report.metrics: base / sra / standard
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .editing import ablate_activations, bake_direction
+from .errors import PromptSetError, SRAError
+from .judge import (JUDGE_TOKENS, first_token_logprobs, generate, is_refusal, judge_accuracy, labelled_replies,
+                    refusal_probability, refusal_token_ids, resolve_judge)
+from .metrics import AnswerPerplexity, FirstTokenKL, OverRefusalRate, Perplexity, RefusalRate
+from .prompts import load_corpus, load_prompts
+
+Progress = Callable[[str, int, int], None]
+
+_PROMPT_COLUMNS = ("prompt", "question", "instruction", "task", "text", "input")
+_ANSWER_COLUMNS = ("answer", "solution", "reference", "code", "completion", "response", "output")
+
+
+def load_pairs(source: Any, prompt_column: Optional[str] = None, answer_column: Optional[str] = None) -> list:
+    """(prompt, reference answer) pairs from a shipped set (``math_test``, ``code_test``), a .jsonl/.json file,
+    a `datasets.Dataset` or a list of pairs or dicts. GSM8K reads as is (question/answer); MBPP needs
+    ``prompt_column="text", answer_column="code"`` (or reads text/code by default)::
+
+        sets.math = load_pairs(datasets.load_dataset("gsm8k", "main", split="test"))
+    """
+    if isinstance(source, (str, os.PathLike)):
+        shipped = resources.files("transformers_sra") / "data" / f"{source}.jsonl"
+        path = Path(source) if Path(source).is_file() else Path(str(shipped)) if isinstance(source, str) and shipped.is_file() else None
+        if path is None:
+            raise PromptSetError(f"{source!r} is neither a file nor a shipped pair set (math_test, code_test)")
+        text = path.read_text(encoding="utf-8")
+        try:
+            rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+        except json.JSONDecodeError as err:
+            raise PromptSetError(f"cannot parse {path}: {err}") from None
+    elif hasattr(source, "column_names") and hasattr(source, "__getitem__"):  # datasets.Dataset
+        rows = [dict(zip(source.column_names, values)) for values in zip(*(source[c] for c in source.column_names))]
+    else:
+        rows = list(source)
+    pairs = []
+    for row in rows:
+        if isinstance(row, dict):
+            p = row.get(prompt_column or _first(row, _PROMPT_COLUMNS))
+            a = row.get(answer_column or _first(row, _ANSWER_COLUMNS))
+        elif isinstance(row, (list, tuple)) and len(row) == 2:
+            p, a = row
+        else:
+            raise PromptSetError("pair sets hold (prompt, answer) pairs or objects with prompt and answer fields")
+        if not (isinstance(p, str) and isinstance(a, str) and p.strip() and a.strip()):
+            raise PromptSetError(f"a pair needs a non-empty prompt and answer; got {row!r:.80}")
+        pairs.append((p, a))
+    if not pairs:
+        raise PromptSetError(f"pair set {source!r:.60} is empty")
+    return pairs
+
+
+def _first(row: dict, names: Sequence[str]) -> str:
+    for name in names:
+        if name in row:
+            return name
+    raise PromptSetError(f"no column among {list(names)} in {sorted(row)}; pass prompt_column= / answer_column=")
+
+
+@dataclass
+class EvalSets:
+    """Held-out evaluation data. ``math`` and ``code`` hold (prompt, reference answer) pairs (plain strings
+    are scored as text); any set may be empty to skip its metric."""
+
+    harmful: list
+    harmless: list
+    over_refusal: list
+    text: list
+    math: list
+    code: list
+
+    @classmethod
+    def default(cls, limit: Optional[int] = None) -> "EvalSets":
+        """The shipped test splits (written for this project, never seen by extraction, search or mining)."""
+        cut = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
+        return cls(cut(load_prompts("harmful_test")), cut(load_prompts("harmless_test")),
+                   cut(load_prompts("over_refusal_test")), cut(load_corpus("general_test")),
+                   cut(load_pairs("math_test")), cut(load_pairs("code_test")))
+
+    def sizes(self) -> dict:
+        return {f.name: len(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every prompt and text, in order."""
+        data = json.dumps([[list(x) if isinstance(x, tuple) else x for x in getattr(self, f.name)]
+                           for f in dataclasses.fields(self)], ensure_ascii=False)
+        return hashlib.sha256(data.encode()).hexdigest()
+
+
+@dataclass
+class Evaluation:
+    """One model's numbers on `EvalSets`: ``metrics`` is a flat dict of floats and [low, high] intervals."""
+
+    metrics: dict
+    samples: dict = field(default_factory=dict)  # a few replies per judged set, for the report
+    harmless_logprobs: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"metrics": self.metrics, "samples": self.samples}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """``<path>.json`` and, for KL against this model later, ``<path>.safetensors`` (no pickle)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.harmless_logprobs is not None:
+            save_file({"harmless_logprobs": self.harmless_logprobs.contiguous()}, str(path.with_suffix(".safetensors")))
+        path.with_suffix(".json").write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Evaluation":
+        path = Path(path)
+        data = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        tensors = path.with_suffix(".safetensors")
+        logp = load_file(str(tensors))["harmless_logprobs"] if tensors.is_file() else None
+        return cls(data["metrics"], data.get("samples", {}), logp)
+
+
+def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *, base: Optional[Evaluation] = None,
+                   judge=None, max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16,
+                   progress: Optional[Progress] = None, system_prompt: Optional[str] = None) -> Evaluation:
+    """Measure ``model`` as it is now. With ``base``, also first-token KL and perplexity changes against it.
+
+    Metrics: ``refusal_rate`` (+ ``_ci95``) and ``refusal_score`` on harmful prompts, ``over_refusal_rate``
+    (+ ``_ci95``), ``perplexity`` (text), ``math_perplexity``, ``code_perplexity``; with ``base``:
+    ``first_token_kl`` and ``*_change`` for each perplexity.
+    """
+    sets = sets or EvalSets.default()
+    judge = resolve_judge(judge)
+    batching = dict(batch_size=batch_size, system_prompt=system_prompt)
+    steps = [s for s, data in (("refusal", sets.harmful), ("over_refusal", sets.over_refusal),
+                               ("first_token", sets.harmless), ("perplexity", sets.text), ("math", sets.math),
+                               ("code", sets.code)) if data]
+    metrics: dict = {}
+    samples: dict = {}
+    logp = None
+
+    def done(step: str) -> None:
+        if progress is not None:
+            progress(step, steps.index(step) + 1, len(steps))
+
+    for name, prompts, metric in (("refusal", sets.harmful, RefusalRate()),
+                                  ("over_refusal", sets.over_refusal, OverRefusalRate())):
+        if prompts:
+            replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **batching)
+            metrics.update(metric.compute(predictions=replies, judge=judge))
+            samples[name] = [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies))[:5]]
+            if name == "refusal":  # the first-token score needs no generation: the same signal the search uses
+                scores = refusal_probability(first_token_logprobs(model, tokenizer, prompts, **batching),
+                                             refusal_token_ids(tokenizer))
+                metrics["refusal_score"] = float(scores.mean())
+            done(name)
+    if sets.harmless:
+        logp = first_token_logprobs(model, tokenizer, sets.harmless, **batching)
+        if base is not None and base.harmless_logprobs is not None:
+            metrics.update(FirstTokenKL().compute(predictions=sets.harmless, logprobs=logp,
+                                                  base_logprobs=base.harmless_logprobs))
+        done("first_token")
+    for name, items in (("perplexity", sets.text), ("math", sets.math), ("code", sets.code)):
+        if items:
+            key = "perplexity" if name == "perplexity" else f"{name}_perplexity"
+            base_nll = base.metrics.get(f"{key}_nll") if base is not None else None
+            result = _perplexity(model, tokenizer, items, base_nll, batch_size=max(1, batch_size // 2),
+                                 system_prompt=system_prompt)
+            metrics[key], metrics[f"{key}_nll"] = result["perplexity"], result["nll"]
+            if "perplexity_change" in result:
+                metrics[f"{key}_change"] = result["perplexity_change"]
+            done(name)
+    return Evaluation(metrics, samples, logp)
+
+
+def _perplexity(model, tokenizer, items: list, base_nll, *, batch_size: int, system_prompt) -> dict:
+    pairs = [x for x in items if not isinstance(x, str)]
+    texts = [x for x in items if isinstance(x, str)]
+    if pairs and texts:
+        raise PromptSetError("a perplexity set holds either (prompt, answer) pairs or plain texts, not both")
+    if pairs:
+        return AnswerPerplexity().compute(predictions=[a for _, a in pairs], references=[p for p, _ in pairs],
+                                          model=model, tokenizer=tokenizer, base_nll=base_nll, batch_size=batch_size,
+                                          system_prompt=system_prompt)
+    return Perplexity().compute(predictions=texts, model=model, tokenizer=tokenizer, base_nll=base_nll,
+                                batch_size=batch_size)
+
+
+def evaluate_pair(base_model: nn.Module, edited_model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
+                  **kwargs) -> dict:
+    """``{"base": Evaluation, "edited": Evaluation}`` for two models held at once (small models, tests)."""
+    sets = sets or EvalSets.default()
+    base = evaluate_model(base_model, tokenizer, sets, **kwargs)
+    return {"base": base, "edited": evaluate_model(edited_model, tokenizer, sets, base=base, **kwargs)}
+
+
+# -- the base model's numbers, cached on disk ----------------------------------------------------------------
+def model_fingerprint(model: nn.Module) -> str:
+    """Name, revision, dtype and a strided sample of every weight: cheap, and changes when the weights do."""
+    config = getattr(model, "config", None)
+    digest = hashlib.sha256(json.dumps([getattr(config, "_name_or_path", ""), getattr(config, "_commit_hash", None),
+                                        str(next(model.parameters()).dtype)]).encode())
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        if param.device.type != "meta":
+            sample = param.detach().reshape(-1)[::4099][:4096].float().cpu()
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *,
+                      cache_dir: Optional[str | os.PathLike] = None, judge=None, max_new_tokens: int = JUDGE_TOKENS,
+                      **kwargs) -> Evaluation:
+    """`evaluate_model` of the unedited model, read from ``cache_dir`` when this model and these sets were
+    measured before (default ``~/.cache/transformers_sra/evaluations``; a custom judge is never cached)."""
+    from . import __version__
+    from .demo import default_cache_dir
+
+    sets = sets or EvalSets.default()
+    if judge is not None and not isinstance(judge, str):
+        return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), sets.fingerprint(), judge, max_new_tokens,
+                                     kwargs.get("system_prompt"), __version__]).encode()).hexdigest()[:32]
+    path = Path(cache_dir or default_cache_dir() / "evaluations") / key
+    if path.with_suffix(".json").is_file():
+        return Evaluation.load(path)
+    result = evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
+    result.save(path)
+    return result
+
+
+# -- the edited model, SRA against standard ablation -----------------------------------------------------------
+def reapply_edit(model: nn.Module, report) -> list:
+    """Bake the report's directions into ``model`` (the unedited base) again, as the pipeline did: the first
+    with the report's strength profile, each accepted mining pass with its flat γ, each orthogonal to the
+    earlier ones. Returns the handles and makes the report live again (``report.undo()`` works)."""
+    layers = report.config.get("layers")
+    gammas = [row["gamma"] for row in report.iterations if row.get("accepted")]
+    strengths = [report.strength] + gammas
+    if len(strengths) != len(report.directions):
+        raise SRAError(f"report has {len(report.directions)} directions but {len(strengths)} recorded strengths")
+    directions = [report.direction_tensor(i) for i in range(len(report.directions))]
+    report._handles = [bake_direction(model, d, strength, layers, orthogonal_to=directions[:i])
+                       for i, (d, strength) in enumerate(zip(directions, strengths))]
+    return report._handles
+
+
+@contextmanager
+def standard_ablation(model: nn.Module, report) -> Iterator[None]:
+    """Inside the block the model is standard ablation instead of SRA: the report's bakes are undone and the
+    dirty direction is removed with the same strength profile and layers (hooks); on exit SRA is baked back."""
+    if not report._handles:
+        raise SRAError("the standard-ablation comparison needs the live report of apply_surgical_ablation "
+                       "(not one loaded from JSON or already undone)")
+    report.undo()
+    try:
+        with ablate_activations(model, torch.tensor(report.dirty_direction), report.strength, report.bake_layers):
+            yield
+    finally:
+        reapply_edit(model, report)
+
+
+def judge_summary(judge=None) -> dict:
+    """Which judge counted refusals, and (for the shipped one) its precision and recall on the held-out half of
+    the labelled replies; the card states them."""
+    if judge is None or judge is is_refusal:
+        acc = judge_accuracy(is_refusal, labelled_replies()[1::2])
+        return {"name": "phrase judge (transformers_sra.judge.is_refusal)", "precision": acc["precision"],
+                "recall": acc["recall"], "labelled_replies": acc["n"]}
+    return {"name": judge if isinstance(judge, str) else getattr(judge, "__name__", type(judge).__name__)}
+
+
+def evaluate_edit(model: nn.Module, tokenizer, report, base: Evaluation, sets: Optional[EvalSets] = None, *,
+                  standard: bool = True, judge=None, progress: Optional[Progress] = None, **kwargs) -> dict:
+    """Measure the edited model (and, with ``standard``, the dirty-direction ablation) against ``base``; store
+    everything in ``report.metrics`` and return ``{"base", "sra"[, "standard"]}`` `Evaluation` objects."""
+    sets = sets or EvalSets.default()
+    stage = (lambda name: (lambda step, i, n: progress(f"{name}:{step}", i, n))) if progress else (lambda name: None)
+    out = {"base": base, "sra": evaluate_model(model, tokenizer, sets, base=base, judge=judge,
+                                               progress=stage("sra"), **kwargs)}
+    if standard:
+        with standard_ablation(model, report):
+            out["standard"] = evaluate_model(model, tokenizer, sets, base=base, judge=judge,
+                                             progress=stage("standard"), **kwargs)
+    report.metrics = {**{k: v.to_dict() for k, v in out.items()}, "sets": sets.sizes(),
+                      "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
+                      "max_new_tokens": kwargs.get("max_new_tokens", JUDGE_TOKENS)}
+    return out
