@@ -34,7 +34,7 @@ def test_sra_default_keeps_the_collateral_budgets_on_held_out_data(measured):
     assert sra["ppl_change"] <= 0.005 and sra["kl"] <= 0.06, {k: v for k, v in sra.items() if k != "refused_replies"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue #10 floor not reached: at KL <= 0.05 the default leaves about a quarter "
+@pytest.mark.xfail(strict=True, reason="issue #10 floor not reached: at KL <= 0.05 the default leaves about 15% "
                    "of held-out harmful prompts refused on the 0.5B demo model (README, 'Where it stands')")
 def test_sra_default_reaches_the_frontier_on_held_out_prompts(measured):
     """Issue #10's floor: refusal ≤ 5% at first-token KL ≤ 0.05 and perplexity change ≤ +0.5%, by default."""
@@ -61,6 +61,11 @@ def test_report_is_complete_and_round_trips(measured, tmp_path):
     assert chosen["refusal_score"] < 0.75 * report.validation["base_refusal_score"], (chosen, report.validation)
     assert all(row["refusal_score"] >= chosen["refusal_score"] for row in report.search if row["feasible"])
     assert report.direction_layer == chosen["layer"] and report.fluency_rank == chosen["rank"]
+    # the direction came from the prompts the base model refuses (harmful) and answers (harmless)
+    kept = report.extraction_prompts
+    assert 16 <= kept["harmful"] < 400 and 16 <= kept["harmless"] <= 400, kept
+    # the bake proved itself on the real model: no layer writes along the removed direction any more
+    assert report.invariant["after"] <= 1e-4 < report.invariant["before"], report.invariant
     for it in report.iterations:  # a kept mining pass lowered the validation score within both budgets
         assert not it["accepted"] or (it["kl"] <= 0.05 and it["ppl_change"] <= 0.005)
     names = report.atom_audit["names"]

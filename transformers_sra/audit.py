@@ -40,7 +40,7 @@ def audit_model(model: nn.Module, tokenizer, config: Optional[SRAConfig] = None,
     profile = default_profiles()[0] if config.strength == AUTO else config.profile()
     batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
     with stage("extract"):
-        dirs = _directions(model, tokenizer, inputs, config,
+        dirs, kept = _directions(model, tokenizer, inputs, config,
                            dict(layers=inputs.layers, positions=config.positions, **batching), [rank])
     names = ["dirty", "clean"] + [a.name for a in inputs.atoms]
     cosine, explained = {}, {}
@@ -50,6 +50,7 @@ def audit_model(model: nn.Module, tokenizer, config: Optional[SRAConfig] = None,
         explained[layer] = round(dirs.explained(layer, rank), 4)
     result = {"layers": inputs.layers, "names": names, "roles": {a.name: a.role for a in inputs.atoms},
               "fluency_rank": rank, "profile": profile.to_dict(), "cosine": cosine, "explained_share": explained,
+              "extraction_prompts": kept,
               "sweep": [], "best_layer": None, "base_refusal_score": None,
               "budgets": {"max_kl": config.max_kl, "max_ppl_increase": config.max_ppl_increase}}
     if not sweep:

@@ -70,7 +70,7 @@ class SRAConfig:
         default=None, metadata={"help": "Layer whose activations define the direction; None lets the search choose."}
     )
     candidate_layers: Optional[list] = field(
-        default=None, metadata={"help": "Direction layers the search scores; None = 40%..70% of depth."}
+        default=None, metadata={"help": "Direction layers the search scores; None = 50%..70% of depth."}
     )
     layers: Optional[list] = field(
         default=None, metadata={"help": "Decoder layers whose writers are baked; None = all."}

@@ -156,6 +156,9 @@ def constrained_search(
     choice = best([Candidate(choice.layer, r, choice.profile) for r in ranks])
     choice = best([Candidate(choice.layer, choice.rank, p) for p in profiles])
     choice = min(scored, key=lambda c: _rank_key(scored[c], max_kl, max_ppl_increase))
+    if scored[choice]["ppl_change"] is None:  # a fallback (nothing feasible): the report still gets its ΔPPL
+        with ablate_activations(model, directions[(choice.layer, choice.rank)], choice.profile, bake_layers):
+            scored[choice]["ppl_change"] = val.measure(model, tokenizer)["ppl_change"]
     ticker.close()
     for row in table:
         row["chosen"] = row is scored[choice]
