@@ -74,8 +74,9 @@ def test_report_is_complete_and_round_trips(measured, tmp_path):
     # the clean direction is (ridge-)orthogonal to every Shield and Confound atom, the dirty one is not
     removable = [names.index(n) for n in ("math", "coding", "logic", "style_length", "style_register")]
     assert cos[1, removable].abs().max() < 0.05 < cos[0, removable].abs().max()
-    # and still covers the Target refusal modes
-    assert all(v["clean"] > 0.3 for v in report.target_coverage.values()), report.target_coverage
+    # and still covers the Target refusal modes: Targets are not regressed out, so the clean direction keeps most
+    # of the dirty direction's alignment with them (the Shields they share some span with take the rest)
+    assert all(v["clean"] > 0.6 * v["dirty"] > 0.1 for v in report.target_coverage.values()), report.target_coverage
     assert 0 < report.explained_share[report.direction_layer] < 1
     loaded = SRAReport.load(report.save(tmp_path / "r.json"))
     assert loaded.to_dict() == report.to_dict()
