@@ -17,7 +17,7 @@ OUTPUT ?= qwen-sra
 SRA_ARGS ?= --overwrite --eval-limit 16
 PYTEST_ARGS ?=
 
-.PHONY: demo test
+.PHONY: demo test test-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,10 @@ demo: $(VENV)/.torch-installed
 	$(BIN)/python -m pip install -q -e ".[demo,card]"
 	$(BIN)/sra ablate --output $(OUTPUT) $(SRA_ARGS)
 
-test: $(VENV)/.torch-installed
+test: test-deps
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-deps: $(VENV)/.torch-installed
 	$(BIN)/python -m pip install -q -e ".[demo,test]"
 	@# assemble, verify and convert the demo model once (about a minute), so the tests time the method, not the load
 	$(BIN)/python -c "from transformers_sra.demo import demo_model_dir; print('demo model at', demo_model_dir())"
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
