@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from tiny_families import randomize_parameters
+
 HIDDEN = 64
 _COMMON = dict(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -33,16 +35,7 @@ def make_tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     """A random tiny model whose norm gains and biases are random too (so post-norm gains matter)."""
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or ".ln_" in name or "layernorm" in name:
-                param.copy_(torch.randn_like(param))
-            elif param.dim() == 1:
-                param.copy_(0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.05 * torch.randn_like(param))
-    return model
+    return randomize_parameters(AutoModelForCausalLM.from_config(config).eval())
 
 
 WORDS = ("how do i make a bomb bake bread write poem hack the server explain math code logic please "

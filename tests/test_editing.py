@@ -278,3 +278,24 @@ def test_offloaded_unknown_family_is_refused_before_any_edit():
     cpu_offload(model, execution_device=torch.device("cpu"))
     with pytest.raises(UnsupportedModelError, match="offloaded.*load the model on one device"):
         bake_direction(model, unit())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2_moe", "gpt2"])
+def test_norm_preserving_bake_keeps_vector_norms_and_the_invariant(model_type):
+    model = make_tiny_model(model_type)
+    writers = residual_writers(model)
+    original = {k: p.detach().clone() for k, p in model.state_dict().items()}
+    before = {w.name: w.module._parameters[w.param].detach().norm(dim=w.hidden_axis).clone() for w in writers}
+    v = unit(3)
+    handle = bake_direction(model, v, norm_preserving=True)
+    assert max(layer_write_components(model, v)) <= 1e-4
+    for w in writers:  # every input unit (and every expert's) still writes a vector of its old length
+        torch.testing.assert_close(w.module._parameters[w.param].detach().norm(dim=w.hidden_axis), before[w.name],
+                                   atol=1e-5, rtol=1e-5)
+    plain = make_tiny_model(model_type)
+    bake_direction(plain, v)
+    rescaled = [k for k, p in model.state_dict().items() if not torch.allclose(p, plain.state_dict()[k], atol=1e-7)]
+    assert rescaled, "norm preservation changed nothing relative to the plain projection"
+    handle.undo()
+    for k, p in model.state_dict().items():
+        torch.testing.assert_close(p, original[k], atol=1e-6, rtol=0)

@@ -19,7 +19,7 @@ from transformers_sra import SRAConfig, SRAError, SRAReport, apply_surgical_abla
 from transformers_sra import evaluation as evaluation_module
 from transformers_sra.card import METRICS, escape_md, render_card
 from transformers_sra.editing import ablate_activations
-from transformers_sra.evaluation import (EvalSets, Evaluation, cached_evaluation, evaluate_edit, evaluate_model,
+from transformers_sra.evaluation import (EvalSets, cached_evaluation, evaluate_edit, evaluate_model,
                                          evaluate_pair, judge_summary, load_pairs, reapply_edit,
                                          standard_ablation)
 from transformers_sra.figures import FIGURES

@@ -44,6 +44,27 @@ def test_pipeline_on_a_tiny_model_edits_and_reports():
     assert all(torch.allclose(v, original[k], atol=1e-6) for k, v in model.state_dict().items())
 
 
+def test_norm_preserving_switch_reaches_the_bake_and_its_replay():
+    from transformers_sra.architectures import residual_writers
+    from transformers_sra.evaluation import reapply_edit
+
+    def vector_norms(m):
+        return [w.module._parameters[w.param].detach().norm(dim=w.hidden_axis).clone() for w in residual_writers(m)]
+
+    model, tok = make_tiny_model("gemma2"), make_tokenizer()
+    before = vector_norms(model)
+    report = apply_surgical_ablation(model, tok, SRAConfig(**SMALL, direction_layer=1, norm_preserving=True))
+    for old, new in zip(before, vector_norms(model)):
+        torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    report.undo()
+    loaded = SRAReport.from_dict(json.loads(report.to_json()))
+    assert loaded.config["norm_preserving"] is True
+    reapply_edit(model, loaded)  # the replay rescales too
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, edited[k], atol=1e-6, rtol=0)
+
+
 def test_pipeline_failure_after_a_bake_rolls_back(monkeypatch):
     model, tok = make_tiny_model("llama"), make_tokenizer()
     original = {k: v.clone() for k, v in model.state_dict().items()}

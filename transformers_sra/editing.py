@@ -65,6 +65,13 @@ def _add_back(t: torch.Tensor, u: torch.Tensor, axis: int, strength: float, coef
     return (t.movedim(axis, -1) + strength * coef.unsqueeze(-1) * u).movedim(-1, axis)
 
 
+def _norm_ratio(old: torch.Tensor, new: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-vector factors that give each hidden-size vector of ``new`` (along ``axis``) its norm in ``old``."""
+    before = old.float().norm(dim=axis, keepdim=True)
+    after = new.float().norm(dim=axis, keepdim=True)
+    return torch.where(after > 1e-12, before / after.clamp_min(1e-12), torch.ones_like(after))
+
+
 @dataclass
 class _Edit:
     writer: Writer
@@ -73,6 +80,7 @@ class _Edit:
     u: torch.Tensor
     coef: torch.Tensor
     strength: float
+    scale: Optional[torch.Tensor] = None  # norm-preserving bake: the per-vector factors applied after projecting
 
 
 @dataclass
@@ -92,6 +100,8 @@ class BakeHandle:
     def undo(self) -> None:
         for edit in reversed(self._edits):
             w = read_param(edit.writer.module, edit.param)
+            if edit.scale is not None:
+                w = w / edit.scale.to(w.device)
             u = edit.u.to(w.device)
             write_param(edit.writer.module, edit.param, _add_back(w, u, edit.axis, edit.strength, edit.coef.to(w.device)))
         self._edits.clear()
@@ -131,6 +141,7 @@ def bake_direction(
     *,
     orthogonal_to: Sequence[Direction] = (),
     verify: bool = True,
+    norm_preserving: bool = False,
 ) -> BakeHandle:
     """Project ``direction`` out of every residual-stream writer (attention, MLP, experts, mixers, biases).
 
@@ -146,6 +157,10 @@ def bake_direction(
             write has no component along the direction (γ < 1 is completed to γ = 1 for the check); on failure
             undo the bake and raise `UnsupportedModelError`. Costs one forward of a few tokens. Turn off for
             models baked shard by shard.
+        norm_preserving: after projecting, rescale each hidden-size vector of every edited weight (what one
+            input unit writes to the residual stream) back to its original norm; biases are only projected.
+            The component along u stays removed (a rescale cannot bring it back), but the rest grows a
+            little, so `ablate_activations` previews this edit only approximately.
 
     Returns a `BakeHandle`; ``handle.undo()`` restores the weights. If any writer fails, the writers
     already edited are restored before the error propagates, so the model is never left half-edited.
@@ -175,8 +190,9 @@ def bake_direction(
                 t = read_param(w.module, name)
                 u_dev = p.u.to(t.device)
                 new, coef = _project_out(t, u_dev, axis, p.gamma)
-                write_param(w.module, name, new)
-                handle._edits.append(_Edit(w, name, axis, u_dev, coef, p.gamma))
+                scale = _norm_ratio(t, new, axis) if norm_preserving and name == w.param else None
+                write_param(w.module, name, new if scale is None else new * scale)
+                handle._edits.append(_Edit(w, name, axis, u_dev, coef, p.gamma, scale))
         if calls is not None:
             handle.invariant = _verify(model, planned, handle.layers, calls, direction)
     except BaseException:
@@ -284,15 +300,17 @@ class BakeStack:
         report_handles = bakes.handles
     """
 
-    def __init__(self, model: nn.Module, verify: bool = True) -> None:
+    def __init__(self, model: nn.Module, verify: bool = True, norm_preserving: bool = False) -> None:
         self.model = model
         self.verify = verify
+        self.norm_preserving = norm_preserving
         self.handles: list[BakeHandle] = []
         self.directions: list[torch.Tensor] = []
 
     def bake(self, direction: torch.Tensor, strength: Strength = 1.0, layers: Optional[list[int]] = None) -> BakeHandle:
         """Bake ``direction`` orthogonal to everything this stack already removed."""
-        handle = bake_direction(self.model, direction, strength, layers, orthogonal_to=self.directions, verify=self.verify)
+        handle = bake_direction(self.model, direction, strength, layers, orthogonal_to=self.directions,
+                                verify=self.verify, norm_preserving=self.norm_preserving)
         self.handles.append(handle)
         self.directions.append(direction)
         return handle

@@ -261,7 +261,9 @@ def reapply_edit(model: nn.Module, report) -> list:
     if len(strengths) != len(report.directions):
         raise SRAError(f"report has {len(report.directions)} directions but {len(strengths)} recorded strengths")
     directions = [report.direction_tensor(i) for i in range(len(report.directions))]
-    report._handles = [bake_direction(model, d, strength, layers, orthogonal_to=directions[:i])
+    norm_preserving = bool(report.config.get("norm_preserving", False))
+    report._handles = [bake_direction(model, d, strength, layers, orthogonal_to=directions[:i],
+                                      norm_preserving=norm_preserving)
                        for i, (d, strength) in enumerate(zip(directions, strengths))]
     return report._handles
 

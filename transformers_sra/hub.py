@@ -16,13 +16,12 @@ never written or printed.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from .config import SRAConfig
 from .errors import ConfigError, SRAError
+from .folders import atomic_folder
 from .report import SRAReport
 
 REQUIRED_FILES = ("config.json", "README.md", "sra_config.json", "sra_report.json")
@@ -68,14 +67,12 @@ def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathL
     target = check_output_dir(output_dir, overwrite)
     if card:
         check_card_dependencies()
-    target.parent.mkdir(parents=True, exist_ok=True)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
         # A GGUF-loaded model is already dequantized; transformers refuses to save it until this is dropped.
         quantizer.remove_quantization_config(model)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     had = hasattr(model.config, "transformers_sra")
-    try:
+    with atomic_folder(target) as tmp:
         model.config.transformers_sra = provenance(model, report, base_model)
         try:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -92,11 +89,6 @@ def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathL
 
             figures = write_figures(report, tmp)
             render_card(report, base_model=base_model, license=license, figures=figures).save(tmp / "README.md")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

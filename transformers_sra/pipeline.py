@@ -169,7 +169,7 @@ def apply_surgical_ablation(
             progress=(lambda row: progress("search", row)) if progress else None)
     chosen = next(row for row in table if row["chosen"])
 
-    with BakeStack(model) as bakes:
+    with BakeStack(model, norm_preserving=config.norm_preserving) as bakes:
         with timer("bake"):
             first = bakes.bake(directions[(choice.layer, choice.rank)], choice.profile, config.layers)
         with timer("mine"):

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
 from ..errors import ConfigError
+from ..folders import atomic_folder
 from ..progress import logger
 from . import summary
 from .args import config_from
@@ -68,16 +66,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _save(audit: dict, target: Path, layer: int) -> list[str]:
     """audit.json and the figures, written into a sibling folder and renamed into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_folder(target) as tmp:
         (tmp / "audit.json").write_text(json.dumps(audit, indent=1), encoding="utf-8")
         names = _figures(audit, tmp, layer)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return [str(target / n) for n in names]
 
 
