@@ -1,14 +1,16 @@
 """The refusal/KL frontier on the demo model's *test* split: base, standard ablation, SRA.
 
-Standard ablation is the difference-of-means direction of SRA's chosen layer, baked flat at several
-strengths (what abliteration tools do); SRA is `SRAConfig()` as shipped, plus its clean direction at the
-same flat strengths, so both curves are traced the same way. Every point: judged refusal on
-``harmful_test`` (128-token greedy replies, 95% Clopper-Pearson interval), first-token KL on
-``harmless_test``, perplexity change on ``general_test``. Writes JSON and a PNG::
+Standard ablation is the difference-of-means direction of SRA's chosen layer over *all* training
+prompts, baked flat at several strengths (what abliteration tools do); "standard, filtered" is the same
+for SRA's own dirty direction (training prompts filtered by the base model's behaviour, no atoms, no
+profile). SRA is `SRAConfig()` as shipped, plus its clean direction at the same flat strengths, so the
+curves are traced the same way. Every point: judged refusal on ``harmful_test`` (128-token greedy replies,
+95% Clopper-Pearson interval), first-token KL on ``harmless_test``, perplexity change on ``general_test``;
+base and the SRA default also get the over-refusal rate on ``over_refusal_test``. Writes JSON and a PNG::
 
     pip install -e ".[demo,bench]"
-    python benchmarks/frontier.py --out benchmarks/results          # about 80 minutes on 2 CPU cores
-    python benchmarks/frontier.py --limit 100 --strengths 0.5 1.0  # 38 minutes: the README figure
+    python benchmarks/frontier.py --out benchmarks/results          # about 100 minutes on 2 CPU cores
+    python benchmarks/frontier.py --limit 100 --strengths 0.5 1.0  # about 55 minutes: the README figure
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from transformers_sra import SRAConfig, apply_surgical_ablation, bake_direction, load_demo_model, load_prompts
+from transformers_sra.extraction import record_residuals
 from transformers_sra.judge import first_token_kl, first_token_logprobs, judged
 from transformers_sra.metrics import clopper_pearson, token_nll
 from transformers_sra.prompts import load_corpus
@@ -39,6 +42,20 @@ def measure(model, tok, harmful, harmless, text, base, batch_size):
            "refused_replies": [r for r, v in zip(replies, refused) if v][:20]}
     row["ppl_change"] = 0.0 if base is None else math.exp(row["nll"] - base["nll"]) - 1
     return row, logp
+
+
+def over_refusal(model, tok, batch_size) -> dict:
+    """Judged refusals of prompts that only sound unsafe (128-token replies)."""
+    _, refused = judged(model, tok, load_prompts("over_refusal_test"), max_new_tokens=128, batch_size=batch_size)
+    k, n = sum(refused), len(refused)
+    return {"over_refused": k, "over_n": n, "over_refusal": k / n, "over_ci95": clopper_pearson(k, n)}
+
+
+def unfiltered_direction(model, tok, layer, batch_size) -> torch.Tensor:
+    """Difference of means of all harmful and harmless training prompts at ``layer``: the usual abliteration direction."""
+    acts = [record_residuals(model, tok, load_prompts(name), layers=[layer], batch_size=batch_size)[:, 0]
+            for name in ("harmful_train", "harmless_train")]
+    return acts[0].mean(0) - acts[1].mean(0)
 
 
 def main() -> None:
@@ -68,19 +85,24 @@ def main() -> None:
         return row, logp
 
     base_row, base_logp = record("base", "base", 0.0, None)
+    base_row.update(over_refusal(model, tok, args.batch_size))
+    print(f"{'base':28s} over-refusal {base_row['over_refused']}/{base_row['over_n']}", flush=True)
     base = {"logp": base_logp, "nll": base_row["nll"]}
 
     start = time.perf_counter()
     report = apply_surgical_ablation(model, tok, SRAConfig())
     sra_seconds = round(time.perf_counter() - start, 1)
-    record("SRA default", "sra_default", report.strength["peak"], base,
-           {"layer": report.direction_layer, "fluency_rank": report.fluency_rank, "profile": report.strength,
-            "pipeline_seconds": sra_seconds, "timings": report.timings})
+    default, _ = record("SRA default", "sra_default", report.strength["peak"], base,
+                        {"layer": report.direction_layer, "fluency_rank": report.fluency_rank,
+                         "profile": report.strength, "pipeline_seconds": sra_seconds, "timings": report.timings})
+    default.update(over_refusal(model, tok, args.batch_size))
+    print(f"{'SRA default':28s} over-refusal {default['over_refused']}/{default['over_n']}", flush=True)
     clean = report.direction_tensor(0)
-    dirty = torch.tensor(report.dirty_direction)
+    filtered = torch.tensor(report.dirty_direction)
     report.undo()
+    standard = unfiltered_direction(model, tok, report.direction_layer, args.batch_size)
 
-    for method, direction in (("standard", dirty), ("sra_clean_flat", clean)):
+    for method, direction in (("standard", standard), ("standard_filtered", filtered), ("sra_clean_flat", clean)):
         for gamma in args.strengths:
             handle = bake_direction(model, direction, gamma)
             try:
@@ -98,9 +120,10 @@ def plot(rows, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    styles = {"base": ("black", "s"), "standard": ("tab:red", "o"), "sra_clean_flat": ("tab:blue", "o"),
-              "sra_default": ("tab:green", "*")}
-    labels = {"base": "base", "standard": "standard ablation (dirty direction)",
+    styles = {"base": ("black", "s"), "standard": ("tab:red", "o"), "standard_filtered": ("tab:orange", "o"),
+              "sra_clean_flat": ("tab:blue", "o"), "sra_default": ("tab:green", "*")}
+    labels = {"base": "base", "standard": "standard ablation (dirty direction, all prompts)",
+              "standard_filtered": "standard ablation of SRA's filtered dirty direction",
               "sra_clean_flat": "SRA clean direction, flat γ", "sra_default": "SRA default (searched)"}
     for method, (color, marker) in styles.items():
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
