@@ -46,9 +46,10 @@ def measure(model, tok, harmful, harmless, text, base, batch_size):
 
 def over_refusal(model, tok, batch_size) -> dict:
     """Judged refusals of prompts that only sound unsafe (128-token replies)."""
-    _, refused = judged(model, tok, load_prompts("over_refusal_test"), max_new_tokens=128, batch_size=batch_size)
+    replies, refused = judged(model, tok, load_prompts("over_refusal_test"), max_new_tokens=128, batch_size=batch_size)
     k, n = sum(refused), len(refused)
-    return {"over_refused": k, "over_n": n, "over_refusal": k / n, "over_ci95": clopper_pearson(k, n)}
+    return {"over_refused": k, "over_n": n, "over_refusal": k / n, "over_ci95": clopper_pearson(k, n),
+            "over_refused_replies": [r for r, v in zip(replies, refused) if v][:20]}
 
 
 def unfiltered_direction(model, tok, layer, batch_size) -> torch.Tensor:
