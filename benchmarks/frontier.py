@@ -28,35 +28,38 @@ from transformers_sra.extraction import record_residuals
 from transformers_sra.judge import first_token_kl, first_token_logprobs, judged
 from transformers_sra.metrics import clopper_pearson, token_nll
 from transformers_sra.prompts import load_corpus
+from transformers_sra.residualize import difference_of_means
+
+
+def judged_rate(model, tok, prompts, batch_size) -> dict:
+    """Judged refusals of 128-token greedy replies, with the interval and the first 20 refused replies."""
+    replies, refused = judged(model, tok, prompts, max_new_tokens=128, batch_size=batch_size)
+    k, n = sum(refused), len(refused)
+    return {"refused": k, "n": n, "refusal": k / n, "ci95": clopper_pearson(k, n),
+            "refused_replies": [r for r, v in zip(replies, refused) if v][:20]}
 
 
 def measure(model, tok, harmful, harmless, text, base, batch_size):
     start = time.perf_counter()
-    replies, refused = judged(model, tok, harmful, max_new_tokens=128, batch_size=batch_size)
+    row = judged_rate(model, tok, harmful, batch_size)
     logp = first_token_logprobs(model, tok, harmless, batch_size=batch_size)
     total, count = token_nll(model, tok, text)
-    k, n = sum(refused), len(refused)
-    row = {"refused": k, "n": n, "refusal": k / n, "ci95": clopper_pearson(k, n),
-           "kl": 0.0 if base is None else first_token_kl(base["logp"], logp),
-           "nll": total / count, "seconds": round(time.perf_counter() - start, 1),
-           "refused_replies": [r for r, v in zip(replies, refused) if v][:20]}
+    row.update(kl=0.0 if base is None else first_token_kl(base["logp"], logp),
+               nll=total / count, seconds=round(time.perf_counter() - start, 1))
     row["ppl_change"] = 0.0 if base is None else math.exp(row["nll"] - base["nll"]) - 1
     return row, logp
 
 
 def over_refusal(model, tok, batch_size) -> dict:
-    """Judged refusals of prompts that only sound unsafe (128-token replies)."""
-    replies, refused = judged(model, tok, load_prompts("over_refusal_test"), max_new_tokens=128, batch_size=batch_size)
-    k, n = sum(refused), len(refused)
-    return {"over_refused": k, "over_n": n, "over_refusal": k / n, "over_ci95": clopper_pearson(k, n),
-            "over_refused_replies": [r for r, v in zip(replies, refused) if v][:20]}
+    """`judged_rate` on prompts that only sound unsafe, its keys prefixed ``over_``."""
+    return {f"over_{k}": v for k, v in judged_rate(model, tok, load_prompts("over_refusal_test"), batch_size).items()}
 
 
 def unfiltered_direction(model, tok, layer, batch_size) -> torch.Tensor:
     """Difference of means of all harmful and harmless training prompts at ``layer``: the usual abliteration direction."""
-    acts = [record_residuals(model, tok, load_prompts(name), layers=[layer], batch_size=batch_size)[:, 0]
-            for name in ("harmful_train", "harmless_train")]
-    return acts[0].mean(0) - acts[1].mean(0)
+    harmful, harmless = (record_residuals(model, tok, load_prompts(name), layers=[layer], batch_size=batch_size)
+                         for name in ("harmful_train", "harmless_train"))
+    return difference_of_means(harmful, harmless)[0]
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import HIDDEN, TINY_CONFIGS, make_tiny_model
-from tiny_families import layer_write_components, one_thread
+from tiny_families import layer_write_components, one_thread, writer_vector_norms
 from transformers_sra import ConfigError, UnsupportedModelError, bake_direction
 from transformers_sra.architectures import decoder_layers, residual_writers
 from transformers_sra.editing import ablate_activations
@@ -283,15 +283,13 @@ def test_offloaded_unknown_family_is_refused_before_any_edit():
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen2_moe", "gpt2"])
 def test_norm_preserving_bake_keeps_vector_norms_and_the_invariant(model_type):
     model = make_tiny_model(model_type)
-    writers = residual_writers(model)
     original = {k: p.detach().clone() for k, p in model.state_dict().items()}
-    before = {w.name: w.module._parameters[w.param].detach().norm(dim=w.hidden_axis).clone() for w in writers}
+    before = writer_vector_norms(model)
     v = unit(3)
     handle = bake_direction(model, v, norm_preserving=True)
     assert max(layer_write_components(model, v)) <= 1e-4
-    for w in writers:  # every input unit (and every expert's) still writes a vector of its old length
-        torch.testing.assert_close(w.module._parameters[w.param].detach().norm(dim=w.hidden_axis), before[w.name],
-                                   atol=1e-5, rtol=1e-5)
+    for old, new in zip(before, writer_vector_norms(model)):  # every input unit (and expert) keeps its write's length
+        torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
     plain = make_tiny_model(model_type)
     bake_direction(plain, v)
     rescaled = [k for k, p in model.state_dict().items() if not torch.allclose(p, plain.state_dict()[k], atol=1e-7)]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, make_tokenizer
+from tiny_families import writer_vector_norms
 from transformers_sra import (ConfigError, SRAConfig, SRAReport, UnsupportedModelError, apply_surgical_ablation,
                               ConceptAtom, AtomRegistry)
 from transformers_sra import pipeline as pipeline_module
@@ -45,16 +46,12 @@ def test_pipeline_on_a_tiny_model_edits_and_reports():
 
 
 def test_norm_preserving_switch_reaches_the_bake_and_its_replay():
-    from transformers_sra.architectures import residual_writers
     from transformers_sra.evaluation import reapply_edit
 
-    def vector_norms(m):
-        return [w.module._parameters[w.param].detach().norm(dim=w.hidden_axis).clone() for w in residual_writers(m)]
-
     model, tok = make_tiny_model("gemma2"), make_tokenizer()
-    before = vector_norms(model)
+    before = writer_vector_norms(model)
     report = apply_surgical_ablation(model, tok, SRAConfig(**SMALL, direction_layer=1, norm_preserving=True))
-    for old, new in zip(before, vector_norms(model)):
+    for old, new in zip(before, writer_vector_norms(model)):
         torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
     edited = {k: v.clone() for k, v in model.state_dict().items()}
     report.undo()

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from transformers_sra.architectures import decoder_layers
+from transformers_sra.architectures import decoder_layers, residual_writers
 
 HIDDEN = 64
 VOCAB = 256
@@ -128,6 +128,11 @@ def randomize_parameters(model: torch.nn.Module) -> torch.nn.Module:
         else:
             param.copy_(0.05 * torch.randn_like(param))
     return model
+
+
+def writer_vector_norms(model) -> list[torch.Tensor]:
+    """Norm of every hidden-size vector of every residual writer's weight, one tensor per writer."""
+    return [w.module._parameters[w.param].detach().norm(dim=w.hidden_axis).clone() for w in residual_writers(model)]
 
 
 @contextmanager
