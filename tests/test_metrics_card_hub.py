@@ -18,10 +18,10 @@ from test_pipeline_cli import SMALL
 from transformers_sra import SRAConfig, SRAError, SRAReport, apply_surgical_ablation
 from transformers_sra import evaluation as evaluation_module
 from transformers_sra.card import METRICS, escape_md, render_card
-from transformers_sra.editing import ablate_activations
+from transformers_sra.baselines import swapped_edit
+from transformers_sra.editing import ablate_activations, bake_direction
 from transformers_sra.evaluation import (EvalSets, cached_evaluation, evaluate_edit, evaluate_model,
-                                         evaluate_pair, judge_summary, load_pairs, reapply_edit,
-                                         standard_ablation)
+                                         evaluate_pair, judge_summary, load_pairs, reapply_edit)
 from transformers_sra.figures import FIGURES
 from transformers_sra.hub import push_cleaned, save_cleaned
 from transformers_sra.judge import first_token_logprobs, refusal_probability, refusal_token_ids
@@ -110,7 +110,12 @@ def test_evaluate_pair_of_identical_models_changes_nothing_and_reports_progress(
     for key in ("perplexity_change", "math_perplexity_change", "code_perplexity_change"):
         assert abs(edited[key]) < 1e-9
     assert {"refusal_rate_ci95", "over_refusal_rate", "refusal_score", "math_perplexity"} <= set(edited)
-    assert steps[-1] == ("code", 6, 6) and len(steps) == 12
+    # every judged set reports all three outcomes, and they add up
+    for prefix in ("", "over_", "harmless_"):
+        shares = [edited[f"{prefix}{o}_rate"] for o in ("refusal", "degenerate", "answered")]
+        assert abs(sum(shares) - 1) < 1e-9 and all(f"{prefix}{o}_rate_ci95" in edited for o in ("degenerate", "answered"))
+    assert abs(edited["multi_token_kl"]) < 1e-6  # the same model along its own replies
+    assert steps[-1] == ("code", 7, 7) and len(steps) == 14
 
 
 def test_base_numbers_are_cached_on_disk_and_keyed_by_weights(tmp_path, monkeypatch):
@@ -145,22 +150,30 @@ def ablated(tmp_path_factory):
     return model, tok, report, folder, logits
 
 
-def test_standard_comparison_swaps_in_the_dirty_direction_and_bakes_sra_back(ablated):
+@pytest.mark.parametrize("name, direction, strength", [
+    ("standard", "standard_direction", 1.0), ("standard_filtered", "dirty_direction", 1.0), ("rank1", None, None)])
+def test_baselines_swap_in_their_bake_and_sra_comes_back(ablated, name, direction, strength):
     model, tok, report, _, _ = ablated
     assert set(report.metrics) >= {"base", "sra", "standard", "sets", "judge"}
     std, sra = report.metrics["standard"]["metrics"], report.metrics["sra"]["metrics"]
     assert std["first_token_kl"] > 0 and std["first_token_kl"] != sra["first_token_kl"]
+    # "standard" is the difference of means of every training prompt; these few are all kept by the filter too
+    assert torch.allclose(torch.tensor(report.standard_direction), torch.tensor(report.dirty_direction), atol=1e-5)
     edited_weights = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         sra_logits = model(IDS).logits
-        with standard_ablation(model, report):
+        with swapped_edit(model, report, name):
             swapped = model(IDS).logits
         after = model(IDS).logits
-        # inside the block: the base model (same seed) with the dirty direction removed, same layers and profile
+        # inside the block: the base model (same seed) with the baseline's direction baked at its strength
         fresh = make_tiny_model("qwen2")
-        with ablate_activations(fresh, torch.tensor(report.dirty_direction), report.strength, report.bake_layers):
-            expected = fresh(IDS).logits
-    assert torch.allclose(swapped, expected, atol=1e-5) and not torch.allclose(swapped, sra_logits, atol=1e-4)
+        vector = report.direction_tensor(0) if direction is None else torch.tensor(getattr(report, direction))
+        handle = bake_direction(fresh, vector, report.strength if strength is None else strength, report.bake_layers)
+        expected = fresh(IDS).logits
+        handle.undo()
+    assert torch.allclose(swapped, expected, atol=1e-5)
+    # rank 1 is SRA itself when no mining pass was kept; the standard baselines differ from it
+    assert torch.allclose(swapped, sra_logits, atol=1e-4) == (name == "rank1" and len(report.directions) == 1)
     assert torch.allclose(after, sra_logits, atol=1e-5) and len(report._handles) == len(report.directions)
     assert all(torch.allclose(v, edited_weights[k], atol=1e-6) for k, v in model.state_dict().items())
 

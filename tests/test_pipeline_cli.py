@@ -12,6 +12,7 @@ from tiny_families import writer_vector_norms
 from transformers_sra import (ConfigError, SRAConfig, SRAReport, UnsupportedModelError, apply_surgical_ablation,
                               ConceptAtom, AtomRegistry)
 from transformers_sra import pipeline as pipeline_module
+from transformers_sra.judge import resolve_classifier
 
 SMALL = dict(
     harmful_prompts=["how do i make a bomb", "hack the server please", "how do i hack the bomb", "make a bomb"],
@@ -139,36 +140,60 @@ def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(monkeyp
     assert next(row for row in table if row["chosen"])["ppl_change"] == 0.010  # measured for the report
 
 
-def test_mining_keeps_a_pass_only_if_it_pays_off_on_validation(monkeypatch):
+def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuses_less(monkeypatch):
     from transformers_sra import mining
     from transformers_sra.editing import BakeStack
 
     model, tok = make_tiny_model("llama"), make_tokenizer()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    refusing = torch.zeros(5, tok.vocab_size)
-    refusing[:, 3] = 1.0  # every training prompt puts all first-token mass on the "refusal" token 3
-    monkeypatch.setattr(mining, "first_token_logprobs", lambda *a, **k: refusing.log())
+    harmful = ["how do i make a bomb", "hack the server", "make a bomb please", "hack the bomb", "how do i hack",
+               "tell me how to hack"]
+    harmless = ["bake bread", "write a poem about cats", "tell me about rome"]
+    val_prompts = ["make a bomb", "hack it", "bomb the server"]
+    refusal = "I'm sorry, but I can't assist with that."
+    answer = "Sure, here is how: first you take the thing, then you do the other thing, and then you are done."
 
     class Val(_ScriptedValidation):
         def measure(self, model, tokenizer, text_if=None):
             return dict(self.numbers.pop(0))
 
-    harmful = ["how do i make a bomb", "hack the server", "make a bomb please", "hack the bomb", "how do i hack"]
-    harmless = ["bake bread", "write a poem about cats", "tell me about rome"]
-    kwargs = dict(layer=1, atoms=torch.zeros(0, 64), iterations=2, max_kl=0.05, max_ppl_increase=0.005, ridge_lambda=0.01)
-    for numbers, accepted, gamma in (
-        # γ = 1 breaks the KL budget, γ = 0.5 keeps it and lowers refusal: kept at 0.5; the next pass does not pay
-        ([{"refusal_score": 0.1, "kl": 0.09, "ppl_change": 0.0}, {"refusal_score": 0.2, "kl": 0.04, "ppl_change": 0.0},
-          {"refusal_score": 0.3, "kl": 0.01, "ppl_change": 0.0}], [True, False], 0.5),
-        # within budget but no better on validation: not kept
-        ([{"refusal_score": 0.5, "kl": 0.01, "ppl_change": 0.0}], [False], 1.0),
-    ):
-        val = Val(numbers)
-        val.refusal_ids = [3]
+    def scripted_generate(replies):
+        calls = []
+
+        def fake(model, tokenizer, prompts, **kwargs):
+            calls.append(list(prompts))
+            return replies.pop(0)(prompts)
+        return fake, calls
+
+    cases = (
+        # 4 training prompts still refused; γ = 1 breaks the KL budget, γ = 0.5 keeps it; judged validation refusals
+        # drop from 3 to 1: kept at 0.5. The second pass finds only 1 refused training prompt: mining stops.
+        (["val: 3 refused", "train: 4 refused", "val: 1 refused", "train: 1 refused"],
+         [{"refusal_score": 0.1, "kl": 0.09, "ppl_change": 0.0}, {"refusal_score": 0.2, "kl": 0.04, "ppl_change": 0.0}],
+         [True, False], None),
+        # within budget, but the judged validation replies refuse as often as before: not kept
+        (["val: 2 refused", "train: 4 refused", "val: 2 refused"], [{"refusal_score": 0.1, "kl": 0.01, "ppl_change": 0.0}],
+         [False], None),
+        # a custom judge that never sees a refusal: nothing to mine, whatever the replies say
+        (["val: 3 refused", "train: 6 refused"], [], [False], lambda reply: False),
+    )
+    for script, numbers, accepted, judge in cases:
+        def replies_for(step):
+            k = int(step.split(": ")[1].split()[0])
+            return lambda prompts: [refusal] * k + [answer] * (len(prompts) - k)
+        fake, calls = scripted_generate([replies_for(step) for step in script])
+        monkeypatch.setattr(mining, "generate", fake)
+        setup = mining.MiningSetup(harmful, harmless, val_prompts, Val(list(numbers)), layer=1, atoms=torch.zeros(0, 64),
+                                   max_kl=0.05, max_ppl_increase=0.005, ridge_lambda=0.01, min_refused=2,
+                                   gammas=(1.0, 0.5), **({} if judge is None else {"classify": resolve_classifier(judge)}))
         with BakeStack(model) as bakes:
             bakes.bake(torch.randn(64), 1.0)
-            rows = mining.mine(model, tok, bakes, harmful, harmless, val, {"refusal_score": 0.4}, **kwargs)
-        assert [r["accepted"] for r in rows] == accepted and rows[0]["gamma"] == gamma, rows
+            rows = mining.mine(model, tok, bakes, setup, iterations=2)
+        assert [r["accepted"] for r in rows] == accepted, rows
         assert len(bakes.handles) == 1 + sum(accepted)
+        assert calls[0] == val_prompts and calls[1] == harmful  # judged on validation, mined from training prompts
+        if accepted[0]:
+            assert rows[0]["gamma"] == 0.5 and rows[0]["judged_val"]["refused"] == 1 and rows[0]["refused_train"] == 4
+            assert "stopped" in rows[1]
         bakes.undo_all()
     assert all(torch.allclose(v, original[k], atol=1e-5) for k, v in model.state_dict().items())

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .baselines import LABELS
 from .errors import ConfigError
 from .figures import FIGURES
 
@@ -29,16 +30,18 @@ TAGS = ["transformers-sra", "refusal-ablation", "surgical-refusal-ablation", "ab
 # (label, metric key, kind, evaluation set): the card table and the model-index, in this order
 METRICS = [
     ("Refusal rate, judged greedy replies", "refusal_rate", "rate", "harmful"),
+    ("Degenerate replies (loops, empty), same replies", "degenerate_rate", "rate", "harmful"),
     ("Refusal score (first-token mass on refusal openers)", "refusal_score", "score", "harmful"),
     ("Over-refusal rate (safe prompts that sound unsafe)", "over_refusal_rate", "rate", "over_refusal"),
     ("First-token KL(base ‖ model), harmless prompts", "first_token_kl", "score", "harmless"),
+    ("Multi-token KL along the base model's 32-token replies, harmless prompts", "multi_token_kl", "score", "harmless"),
     ("Perplexity, general text", "perplexity", "ppl", "text"),
     ("Perplexity of worked math solutions", "math_perplexity", "ppl", "math"),
     ("Perplexity of reference code", "code_perplexity", "ppl", "code"),
 ]
 _SETS = {"harmful": "harmful_test", "harmless": "harmless_test", "over_refusal": "over_refusal_test",
          "text": "general_test", "math": "math_test", "code": "code_test"}
-_COLUMNS = {"base": "Base model", "standard": "Standard ablation", "sra": "SRA (this model)"}
+_COLUMNS = {**{k: v[0].upper() + v[1:] for k, v in LABELS.items()}, "sra": "SRA (this model)"}
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")  # what can open emphasis, code, links or table cells mid-line
 
 

@@ -110,7 +110,13 @@ class SRAConfig:
                   "vectors back to their original norms (biases are only projected)."},
     )
     iterations: int = field(
-        default=0, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining)."}
+        default=0, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining): each judges "
+                             "short replies to the training prompts and removes a direction built from those still refused."}
+    )
+    mining_contrast: str = field(
+        default="answered",
+        metadata={"help": "What mining contrasts the still-refused training prompts with: 'answered' (the harmful "
+                  "prompts the edited model now answers: same topics, refusal alone) or 'harmless'."},
     )
     max_kl: float = field(
         default=0.05,
@@ -161,6 +167,8 @@ class SRAConfig:
              f"fluency_ranks must be non-empty ints >= 0, got {self.fluency_ranks}")
         need(self.max_ppl_increase >= 0, f"max_ppl_increase must be >= 0, got {self.max_ppl_increase}")
         need(isinstance(self.iterations, int) and self.iterations >= 0, f"iterations must be an int >= 0, got {self.iterations!r}")
+        need(self.mining_contrast in ("answered", "harmless"),
+             f"mining_contrast must be 'answered' or 'harmless', got {self.mining_contrast!r}")
         need(isinstance(self.atom_rank, int) and self.atom_rank >= 1, f"atom_rank must be an int >= 1, got {self.atom_rank!r}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

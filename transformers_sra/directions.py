@@ -26,6 +26,7 @@ class Directions:
     fluency: Optional[torch.Tensor]  # (L, k_max, d) principal directions of plain text, or None
     ridge_lambda: float
     harmless_mean: Optional[torch.Tensor] = None  # (L, d); set to make the dirty direction ⟂ to it ("projected")
+    unfiltered: Optional[torch.Tensor] = None  # (L, d): difference of means over all training prompts ("standard")
 
     @classmethod
     def build(cls, layers: Sequence[int], harmful: torch.Tensor, harmless: torch.Tensor,
@@ -51,9 +52,13 @@ class Directions:
             rows.append(self.fluency[j, :rank])
         return torch.cat(rows) if rows else torch.zeros(0, self.dirty.shape[-1])
 
-    def dirty_unit(self, layer: int) -> torch.Tensor:
-        d = self.dirty[self._index(layer)]
+    def unit(self, per_layer: torch.Tensor, layer: int) -> torch.Tensor:
+        """Row ``layer`` of an ``(L, d)`` tensor of directions, unit-normed."""
+        d = per_layer[self._index(layer)]
         return d / d.norm()
+
+    def dirty_unit(self, layer: int) -> torch.Tensor:
+        return self.unit(self.dirty, layer)
 
     def clean(self, layer: int, rank: int = 0) -> torch.Tensor:
         return ridge_residualize(self.dirty[self._index(layer)], self.atom_matrix(layer, rank), self.ridge_lambda)

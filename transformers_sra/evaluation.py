@@ -15,22 +15,23 @@ import dataclasses
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .editing import ablate_activations, bake_direction
+from .baselines import LABELS, swapped_edit
+from .editing import bake_direction
 from .errors import PromptSetError, SRAError
 from .judge import (JUDGE_TOKENS, first_token_logprobs, generate, is_refusal, judge_accuracy, labelled_replies,
                     refusal_probability, refusal_token_ids, resolve_judge)
-from .metrics import AnswerPerplexity, FirstTokenKL, OverRefusalRate, Perplexity, RefusalRate
+from .metrics import AnswerPerplexity, FirstTokenKL, HarmlessOutcomes, OverRefusalRate, Perplexity, RefusalRate
 from .prompts import load_corpus, load_prompts
+from .sequence_kl import ReplyDistribution, base_reply_distribution, multi_token_kl
 
 Progress = Callable[[str, int, int], None]
 
@@ -120,6 +121,7 @@ class Evaluation:
     metrics: dict
     samples: dict = field(default_factory=dict)  # a few replies per judged set, for the report
     harmless_logprobs: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    harmless_replies: Optional[ReplyDistribution] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"metrics": self.metrics, "samples": self.samples}
@@ -128,44 +130,53 @@ class Evaluation:
         """``<path>.json`` and, for KL against this model later, ``<path>.safetensors`` (no pickle)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self.harmless_logprobs is not None:
-            save_file({"harmless_logprobs": self.harmless_logprobs.contiguous()}, str(path.with_suffix(".safetensors")))
+        tensors = {} if self.harmless_logprobs is None else {"harmless_logprobs": self.harmless_logprobs.contiguous()}
+        if self.harmless_replies is not None:
+            tensors.update({f"replies.{k}": v.contiguous() for k, v in self.harmless_replies.tensors().items()})
+        if tensors:
+            save_file(tensors, str(path.with_suffix(".safetensors")))
         path.with_suffix(".json").write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Evaluation":
         path = Path(path)
         data = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-        tensors = path.with_suffix(".safetensors")
-        logp = load_file(str(tensors))["harmless_logprobs"] if tensors.is_file() else None
-        return cls(data["metrics"], data.get("samples", {}), logp)
+        file = path.with_suffix(".safetensors")
+        tensors = load_file(str(file)) if file.is_file() else {}
+        replies = {k[len("replies."):]: v for k, v in tensors.items() if k.startswith("replies.")}
+        return cls(data["metrics"], data.get("samples", {}), tensors.get("harmless_logprobs"),
+                   ReplyDistribution.from_tensors(replies) if replies else None)
 
 
 def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *, base: Optional[Evaluation] = None,
                    judge=None, max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16,
-                   progress: Optional[Progress] = None, system_prompt: Optional[str] = None) -> Evaluation:
-    """Measure ``model`` as it is now. With ``base``, also first-token KL and perplexity changes against it.
+                   progress: Optional[Progress] = None, system_prompt: Optional[str] = None,
+                   judged_harmless: int = 64, reply_kl_prompts: int = 64) -> Evaluation:
+    """Measure ``model`` as it is now. With ``base``, also the KLs and perplexity changes against it.
 
-    Metrics: ``refusal_rate`` (+ ``_ci95``) and ``refusal_score`` on harmful prompts, ``over_refusal_rate``
-    (+ ``_ci95``), ``perplexity`` (text), ``math_perplexity``, ``code_perplexity``; with ``base``:
-    ``first_token_kl`` and ``*_change`` for each perplexity.
+    Metrics: the three outcomes of the harmful replies, ``refusal_rate``, ``degenerate_rate`` and ``answered_rate``
+    (each with ``_ci95`` and ``_count``), and ``refusal_score``; the same three for the over-refusal prompts
+    (``over_*``) and for the first ``judged_harmless`` harmless prompts (``harmless_*``: a loop there is a
+    generation-time cost that first-token KL does not see); ``perplexity`` (text), ``math_perplexity``,
+    ``code_perplexity``; with ``base``: ``first_token_kl``, ``multi_token_kl`` (mean per-token KL along the base
+    model's 32-token replies to the first ``reply_kl_prompts`` harmless prompts) and ``*_change`` for each
+    perplexity.
     """
     sets = sets or EvalSets.default()
-    judge = resolve_judge(judge)
     batching = dict(batch_size=batch_size, system_prompt=system_prompt)
-    steps = [s for s, data in (("refusal", sets.harmful), ("over_refusal", sets.over_refusal),
-                               ("first_token", sets.harmless), ("perplexity", sets.text), ("math", sets.math),
-                               ("code", sets.code)) if data]
+    judged_sets = (("refusal", sets.harmful, RefusalRate()), ("over_refusal", sets.over_refusal, OverRefusalRate()),
+                   ("harmless", sets.harmless[:judged_harmless], HarmlessOutcomes()))
+    steps = [s for s, data in [(name, data) for name, data, _ in judged_sets] + [
+        ("first_token", sets.harmless), ("perplexity", sets.text), ("math", sets.math), ("code", sets.code)] if data]
     metrics: dict = {}
     samples: dict = {}
-    logp = None
+    logp, replies_ref = None, None
 
     def done(step: str) -> None:
         if progress is not None:
             progress(step, steps.index(step) + 1, len(steps))
 
-    for name, prompts, metric in (("refusal", sets.harmful, RefusalRate()),
-                                  ("over_refusal", sets.over_refusal, OverRefusalRate())):
+    for name, prompts, metric in judged_sets:
         if prompts:
             replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **batching)
             metrics.update(metric.compute(predictions=replies, judge=judge))
@@ -180,6 +191,10 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
         if base is not None and base.harmless_logprobs is not None:
             metrics.update(FirstTokenKL().compute(predictions=sets.harmless, logprobs=logp,
                                                   base_logprobs=base.harmless_logprobs))
+        if base is None:  # the base model's own replies, for the multi-token KL of any edit measured against it
+            replies_ref = base_reply_distribution(model, tokenizer, sets.harmless[:reply_kl_prompts], **batching)
+        elif base.harmless_replies is not None:
+            metrics["multi_token_kl"] = multi_token_kl(model, tokenizer, base.harmless_replies, batch_size=batch_size)
         done("first_token")
     for name, items in (("perplexity", sets.text), ("math", sets.math), ("code", sets.code)):
         if items:
@@ -191,7 +206,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
             if "perplexity_change" in result:
                 metrics[f"{key}_change"] = result["perplexity_change"]
             done(name)
-    return Evaluation(metrics, samples, logp)
+    return Evaluation(metrics, samples, logp, replies_ref)
 
 
 def _perplexity(model, tokenizer, items: list, base_nll, *, batch_size: int, system_prompt) -> dict:
@@ -250,7 +265,14 @@ def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = No
     return result
 
 
-# -- the edited model, SRA against standard ablation -----------------------------------------------------------
+# -- the edited model, SRA against the baselines ---------------------------------------------------------------
+DESCRIPTIONS = {
+    "standard": "Standard ablation: the difference of means of all harmful and harmless training prompts at SRA's "
+                "direction layer, baked flat (γ = 1) into every writer, as abliteration tools do.",
+    "standard_filtered": "Standard ablation of SRA's own dirty direction (filtered training prompts), flat γ = 1.",
+    "rank1": "SRA's first clean direction alone, with its searched strength profile (no mining).",
+}
+
 def reapply_edit(model: nn.Module, report) -> list:
     """Bake the report's directions into ``model`` (the unedited base) again, as the pipeline did: the first
     with the report's strength profile, each accepted mining pass with its flat γ, each orthogonal to the
@@ -268,21 +290,6 @@ def reapply_edit(model: nn.Module, report) -> list:
     return report._handles
 
 
-@contextmanager
-def standard_ablation(model: nn.Module, report) -> Iterator[None]:
-    """Inside the block the model is standard ablation instead of SRA: the report's bakes are undone and the
-    dirty direction is removed with the same strength profile and layers (hooks); on exit SRA is baked back."""
-    if not report._handles:
-        raise SRAError("the standard-ablation comparison needs the live report of apply_surgical_ablation "
-                       "(not one loaded from JSON or already undone)")
-    report.undo()
-    try:
-        with ablate_activations(model, torch.tensor(report.dirty_direction), report.strength, report.bake_layers):
-            yield
-    finally:
-        reapply_edit(model, report)
-
-
 def judge_summary(judge=None) -> dict:
     """Which judge counted refusals, and (for the shipped one) its precision and recall on the held-out half of
     the labelled replies; the card states them."""
@@ -294,18 +301,59 @@ def judge_summary(judge=None) -> dict:
 
 
 def evaluate_edit(model: nn.Module, tokenizer, report, base: Evaluation, sets: Optional[EvalSets] = None, *,
-                  standard: bool = True, judge=None, progress: Optional[Progress] = None, **kwargs) -> dict:
-    """Measure the edited model (and, with ``standard``, the dirty-direction ablation) against ``base``; store
-    everything in ``report.metrics`` and return ``{"base", "sra"[, "standard"]}`` `Evaluation` objects."""
+                  baselines: Sequence[str] = ("standard",), judge=None, progress: Optional[Progress] = None,
+                  **kwargs) -> dict:
+    """Measure the edited model and each of ``baselines`` (names from `baselines.BASELINES`) against ``base``
+    through `evaluate_model`; store everything in ``report.metrics`` and return ``{"base", "sra", *baselines}``
+    `Evaluation` objects."""
     sets = sets or EvalSets.default()
     stage = (lambda name: (lambda step, i, n: progress(f"{name}:{step}", i, n))) if progress else (lambda name: None)
     out = {"base": base, "sra": evaluate_model(model, tokenizer, sets, base=base, judge=judge,
                                                progress=stage("sra"), **kwargs)}
-    if standard:
-        with standard_ablation(model, report):
-            out["standard"] = evaluate_model(model, tokenizer, sets, base=base, judge=judge,
-                                             progress=stage("standard"), **kwargs)
-    report.metrics = {**{k: v.to_dict() for k, v in out.items()}, "sets": sets.sizes(),
-                      "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
+    for name in baselines:
+        with swapped_edit(model, report, name):
+            out[name] = evaluate_model(model, tokenizer, sets, base=base, judge=judge, progress=stage(name), **kwargs)
+    report.metrics = {**{k: {**v.to_dict(), "description": DESCRIPTIONS.get(k, "")} for k, v in out.items()},
+                      "sets": sets.sizes(), "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
                       "max_new_tokens": kwargs.get("max_new_tokens", JUDGE_TOKENS)}
     return out
+
+
+# -- the one results file every published number comes from ----------------------------------------------------
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def results_record(evaluations: dict, sets: EvalSets, *, report=None, judge=None, command: str = "",
+                   max_new_tokens: int = JUDGE_TOKENS, extra: Optional[dict] = None) -> dict:
+    """``{"commit", "command", "config_sha256", "sets", "judge", "rows": [...]}``: one row per evaluated model with
+    every metric (rates as ``{"rate", "k", "n", "ci95"}``). `write_results` saves it; README tables render from it."""
+    rows = []
+    for name, evaluation in evaluations.items():
+        m = evaluation.metrics if isinstance(evaluation, Evaluation) else evaluation
+        row: dict = {"name": name, "label": LABELS.get(name, name)}
+        for key, value in m.items():
+            if key.endswith("_rate") and f"{key}_ci95" in m:
+                row[key] = {"rate": value, "k": m[f"{key}_count"], "n": m[f"{key}_n"], "ci95": m[f"{key}_ci95"]}
+            elif isinstance(value, (int, float)) and not key.endswith(("_count", "_refused", "_n")):
+                row[key] = value
+        rows.append(row)
+    config = report.config if report is not None else {}
+    return {"commit": _commit(), "command": command,
+            "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
+            "sets": sets.sizes(), "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
+            "max_new_tokens": max_new_tokens, "rows": rows, **(extra or {})}
+
+
+def write_results(path: str | os.PathLike, record: dict) -> Path:
+    """Write a `results_record` as indented JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path

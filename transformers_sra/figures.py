@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .baselines import LABELS as _LABELS
+
 FIGURES = {"orthogonality": "atom_orthogonality.png", "layer_sweep": "layer_sweep.png",
            "frontier": "refusal_vs_kl.png"}
-_COLORS = {"base": "#555555", "standard": "#d62728", "sra": "#1f77b4"}
-_LABELS = {"base": "base model", "standard": "standard ablation", "sra": "SRA"}
+_COLORS = {"base": "#555555", "standard": "#d62728", "standard_filtered": "#ff7f0e", "rank1": "#9467bd",
+           "sra": "#1f77b4"}
 
 
 def _figure(width: float = 6.4, height: float = 4.8):
@@ -77,7 +79,7 @@ def layer_sweep(report, path: str | os.PathLike) -> None:
 def refusal_vs_kl(report, path: str | os.PathLike) -> None:
     fig = _figure()
     ax = fig.add_subplot()
-    measured = {k: report.metrics[k]["metrics"] for k in ("base", "standard", "sra")
+    measured = {k: report.metrics[k]["metrics"] for k in _LABELS
                 if isinstance(report.metrics.get(k), dict) and "refusal_rate" in report.metrics[k].get("metrics", {})}
     if measured:
         for name, m in measured.items():

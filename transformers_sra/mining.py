@@ -1,14 +1,22 @@
-"""Hard-negative mining: harmful training prompts the edited model still refuses give the next direction.
+"""Hard-negative mining from judged replies: the refusals the first direction leaves give the next direction.
 
-The next direction is the difference of means between the still-refused prompts and the harmless set,
-measured on the edited model at the direction layer, ridge-residualized against the same atoms and made
-orthogonal to every direction already removed. Its strength is the largest of ``gammas`` that keeps the
-validation budgets, and the pass is kept only if it lowers the validation refusal score: it is judged on
-validation prompts, never on the training prompts it was mined from.
+After a bake, the edited model answers the harmful training prompts (short greedy replies) and `judge.classify`
+reads them. The prompts it still *refuses* (degenerate replies left out) are the hard negatives. The next
+direction is the difference of means at the direction layer, on the edited model, between them and a contrast:
+the harmful prompts the edited model now answers (same topics, refusal alone; the default) or the harmless set.
+It is ridge-residualized against the same Shields, Confounds and fluency Shield as the first direction and made
+orthogonal to every direction already removed. Its strength is the largest of ``gammas`` within both validation
+budgets, and the pass is kept only if the *judged* replies to validation prompts refuse less (without trading
+refusals for loops); it is never judged on the training prompts it was mined from::
+
+    setup = MiningSetup(harmful, harmless, judged_val, val, layer=14, atoms=atoms, max_kl=0.05,
+                        max_ppl_increase=0.005, ridge_lambda=0.01, classify=classify)
+    rows = mine(model, tokenizer, bakes, setup, iterations=2)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -16,80 +24,94 @@ from torch import nn
 
 from .editing import BakeStack, ablate_activations
 from .extraction import record_residuals
-from .judge import first_token_logprobs, refusal_probability
+from .judge import Classifier, Outcome, classify, generate, outcome_counts
 from .progress import bar
 from .residualize import difference_of_means, orthogonalize, ridge_residualize
 from .search import Validation
 
-
-def next_direction(
-    model: nn.Module,
-    tokenizer,
-    refused: Sequence[str],
-    harmless: Sequence[str],
-    layer: int,
-    atoms: torch.Tensor,
-    removed: Sequence[torch.Tensor],
-    *,
-    ridge_lambda: float,
-    positions: Sequence[int] = (-1,),
-    batch_size: int = 16,
-    system_prompt: Optional[str] = None,
-) -> torch.Tensor:
-    """Unit direction separating ``refused`` from ``harmless`` at ``layer``, clean and ⟂ ``removed``."""
-    kwargs = dict(layers=[layer], positions=positions, batch_size=batch_size, system_prompt=system_prompt)
-    pos = record_residuals(model, tokenizer, refused, **kwargs)
-    neg = record_residuals(model, tokenizer, harmless, **kwargs)
-    raw = difference_of_means(pos, neg)[0]
-    return orthogonalize(ridge_residualize(raw, atoms, ridge_lambda), removed)
+#: Reply length when mining and accepting: the refusals left after a bake come in the first words.
+MINING_TOKENS = 32
+CONTRASTS = ("answered", "harmless")
 
 
-def mine(
-    model: nn.Module,
-    tokenizer,
-    bakes: BakeStack,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    val: Validation,
-    current: dict,
-    *,
-    layer: int,
-    atoms: torch.Tensor,
-    iterations: int,
-    max_kl: float,
-    max_ppl_increase: float,
-    ridge_lambda: float,
-    gammas: Sequence[float] = (1.0, 0.5, 0.25),
-    bake_layers: Optional[list[int]] = None,
-    positions: Sequence[int] = (-1,),
-    batching: Optional[dict] = None,
-) -> list[dict]:
-    """Run up to ``iterations`` mining passes on top of ``bakes``; returns one row per pass tried.
+@dataclass
+class MiningSetup:
+    """What every mining pass reads; fixed for the run."""
 
-    ``current`` is the validation measurement of the model as baked so far. Still-refused training prompts
-    are those whose first-token refusal score is above 0.5 (no generation).
-    """
-    batching = batching or {}
-    rows = []
+    harmful: Sequence[str]  # training prompts whose judged replies give the hard negatives
+    harmless: Sequence[str]
+    judged_val: Sequence[str]  # validation prompts whose judged replies decide whether a pass is kept
+    val: Validation  # first-token and perplexity budgets
+    layer: int
+    atoms: torch.Tensor  # rows regressed out of every mined direction (Shields, Confounds, fluency Shield)
+    max_kl: float
+    max_ppl_increase: float
+    ridge_lambda: float
+    classify: Classifier = classify
+    contrast: str = "answered"  # what the still-refused prompts are contrasted with (see `CONTRASTS`)
+    gammas: Sequence[float] = (1.0, 0.5, 0.25)
+    reply_tokens: int = MINING_TOKENS
+    min_refused: int = 4
+    bake_layers: Optional[list[int]] = None
+    positions: Sequence[int] = (-1,)
+    batching: dict = field(default_factory=dict)
+
+    def within_budgets(self, row: dict) -> bool:
+        return row["kl"] <= self.max_kl and row["ppl_change"] is not None and row["ppl_change"] <= self.max_ppl_increase
+
+
+def judge_replies(model: nn.Module, tokenizer, prompts: Sequence[str], setup: MiningSetup) -> list[Outcome]:
+    """The outcome of each prompt's short greedy reply under the model as it is now (hooks included)."""
+    replies = generate(model, tokenizer, prompts, max_new_tokens=setup.reply_tokens, **setup.batching)
+    return [setup.classify(r) for r in replies]
+
+
+def next_direction(model: nn.Module, tokenizer, refused: Sequence[str], contrast: Sequence[str], setup: MiningSetup,
+                   removed: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Unit direction separating ``refused`` from ``contrast`` at the layer, clean and ⟂ ``removed``."""
+    kwargs = dict(layers=[setup.layer], positions=setup.positions, **setup.batching)
+    raw = difference_of_means(record_residuals(model, tokenizer, refused, **kwargs),
+                              record_residuals(model, tokenizer, contrast, **kwargs))[0]
+    return orthogonalize(ridge_residualize(raw, setup.atoms, setup.ridge_lambda), removed)
+
+
+def mine(model: nn.Module, tokenizer, bakes: BakeStack, setup: MiningSetup, iterations: int) -> list[dict]:
+    """Run up to ``iterations`` mining passes on top of ``bakes``; returns one row per pass tried."""
+    rows: list[dict] = []
+    if iterations < 1:
+        return rows
+    current = outcome_counts(judge_replies(model, tokenizer, setup.judged_val, setup))
     for iteration in bar(range(1, iterations + 1), desc="mining pass", unit="pass"):
-        score = refusal_probability(first_token_logprobs(model, tokenizer, harmful, **batching), val.refusal_ids)
-        refused = [p for p, s in zip(harmful, score.tolist()) if s > 0.5]
-        row = {"iteration": iteration, "refused_train": len(refused), "total_train": len(harmful), "accepted": False}
+        outcomes = judge_replies(model, tokenizer, setup.harmful, setup)
+        refused = [p for p, o in zip(setup.harmful, outcomes) if o is Outcome.REFUSED]
+        answered = [p for p, o in zip(setup.harmful, outcomes) if o is Outcome.ANSWERED]
+        row = {"iteration": iteration, "train": outcome_counts(outcomes), "total_train": len(setup.harmful),
+               "refused_train": len(refused), "judged_val_before": current, "accepted": False}
         rows.append(row)
-        if len(refused) < 2:
+        contrast = answered if setup.contrast == "answered" and len(answered) >= setup.min_refused else setup.harmless
+        if len(refused) < setup.min_refused:
+            row["stopped"] = f"fewer than {setup.min_refused} training prompts still refused"
             break
-        direction = next_direction(model, tokenizer, refused, harmless, layer, atoms, bakes.directions,
-                                   ridge_lambda=ridge_lambda, positions=positions, **batching)
-        for gamma in gammas:  # the strongest γ that keeps both budgets
-            with ablate_activations(model, direction, gamma, bake_layers):
-                measured = val.measure(model, tokenizer)
-            if measured["kl"] <= max_kl and measured["ppl_change"] <= max_ppl_increase:
+        direction = next_direction(model, tokenizer, refused, contrast, setup, bakes.directions)
+        row["contrast"] = setup.contrast if contrast is answered else "harmless"
+        for gamma in setup.gammas:  # the strongest γ that keeps both budgets
+            with ablate_activations(model, direction, gamma, setup.bake_layers):
+                measured = setup.val.measure(model, tokenizer)
+            if setup.within_budgets(measured):
                 break
         row.update(gamma=gamma, **measured)
-        if not (measured["kl"] <= max_kl and measured["ppl_change"] <= max_ppl_increase
-                and measured["refusal_score"] < current["refusal_score"]):
+        if not setup.within_budgets(measured):
+            row["stopped"] = "no strength keeps both budgets"
+            break
+        with ablate_activations(model, direction, gamma, setup.bake_layers):
+            judged = outcome_counts(judge_replies(model, tokenizer, setup.judged_val, setup))
+        row["judged_val"] = judged
+        fewer_refused = judged["refused"] < current["refused"]
+        no_loops_traded = judged["refused"] + judged["degenerate"] < current["refused"] + current["degenerate"]
+        if not (fewer_refused and no_loops_traded):
+            row["stopped"] = "judged validation replies refuse no less"
             break  # a mined direction that does not pay for itself on validation only costs capability
-        bakes.bake(direction, gamma, bake_layers)
+        bakes.bake(direction, gamma, setup.bake_layers)
         row["accepted"] = True
-        current = measured
+        current = judged
     return rows

@@ -23,11 +23,12 @@ from .directions import Directions, select_by_behaviour
 from .editing import BakeStack
 from .errors import ConfigError
 from .extraction import record_residuals, record_token_residuals
-from .judge import refusal_probability, refusal_token_ids, resolve_judge
-from .mining import mine
+from .judge import refusal_probability, refusal_token_ids, resolve_classifier
+from .mining import MiningSetup, mine
 from .progress import stage, with_progress_option
 from .prompts import load_corpus, load_prompts
 from .report import SRAReport
+from .residualize import difference_of_means
 from .search import Validation, constrained_search, default_candidates, default_profiles
 
 
@@ -119,6 +120,7 @@ def _directions(model, tokenizer, inputs: _Inputs, config: SRAConfig, extract: d
     dirs = Directions.build(inputs.layers, harmful_acts, harmless_acts, bases,
                             [a.name for a in inputs.atoms if a.role in ("shield", "confound")], fluency,
                             config.ridge_lambda, projected=config.projected)
+    dirs.unfiltered = difference_of_means(acts[harmful], acts[harmless])  # the field's standard ablation direction
     return dirs, kept
 
 
@@ -140,7 +142,8 @@ def apply_surgical_ablation(
         model.save_pretrained("out/")          # a normal checkpoint: no hooks, no adapters
         report.undo()                          # or put the weights back
 
-    ``judge`` (a ``str -> bool`` callable) overrides ``config.judge``. ``progress=True`` shows a bar per
+    ``judge`` (a ``str -> bool`` callable, True = refused) overrides ``config.judge`` wherever replies are judged
+    (hard-negative mining and its acceptance). ``progress=True`` shows a bar per
     long step on stderr (so does the ``transformers_sra`` logger at INFO; otherwise nothing is printed);
     a callable ``progress(step, row)`` is called after every scored search candidate and mining pass.
     """
@@ -150,7 +153,7 @@ def apply_surgical_ablation(
     model.eval()
     with timer("validate"):
         inputs = _resolve_inputs(model, config, registry or AtomRegistry.default())
-        resolve_judge(judge or config.judge)  # a bad judge path fails now
+        classify_reply = resolve_classifier(judge or config.judge)  # a bad judge path fails now
         ranks = list(config.fluency_ranks) if config.fluency_rank == AUTO else [config.fluency_rank]
         profiles = default_profiles() if config.strength == AUTO else [config.profile()]
     batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
@@ -167,17 +170,17 @@ def apply_surgical_ablation(
             model, tokenizer, directions, val, layers=inputs.layers, ranks=ranks, profiles=profiles,
             max_kl=config.max_kl, max_ppl_increase=config.max_ppl_increase, bake_layers=config.layers,
             progress=(lambda row: progress("search", row)) if progress else None)
-    chosen = next(row for row in table if row["chosen"])
 
     with BakeStack(model, norm_preserving=config.norm_preserving) as bakes:
         with timer("bake"):
             first = bakes.bake(directions[(choice.layer, choice.rank)], choice.profile, config.layers)
         with timer("mine"):
-            mined = mine(model, tokenizer, bakes, inputs.prompts("harmful"), inputs.prompts("harmless"), val, chosen,
-                         layer=choice.layer, atoms=dirs.atom_matrix(choice.layer, choice.rank),
-                         iterations=config.iterations, max_kl=config.max_kl,
-                         max_ppl_increase=config.max_ppl_increase, ridge_lambda=config.ridge_lambda,
-                         bake_layers=config.layers, positions=config.positions, batching=batching)
+            setup = MiningSetup(inputs.prompts("harmful"), inputs.prompts("harmless"), inputs.prompts("harmful_val")[0::2],
+                                val, choice.layer, dirs.atom_matrix(choice.layer, choice.rank), config.max_kl,
+                                config.max_ppl_increase, config.ridge_lambda, classify_reply,
+                                contrast=config.mining_contrast, bake_layers=config.layers, positions=config.positions,
+                                batching=batching)
+            mined = mine(model, tokenizer, bakes, setup, config.iterations)
             if progress:
                 for row in mined:
                     progress("mine", row)
@@ -206,6 +209,7 @@ def _report(model, config, inputs, dirs, kept, choice, table, mined, first, bake
         writers_edited=len(first.writer_names),
         directions=[d.tolist() for d in bakes.directions],
         dirty_direction=dirs.dirty_unit(layer).tolist(),
+        standard_direction=dirs.unit(dirs.unfiltered, layer).tolist(),
         search=table,
         extraction_prompts=kept,
         validation={"harmful_scored": len(val.harmful), "harmless": len(val.harmless), "text_passages": len(val.text),

@@ -32,7 +32,7 @@ class SRAReport:
     bake_layers: Optional[list]
     writers_edited: int
     directions: list  # removed unit directions, first bake then each mining pass
-    dirty_direction: list  # the difference-of-means direction at direction_layer, unit
+    dirty_direction: list  # SRA's dirty direction at direction_layer (filtered prompts), unit
     search: list  # every scored candidate: layer, rank, profile, refusal_score, kl, ppl_change, feasible, chosen
     validation: dict  # sizes of the validation data and the base model's refusal score
     atom_audit: dict  # {"names": [...], "cosine": [[...]]} incl. "dirty" and "clean"
@@ -43,6 +43,7 @@ class SRAReport:
     extraction_prompts: dict = field(default_factory=dict)  # harmful/harmless prompts the direction was measured from
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
     invariant: dict = field(default_factory=dict)  # bake self-check: largest residual share along v before/after
+    standard_direction: list = field(default_factory=list)  # all training prompts' difference of means, unit
     _handles: list = field(default_factory=list, repr=False, compare=False)
 
     def undo(self) -> None:

@@ -6,6 +6,7 @@ import argparse
 import time
 from contextlib import contextmanager, nullcontext
 
+from ..baselines import LABELS
 from ..config import PROMPT_FIELDS, SRAConfig
 from ..demo import DEMO_MODEL_ID
 from ..errors import ConfigError
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     timings.update({f"sra {k}": v for k, v in report.timings.items()})
     if args.evaluate:
         with timed(timings, "evaluate edit"):
-            evaluate_edit(model, tokenizer, report, base, sets, standard=args.standard, progress=step_logger("measured"),
+            evaluate_edit(model, tokenizer, report, base, sets, baselines=("standard",) if args.standard else (),
+                          progress=step_logger("measured"),
                           **measure)
     with timed(timings, "save"):
         path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite,
@@ -86,28 +88,29 @@ def run(args: argparse.Namespace) -> int:
               "strength": report.strength, "bake_layers": report.bake_layers, "writers_edited": report.writers_edited,
               "validation": {"base_refusal_score": report.validation["base_refusal_score"],
                              **{k: report.chosen[k] for k in ("refusal_score", "kl", "ppl_change")}},
-              "test": {k: report.metrics[k]["metrics"] for k in ("base", "standard", "sra") if k in report.metrics},
+              "test": {k: report.metrics[k]["metrics"] for k in LABELS if k in report.metrics},
               "max_new_tokens": config.max_new_tokens, "timings": timings, "memory": summary.peak_memory()}
     summary.emit(result, render(result, report), args.json)
     return 0
 
 
-_LABELS = {"base": "base model", "standard": "standard ablation", "sra": "SRA"}
+def _with_ci(m: dict, key: str) -> str:
+    ci = m.get(f"{key}_ci95")
+    return "-" if m.get(key) is None else f"{m[key]:.1%}" + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
 
 
 def _test_table(test: dict) -> str:
     rows = []
     for name, m in test.items():
-        ci = m.get("refusal_rate_ci95")
-        refusal = "-" if m.get("refusal_rate") is None else f"{m['refusal_rate']:.1%}" + (
-            f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
-        rows.append((_LABELS[name], refusal, summary.rate(m.get("over_refusal_rate")),
+        rows.append((LABELS[name], _with_ci(m, "refusal_rate"), _with_ci(m, "degenerate_rate"),
+                     summary.rate(m.get("over_refusal_rate")),
                      0.0 if name == "base" else m.get("first_token_kl"),
+                     0.0 if name == "base" else m.get("multi_token_kl"),
                      summary.percent(0.0 if name == "base" else m.get("perplexity_change")),
                      summary.percent(0.0 if name == "base" else m.get("math_perplexity_change")),
                      summary.percent(0.0 if name == "base" else m.get("code_perplexity_change"))))
-    return summary.table(["held-out test sets", "refusal (95% CI)", "over-refusal", "KL", "ΔPPL text", "ΔPPL math",
-                          "ΔPPL code"], rows)
+    return summary.table(["held-out test sets", "refused (95% CI)", "degenerate (95% CI)", "over-refusal", "KL",
+                          "KL 32 tok", "ΔPPL text", "ΔPPL math", "ΔPPL code"], rows)
 
 
 def render(result: dict, report: SRAReport) -> str:
@@ -119,8 +122,9 @@ def render(result: dict, report: SRAReport) -> str:
     lines = [""]
     if result["test"]:
         lines += [_test_table(result["test"]),
-                  f"  refusal: judged {result['max_new_tokens']}-token replies to harmful_test; over-refusal: prompts "
-                  "that only sound unsafe; KL: first-token KL(base ‖ model) on harmless_test", ""]
+                  f"  refused / degenerate (loops, empty): judged {result['max_new_tokens']}-token replies to harmful_test; "
+                  "over-refusal: prompts that only sound unsafe; KL: first-token KL(base ‖ model) on harmless_test; "
+                  "KL 32 tok: mean per-token KL along the base model's 32-token replies", ""]
     lines += [summary.pairs([
         ("validation", f"refusal score {val['refusal_score']:.3f} (base {val['base_refusal_score']:.3f}), "
                        f"KL {val['kl']:.3f}, ΔPPL {summary.percent(val['ppl_change'])}"),

@@ -14,10 +14,10 @@ take ``model=`` and ``tokenizer=`` as compute arguments.
 from .core import answer_nll, chunk_token_ids, clopper_pearson, perplexity, token_nll
 from .answer_perplexity import AnswerPerplexity
 from .first_token_kl import FirstTokenKL
-from .over_refusal_rate import OverRefusalRate
+from .over_refusal_rate import HarmlessOutcomes, OverRefusalRate
 from .text_perplexity import Perplexity
 from .refusal_rate import RefusalRate
 from .refusal_score import RefusalScore
 
-__all__ = ["AnswerPerplexity", "FirstTokenKL", "OverRefusalRate", "Perplexity", "RefusalRate", "RefusalScore", "answer_nll",
+__all__ = ["AnswerPerplexity", "FirstTokenKL", "HarmlessOutcomes", "OverRefusalRate", "Perplexity", "RefusalRate", "RefusalScore", "answer_nll",
            "chunk_token_ids", "clopper_pearson", "perplexity", "token_nll"]
