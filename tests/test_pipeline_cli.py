@@ -9,8 +9,16 @@ import torch
 
 from conftest import make_tiny_model, make_tokenizer
 from tiny_families import writer_vector_norms
-from transformers_sra import (ConfigError, SRAConfig, SRAReport, UnsupportedModelError, apply_surgical_ablation,
-                              ConceptAtom, AtomRegistry)
+from transformers_sra import (
+    AtomRegistry,
+    ConceptAtom,
+    ConfigError,
+    SRAConfig,
+    SRAReport,
+    UnsupportedModelError,
+    apply_surgical_ablation,
+)
+from transformers_sra import judge as judge_module
 from transformers_sra import pipeline as pipeline_module
 
 SMALL = dict(
@@ -43,6 +51,31 @@ def test_pipeline_on_a_tiny_model_edits_and_reports():
     json.loads(report.to_json())
     report.undo()
     assert all(torch.allclose(v, original[k], atol=1e-6) for k, v in model.state_dict().items())
+
+
+def test_the_judge_given_to_the_pipeline_reaches_mining(monkeypatch):
+    from transformers_sra import mining
+
+    passed = []
+    real_mine = mining.mine
+
+    def spy(*args, **kwargs):
+        passed.append(kwargs.get("judge"))
+        return real_mine(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "mine", spy)
+
+    def strict_judge(reply: str) -> bool:
+        return True
+
+    model, tok = make_tiny_model("qwen2"), make_tokenizer()
+    report = apply_surgical_ablation(model, tok, SRAConfig(**SMALL, direction_layer=1), judge=strict_judge)
+    assert passed == [strict_judge]
+    assert report.iterations[0]["judge"] == "strict_judge"
+    report.undo()
+    default = apply_surgical_ablation(model, tok, SRAConfig(**SMALL, direction_layer=1))
+    assert passed[-1] is judge_module.is_refusal and default.iterations[0]["judge"].startswith("phrase judge")
+    default.undo()
 
 
 def test_norm_preserving_switch_reaches_the_bake_and_its_replay():

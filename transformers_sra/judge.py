@@ -126,6 +126,13 @@ def resolve_judge(judge: Union[None, str, Judge] = None) -> Judge:
     raise ConfigError(f"judge must be None, a callable str -> bool or a model path, got {type(judge).__name__}")
 
 
+def judge_name(judge: Union[None, str, Judge] = None) -> str:
+    """How reports name a judge: the shipped phrase judge, a classifier's path, or a callable's name."""
+    if judge is None or judge is is_refusal:
+        return "phrase judge (transformers_sra.judge.is_refusal)"
+    return judge if isinstance(judge, str) else getattr(judge, "__name__", type(judge).__name__)
+
+
 def labelled_replies() -> list[dict]:
     """The shipped labelled replies (prompt, reply, label, kind) that the judge is measured on."""
     path = resources.files("transformers_sra") / "data" / "judge_labelled.jsonl"

@@ -14,9 +14,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .config import Budgets
 from .editing import BakeStack, ablate_activations
 from .extraction import record_residuals
-from .judge import first_token_logprobs, refusal_probability
+from .judge import Judge, first_token_logprobs, judge_name, refusal_probability
 from .progress import bar
 from .residualize import difference_of_means, orthogonalize, ridge_residualize
 from .search import Validation
@@ -63,18 +64,22 @@ def mine(
     bake_layers: Optional[list[int]] = None,
     positions: Sequence[int] = (-1,),
     batching: Optional[dict] = None,
+    judge: Optional[Judge] = None,
 ) -> list[dict]:
     """Run up to ``iterations`` mining passes on top of ``bakes``; returns one row per pass tried.
 
     ``current`` is the validation measurement of the model as baked so far. Still-refused training prompts
-    are those whose first-token refusal score is above 0.5 (no generation).
+    are those whose first-token refusal score is above 0.5 (no generation). ``judge`` (the run's resolved
+    judge) is recorded in every row; judging generated replies with it is the planned replacement for the score.
     """
     batching = batching or {}
+    budgets = Budgets(max_kl, max_ppl_increase)
     rows = []
     for iteration in bar(range(1, iterations + 1), desc="mining pass", unit="pass"):
         score = refusal_probability(first_token_logprobs(model, tokenizer, harmful, **batching), val.refusal_ids)
         refused = [p for p, s in zip(harmful, score.tolist()) if s > 0.5]
-        row = {"iteration": iteration, "refused_train": len(refused), "total_train": len(harmful), "accepted": False}
+        row = {"iteration": iteration, "refused_train": len(refused), "total_train": len(harmful), "accepted": False,
+               "judge": judge_name(judge)}
         rows.append(row)
         if len(refused) < 2:
             break
@@ -83,11 +88,10 @@ def mine(
         for gamma in gammas:  # the strongest γ that keeps both budgets
             with ablate_activations(model, direction, gamma, bake_layers):
                 measured = val.measure(model, tokenizer)
-            if measured["kl"] <= max_kl and measured["ppl_change"] <= max_ppl_increase:
+            if budgets.allows(measured):
                 break
         row.update(gamma=gamma, **measured)
-        if not (measured["kl"] <= max_kl and measured["ppl_change"] <= max_ppl_increase
-                and measured["refusal_score"] < current["refusal_score"]):
+        if not (budgets.allows(measured) and measured["refusal_score"] < current["refusal_score"]):
             break  # a mined direction that does not pay for itself on validation only costs capability
         bakes.bake(direction, gamma, bake_layers)
         row["accepted"] = True
