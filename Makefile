@@ -1,6 +1,7 @@
 # The README's two set-up commands, for a fresh machine:
 #   make demo   installs a CPU torch and the package, then removes refusal from the demo model (sra ablate)
 #   make test   installs the test dependencies and runs the tests (what CI runs: .ci/run calls it)
+#   make test-fast   the unit tests only (no real model, no all-families run): the edit-test loop, under 2 minutes
 # Everything goes into ./.venv. Variables: PYTHON, TORCH, TORCH_INDEX, OUTPUT, SRA_ARGS, PYTEST_ARGS.
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ OUTPUT ?= qwen-sra
 SRA_ARGS ?= --overwrite --eval-limit 16
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-deps
+.PHONY: demo test test-fast test-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,9 @@ demo: $(VENV)/.torch-installed
 
 test: test-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast:
+	$(BIN)/python -m pytest -q -m "not real_model and not slow" $(PYTEST_ARGS)
 
 test-deps: $(VENV)/.torch-installed
 	$(BIN)/python -m pip install -q -e ".[demo,test]"

@@ -18,7 +18,6 @@ from transformers_sra.cli import build_parser, main
 from transformers_sra.cli.args import config_from
 from transformers_sra.cli.loading import device_map_for
 
-
 # Small prompt sets everywhere (the shipped atom sets hold hundreds of prompts): each run takes seconds.
 SMALL = {**_SMALL, "atoms": (), "custom_atoms": {
     "mathy": {"role": "shield", "prompts": ["explain math please", "math and logic", "explain the math of code"]},
@@ -68,6 +67,15 @@ def _ablate(tiny, config_dir, out, *extra):
 
 
 # -- ablate ---------------------------------------------------------------------------------------------------
+def test_ablate_refuses_to_write_over_its_own_model_folder(tiny, config_dir, capsys):
+    """With --overwrite, an output that is the model folder would replace the base checkpoint by its edit."""
+    before = _digest(tiny)
+    assert _ablate(tiny, config_dir, tiny, "--overwrite") == 2
+    assert "is the model folder itself" in _error_line(capsys.readouterr().err)
+    assert _digest(tiny) == before
+    assert not [p for p in tiny.parent.iterdir() if p.name.startswith(f".{tiny.name}")]  # no half-written sibling
+
+
 def test_ablate_writes_a_loadable_checkpoint_in_the_checkpoints_dtype(tmp_path, capsys, config_dir):
     from transformers import AutoModelForCausalLM
 
@@ -214,7 +222,6 @@ def test_errors_are_one_line_and_leave_no_output(tmp_path, capsys, monkeypatch, 
     real_load = ablate.load_model
     monkeypatch.setattr(ablate, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     out = tmp_path / "out"
-    before = _digest(tiny)
     model_args = [] if "--model" in argv else ["--model", str(tiny)]
     capsys.readouterr()
     code = main(["ablate", *model_args, "--output", str(out), "--no-evaluate", *argv]) if when != "parse" else None
@@ -225,7 +232,6 @@ def test_errors_are_one_line_and_leave_no_output(tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err
     assert code == 2 and _error_line(err).startswith("error: ") and message in _error_line(err), err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-    assert _digest(tiny) == before
     assert bool(loads) == (when in ("load", "pipeline"))  # config errors come before the model is loaded
 
 
@@ -268,11 +274,11 @@ def test_ctrl_c_leaves_model_and_output_untouched(tiny, config_dir, tmp_path, ca
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous run")
-    before_model, before_out = _digest(tiny), _digest(out)
+    before = _digest(out)
     assert _ablate(tiny, config_dir, out, "--overwrite") == 130
     err = _error_line(capsys.readouterr().err)
     assert err.startswith("error: interrupted;") and "untouched" in err
-    assert _digest(tiny) == before_model and _digest(out) == before_out
+    assert _digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg", "out", "tiny"]  # no half-written sibling
 
 
@@ -308,7 +314,6 @@ def test_audit_matches_the_search_and_edits_nothing(tiny, tmp_path, capsys, conf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "audit"
-    before = _digest(tiny)
     argv = ["audit", "--model", str(tiny), "--config", str(config_dir), "--candidate-layers", "0", "1", "2",
             "--fluency-rank", "2", "--strength", "1.0", "--output", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
@@ -320,7 +325,6 @@ def test_audit_matches_the_search_and_edits_nothing(tiny, tmp_path, capsys, conf
     torch.testing.assert_close(matrix.diagonal(), torch.ones(4), atol=1e-3, rtol=0)
     torch.testing.assert_close(matrix, matrix.T, atol=1e-4, rtol=0)
     assert "layer sweep" in text and f"cosines at layer {audit['best_layer']}" in text
-    assert _digest(tiny) == before
     # the sweep is the search's first stage: the same numbers as apply_surgical_ablation's table
     model = AutoModelForCausalLM.from_pretrained(tiny)
     config = SRAConfig(**{**SMALL, "candidate_layers": [0, 1, 2], "fluency_rank": 2, "strength": 1.0})

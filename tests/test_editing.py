@@ -49,7 +49,8 @@ def test_undo_restores_weights(model_type):
 def test_moe_writers_cover_every_expert_and_shared_expert():
     model = make_tiny_model("qwen2_moe")
     names = [w.name for w in residual_writers(model, [0])]
-    assert names == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.experts", "model.layers.0.mlp.shared_expert.down_proj"]
+    assert names == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.experts",
+                     "model.layers.0.mlp.shared_expert.down_proj"]
     experts = residual_writers(model, [0])[1]
     assert experts.param == "down_proj" and experts.module.down_proj.dim() == 3 and experts.hidden_axis == 1
 

@@ -11,8 +11,18 @@ import torch
 from conftest import make_tiny_model, make_tokenizer
 from transformers_sra import ConfigError, bake_direction
 from transformers_sra.architectures import residual_writers
-from transformers_sra.judge import (Outcome, classify, degenerate_labelled, is_degenerate, is_refusal, judge_accuracy,
-                                   labelled_replies, outcome_counts, resolve_classifier, resolve_judge)
+from transformers_sra.judge import (
+    Outcome,
+    classify,
+    degenerate_labelled,
+    is_degenerate,
+    is_refusal,
+    judge_accuracy,
+    labelled_replies,
+    outcome_counts,
+    resolve_classifier,
+    resolve_judge,
+)
 from transformers_sra.metrics import clopper_pearson, perplexity
 from transformers_sra.profile import StrengthProfile
 from transformers_sra.prompts import load_corpus, load_prompts, prompt_categories

@@ -9,9 +9,17 @@ import torch
 
 from conftest import make_tiny_model, make_tokenizer
 from tiny_families import writer_vector_norms
-from transformers_sra import (ConfigError, SRAConfig, SRAReport, UnsupportedModelError, apply_surgical_ablation,
-                              ConceptAtom, AtomRegistry)
+from transformers_sra import (
+    AtomRegistry,
+    ConceptAtom,
+    ConfigError,
+    SRAConfig,
+    SRAReport,
+    UnsupportedModelError,
+    apply_surgical_ablation,
+)
 from transformers_sra import pipeline as pipeline_module
+from transformers_sra.config import Budgets
 from transformers_sra.judge import resolve_classifier
 
 SMALL = dict(
@@ -45,6 +53,24 @@ def test_pipeline_on_a_tiny_model_edits_and_reports():
     report.undo()
     assert all(torch.allclose(v, original[k], atol=1e-6) for k, v in model.state_dict().items())
 
+
+def test_the_judge_given_to_the_pipeline_decides_mining(monkeypatch):
+    seen = []
+
+    def strict_judge(reply: str) -> bool:
+        seen.append(reply)
+        return True
+
+    model, tok = make_tiny_model("qwen2"), make_tokenizer()
+    report = apply_surgical_ablation(model, tok, SRAConfig(**SMALL, direction_layer=1), judge=strict_judge)
+    row = report.iterations[0]
+    assert row["judge"] == "strict_judge" and seen  # mining judged its replies with the caller's judge
+    # everything that is not a loop or empty is a refusal for this judge
+    assert row["train"]["answered"] == 0 and row["train"]["refused"] + row["train"]["degenerate"] == len(SMALL["harmful_prompts"])
+    report.undo()
+    default = apply_surgical_ablation(model, tok, SRAConfig(**SMALL, direction_layer=1))
+    assert default.iterations[0]["judge"] == "classify"
+    default.undo()
 
 def test_norm_preserving_switch_reaches_the_bake_and_its_replay():
     from transformers_sra.evaluation import reapply_edit
@@ -184,7 +210,7 @@ def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuse
         fake, calls = scripted_generate([replies_for(step) for step in script])
         monkeypatch.setattr(mining, "generate", fake)
         setup = mining.MiningSetup(harmful, harmless, val_prompts, Val(list(numbers)), layer=1, atoms=torch.zeros(0, 64),
-                                   max_kl=0.05, max_ppl_increase=0.005, ridge_lambda=0.01, min_refused=2,
+                                   budgets=Budgets(0.05, 0.005), ridge_lambda=0.01, min_refused=2,
                                    gammas=(1.0, 0.5), **({} if judge is None else {"classify": resolve_classifier(judge)}))
         with BakeStack(model) as bakes:
             bakes.bake(torch.randn(64), 1.0)

@@ -35,7 +35,7 @@ def test_sra_default_keeps_the_collateral_budgets_on_held_out_data(measured):
 
 
 @pytest.mark.xfail(strict=True, reason="issue #10 floor not reached: at KL <= 0.05 the default leaves about 15% "
-                   "of held-out harmful prompts refused on the 0.5B demo model (README, 'Where it stands')")
+                   "of held-out harmful prompts refused on the 0.5B demo model (docs/results.md)")
 def test_sra_default_reaches_the_frontier_on_held_out_prompts(measured):
     """Issue #10's floor: refusal ≤ 5% at first-token KL ≤ 0.05 and perplexity change ≤ +0.5%, by default."""
     results, _ = measured

@@ -6,13 +6,14 @@
     report = apply_surgical_ablation(model, tokenizer, SRAConfig())   # edits the model in place
 """
 
+from ._version import __version__
 from .atoms import AtomRegistry, ConceptAtom
 from .config import SRAConfig
 from .demo import load_demo_model
 from .editing import BakeHandle, bake_direction
 from .errors import ConfigError, DemoModelError, PromptSetError, SRAError, UnsupportedModelError
-from .extraction import record_residuals
 from .evaluation import EvalSets, Evaluation, evaluate_model
+from .extraction import record_residuals
 from .hub import push_cleaned, save_cleaned
 from .pipeline import apply_surgical_ablation
 from .profile import StrengthProfile
@@ -20,9 +21,8 @@ from .prompts import load_corpus, load_prompts
 from .report import SRAReport
 from .residualize import ridge_residualize
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "AtomRegistry",
     "BakeHandle",
     "ConceptAtom",

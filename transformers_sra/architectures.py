@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._torch_utils import get_decoder, text_config
 from .errors import UnsupportedModelError
 from .probing import LayerCall, WriterSpec, _is_conv1d, capture_layer_calls, layer_signature, probe_layer
 
@@ -76,14 +77,7 @@ _LAYER_LISTS = ("layers", "h", "blocks", "layer", "decoder_layers")
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks, wherever the family keeps it (``layers``, GPT-2's ``h``, ``blocks``)."""
-    candidates = []
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            candidates.append(get_decoder())
-        except (AttributeError, NotImplementedError):
-            pass
-    candidates += [getattr(model, "base_model", None), model]
+    candidates = [get_decoder(model), getattr(model, "base_model", None), model]
     for root in candidates:
         for attr in _LAYER_LISTS:
             layers = getattr(root, attr, None) if root is not None else None
@@ -100,8 +94,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _hidden_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(model)
     for attr in ("hidden_size", "n_embd", "d_model"):
         if config is not None and isinstance(getattr(config, attr, None), int):
             return getattr(config, attr)
@@ -175,7 +168,8 @@ def _table_specs(block: nn.Module, layout: Layout, hidden: int, prefix: str) -> 
             bias = "down_proj_bias" if isinstance(module._parameters.get("down_proj_bias"), torch.Tensor) else None
             mlp.append(WriterSpec(path, "down_proj", axis, bias, layout.mlp_post_norm, "mlp"))
         elif path.rsplit(".", 1)[-1] in _MLP_WRITER_NAMES and (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            mlp.append(WriterSpec(path, "weight", *_linear_writer(module, f"{prefix}.{path}", hidden), layout.mlp_post_norm, "mlp"))
+            mlp.append(WriterSpec(path, "weight", *_linear_writer(module, f"{prefix}.{path}", hidden),
+                                  layout.mlp_post_norm, "mlp"))
     if not mlp:
         raise UnsupportedModelError(f"no MLP writer found under {prefix}.{layout.mlp_root}")
     specs += mlp

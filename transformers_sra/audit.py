@@ -10,6 +10,7 @@ search, and changes no weight::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -17,7 +18,8 @@ from torch import nn
 
 from .atoms import AtomRegistry, cosine_matrix
 from .config import AUTO, SRAConfig
-from .pipeline import _directions, _resolve_inputs
+from .inputs import resolve_inputs
+from .model_directions import build_directions
 from .progress import stage, with_progress_option
 from .search import Validation, constrained_search, default_profiles
 
@@ -35,13 +37,13 @@ def audit_model(model: nn.Module, tokenizer, config: Optional[SRAConfig] = None,
     config = config or SRAConfig()
     model.eval()
     with stage("validate"):
-        inputs = _resolve_inputs(model, config, registry or AtomRegistry.default())
+        inputs = resolve_inputs(model, config, registry or AtomRegistry.default())
     rank = config.fluency_ranks[0] if config.fluency_rank == AUTO else config.fluency_rank
     profile = default_profiles()[0] if config.strength == AUTO else config.profile()
     batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
     with stage("extract"):
-        dirs, kept = _directions(model, tokenizer, inputs, config,
-                           dict(layers=inputs.layers, positions=config.positions, **batching), [rank])
+        dirs, kept = build_directions(model, tokenizer, inputs, config,
+                                      dict(layers=inputs.layers, positions=config.positions, **batching), [rank])
     names = ["dirty", "clean"] + [a.name for a in inputs.atoms]
     cosine, explained = {}, {}
     for j, layer in enumerate(inputs.layers):
@@ -52,7 +54,7 @@ def audit_model(model: nn.Module, tokenizer, config: Optional[SRAConfig] = None,
               "fluency_rank": rank, "profile": profile.to_dict(), "cosine": cosine, "explained_share": explained,
               "extraction_prompts": kept,
               "sweep": [], "best_layer": None, "base_refusal_score": None,
-              "budgets": {"max_kl": config.max_kl, "max_ppl_increase": config.max_ppl_increase}}
+              "budgets": dataclasses.asdict(config.budgets)}
     if not sweep:
         return result
     with stage("base validation numbers"):

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ._torch_utils import adds_special_tokens
+
 
 @dataclass
 class Batch:
@@ -108,8 +110,7 @@ def _shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
 
 
 def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    # A chat template already contains the special tokens it needs; adding BOS again would shift activations.
-    add_special = not getattr(tokenizer, "chat_template", None)
+    add_special = adds_special_tokens(tokenizer)
     return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
 
 

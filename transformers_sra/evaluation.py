@@ -24,11 +24,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._version import __version__
 from .baselines import LABELS, swapped_edit
+from .cache import default_cache_dir
 from .editing import bake_direction
 from .errors import PromptSetError, SRAError
-from .judge import (JUDGE_TOKENS, first_token_logprobs, generate, is_refusal, judge_accuracy, labelled_replies,
-                    refusal_probability, refusal_token_ids, resolve_judge)
+from .judge import (
+    JUDGE_TOKENS,
+    degenerate_labelled,
+    first_token_logprobs,
+    generate,
+    is_refusal,
+    judge_accuracy,
+    judge_name,
+    labelled_replies,
+    refusal_probability,
+    refusal_token_ids,
+)
 from .metrics import AnswerPerplexity, FirstTokenKL, HarmlessOutcomes, OverRefusalRate, Perplexity, RefusalRate
 from .prompts import load_corpus, load_prompts
 from .sequence_kl import ReplyDistribution, base_reply_distribution, multi_token_kl
@@ -48,7 +60,8 @@ def load_pairs(source: Any, prompt_column: Optional[str] = None, answer_column: 
     """
     if isinstance(source, (str, os.PathLike)):
         shipped = resources.files("transformers_sra") / "data" / f"{source}.jsonl"
-        path = Path(source) if Path(source).is_file() else Path(str(shipped)) if isinstance(source, str) and shipped.is_file() else None
+        is_shipped = isinstance(source, str) and shipped.is_file()
+        path = Path(source) if Path(source).is_file() else Path(str(shipped)) if is_shipped else None
         if path is None:
             raise PromptSetError(f"{source!r} is neither a file nor a shipped pair set (math_test, code_test)")
         text = path.read_text(encoding="utf-8")
@@ -249,9 +262,6 @@ def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = No
                       **kwargs) -> Evaluation:
     """`evaluate_model` of the unedited model, read from ``cache_dir`` when this model and these sets were
     measured before (default ``~/.cache/transformers_sra/evaluations``; a custom judge is never cached)."""
-    from . import __version__
-    from .demo import default_cache_dir
-
     sets = sets or EvalSets.default()
     if judge is not None and not isinstance(judge, str):
         return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
@@ -293,11 +303,14 @@ def reapply_edit(model: nn.Module, report) -> list:
 def judge_summary(judge=None) -> dict:
     """Which judge counted refusals, and (for the shipped one) its precision and recall on the held-out half of
     the labelled replies; the card states them."""
+    loops = judge_accuracy(judge, degenerate_labelled(), label="degenerate")
+    degenerate = {"degenerate_precision": loops["precision"], "degenerate_recall": loops["recall"],
+                  "degenerate_labelled": loops["n"]}
     if judge is None or judge is is_refusal:
         acc = judge_accuracy(is_refusal, labelled_replies()[1::2])
-        return {"name": "phrase judge (transformers_sra.judge.is_refusal)", "precision": acc["precision"],
-                "recall": acc["recall"], "labelled_replies": acc["n"]}
-    return {"name": judge if isinstance(judge, str) else getattr(judge, "__name__", type(judge).__name__)}
+        return {"name": judge_name(judge), "precision": acc["precision"], "recall": acc["recall"],
+                "labelled_replies": acc["n"], **degenerate}
+    return {"name": judge_name(judge), **degenerate}
 
 
 def evaluate_edit(model: nn.Module, tokenizer, report, base: Evaluation, sets: Optional[EvalSets] = None, *,

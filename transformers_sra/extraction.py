@@ -16,9 +16,10 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._torch_utils import backbone, first_tensor
 from .architectures import decoder_layers
 from .batching import id_batches, input_device, pad_id, prompt_batches
-from .metrics import chunk_token_ids
+from .nll import chunk_token_ids
 from .progress import bar
 from .prompts import format_chat
 
@@ -28,7 +29,8 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def layer_output_hooks(model: nn.Module, layers: Sequence[int], stop_after_last: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+def layer_output_hooks(model: nn.Module, layers: Sequence[int],
+                       stop_after_last: bool = True) -> Iterator[dict[int, torch.Tensor]]:
     """Capture the output hidden states of ``layers``; yields ``{layer: tensor}``, refreshed every forward.
 
     With ``stop_after_last``, the forward pass is cut after the deepest layer (run it under
@@ -41,7 +43,7 @@ def layer_output_hooks(model: nn.Module, layers: Sequence[int], stop_after_last:
 
     def make_hook(i: int):
         def hook(_module, _args, output):
-            captured[i] = output[0] if isinstance(output, tuple) else output
+            captured[i] = first_tensor(output)
             if stop_after_last and i == deepest:
                 raise _StopForward
 
@@ -54,16 +56,6 @@ def layer_output_hooks(model: nn.Module, layers: Sequence[int], stop_after_last:
     finally:
         for h in handles:
             h.remove()
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    # The decoder stack without the LM head; falls back to the full model for unusual wrappers.
-    get_decoder = getattr(model, "get_decoder", None)
-    try:
-        decoder = get_decoder() if callable(get_decoder) else None
-    except (AttributeError, NotImplementedError):
-        decoder = None
-    return decoder if decoder is not None and decoder is not model else getattr(model, "base_model", model)
 
 
 @torch.no_grad()
@@ -90,7 +82,7 @@ def record_residuals(
     n_blocks = len(decoder_layers(model))
     layers = list(range(n_blocks)) if layers is None else [int(i) % n_blocks for i in layers]
     texts = format_chat(tokenizer, prompts, system_prompt) if chat_template else list(prompts)
-    net = model if next_token else _backbone(model)
+    net = model if next_token else backbone(model)
     out: Optional[torch.Tensor] = None
     logprobs: Optional[torch.Tensor] = None
 
@@ -139,14 +131,14 @@ def record_token_residuals(
     """
     n_blocks = len(decoder_layers(model))
     layers = [int(i) % n_blocks for i in layers]
-    backbone = _backbone(model)
+    decoder = backbone(model)
     rows = []
     with layer_output_hooks(model, layers) as captured:
         chunks = chunk_token_ids(tokenizer, texts, max_length)
         for batch in bar(id_batches(chunks, batch_size, input_device(model), pad_id(tokenizer)),
                          total=-(-len(chunks) // batch_size), desc="fluency text", unit="batch"):
             try:
-                backbone(**batch.model_inputs(backbone), use_cache=False)
+                decoder(**batch.model_inputs(decoder), use_cache=False)
             except _StopForward:
                 pass
             keep = batch.attention_mask.bool() & (batch.position_ids >= skip_first)

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ._version import __version__
 from .config import SRAConfig
 from .errors import ConfigError, SRAError
 from .folders import atomic_folder
@@ -47,7 +48,6 @@ def check_card_dependencies() -> None:
 
 def provenance(model, report: SRAReport, base_model: Optional[str] = None) -> dict:
     """What ``config.json`` records under ``transformers_sra``: base model, revision, version, config hash."""
-    from . import __version__
     from .card import base_model_info, config_hash
 
     known_id, _ = base_model_info(report.model_name)

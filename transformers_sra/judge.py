@@ -201,6 +201,13 @@ def resolve_judge(judge: Union[None, str, Judge] = None) -> Judge:
     raise ConfigError(f"judge must be None, a callable str -> bool or a model path, got {type(judge).__name__}")
 
 
+def judge_name(judge: Union[None, str, Judge] = None) -> str:
+    """How reports name a judge: the shipped phrase judge, a classifier's path, or a callable's name."""
+    if judge is None or judge is is_refusal or judge is classify:
+        return "phrase judge (transformers_sra.judge.classify)"
+    return judge if isinstance(judge, str) else getattr(judge, "__name__", type(judge).__name__)
+
+
 def _jsonl(name: str) -> list[dict]:
     path = resources.files("transformers_sra") / "data" / name
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

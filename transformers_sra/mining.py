@@ -9,8 +9,8 @@ orthogonal to every direction already removed. Its strength is the largest of ``
 budgets, and the pass is kept only if the *judged* replies to validation prompts refuse less (without trading
 refusals for loops); it is never judged on the training prompts it was mined from::
 
-    setup = MiningSetup(harmful, harmless, judged_val, val, layer=14, atoms=atoms, max_kl=0.05,
-                        max_ppl_increase=0.005, ridge_lambda=0.01, classify=classify)
+    setup = MiningSetup(harmful, harmless, judged_val, val, layer=14, atoms=atoms,
+                        budgets=Budgets(max_kl=0.05, max_ppl_increase=0.005), ridge_lambda=0.01, classify=classify)
     rows = mine(model, tokenizer, bakes, setup, iterations=2)
 """
 
@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .config import Budgets
 from .editing import BakeStack, ablate_activations
 from .extraction import record_residuals
 from .judge import Classifier, Outcome, classify, generate, outcome_counts
@@ -44,8 +45,7 @@ class MiningSetup:
     val: Validation  # first-token and perplexity budgets
     layer: int
     atoms: torch.Tensor  # rows regressed out of every mined direction (Shields, Confounds, fluency Shield)
-    max_kl: float
-    max_ppl_increase: float
+    budgets: Budgets
     ridge_lambda: float
     classify: Classifier = classify
     contrast: str = "answered"  # what the still-refused prompts are contrasted with (see `CONTRASTS`)
@@ -55,9 +55,6 @@ class MiningSetup:
     bake_layers: Optional[list[int]] = None
     positions: Sequence[int] = (-1,)
     batching: dict = field(default_factory=dict)
-
-    def within_budgets(self, row: dict) -> bool:
-        return row["kl"] <= self.max_kl and row["ppl_change"] is not None and row["ppl_change"] <= self.max_ppl_increase
 
 
 def judge_replies(model: nn.Module, tokenizer, prompts: Sequence[str], setup: MiningSetup) -> list[Outcome]:
@@ -86,7 +83,8 @@ def mine(model: nn.Module, tokenizer, bakes: BakeStack, setup: MiningSetup, iter
         refused = [p for p, o in zip(setup.harmful, outcomes) if o is Outcome.REFUSED]
         answered = [p for p, o in zip(setup.harmful, outcomes) if o is Outcome.ANSWERED]
         row = {"iteration": iteration, "train": outcome_counts(outcomes), "total_train": len(setup.harmful),
-               "refused_train": len(refused), "judged_val_before": current, "accepted": False}
+               "refused_train": len(refused), "judged_val_before": current, "accepted": False,
+               "judge": getattr(setup.classify, "__name__", type(setup.classify).__name__)}
         rows.append(row)
         contrast = answered if setup.contrast == "answered" and len(answered) >= setup.min_refused else setup.harmless
         if len(refused) < setup.min_refused:
@@ -97,10 +95,10 @@ def mine(model: nn.Module, tokenizer, bakes: BakeStack, setup: MiningSetup, iter
         for gamma in setup.gammas:  # the strongest γ that keeps both budgets
             with ablate_activations(model, direction, gamma, setup.bake_layers):
                 measured = setup.val.measure(model, tokenizer)
-            if setup.within_budgets(measured):
+            if setup.budgets.allows(measured):
                 break
         row.update(gamma=gamma, **measured)
-        if not setup.within_budgets(measured):
+        if not setup.budgets.allows(measured):
             row["stopped"] = "no strength keeps both budgets"
             break
         with ablate_activations(model, direction, gamma, setup.bake_layers):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ._torch_utils import first_tensor, project_out, replace_first, text_config
 from .errors import UnsupportedModelError
 from .weights import read_param
 
@@ -74,20 +75,6 @@ def _map_tensors(obj, fn):
     return obj
 
 
-def _first_tensor(output) -> Optional[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
-
-
-def _replace_first(output, new):
-    if isinstance(output, torch.Tensor):
-        return new
-    return type(output)([new, *output[1:]]) if isinstance(output, list) else (new, *output[1:])
-
-
 def _is_offloaded(module: nn.Module) -> bool:
     return any(hasattr(m, "_hf_hook") for m in module.modules()) or any(p.device.type == "meta" for p in module.parameters())
 
@@ -125,7 +112,7 @@ def layer_output(layer: nn.Module, call: LayerCall, overrides: Optional[dict] = 
         args = (x, *args[1:])
     elif x is not None:
         kwargs = {**kwargs, call.hidden_key: x}
-    out = _first_tensor(run_fp32(layer, args, kwargs, overrides))
+    out = first_tensor(run_fp32(layer, args, kwargs, overrides))
     if out is None or out.shape != call.x.shape:
         raise UnsupportedModelError(f"decoder layer {type(layer).__name__} does not return hidden states shaped like its input")
     return out
@@ -146,7 +133,7 @@ def capture_layer_calls(model: nn.Module, blocks: nn.ModuleList, indices: list[i
         def hook(_module, args, kwargs, output):
             key = 0 if args and isinstance(args[0], torch.Tensor) else "hidden_states"
             x = args[0] if key == 0 else kwargs.get("hidden_states")
-            out = _first_tensor(output)
+            out = first_tensor(output)
             if not isinstance(x, torch.Tensor) or x.shape[-1] != hidden or out is None:
                 raise UnsupportedModelError(f"cannot find the hidden-state input of decoder layer {i} ({type(_module).__name__})")
             calls[i] = LayerCall(tuple(args), dict(kwargs), key, x.detach(), out.detach())
@@ -155,9 +142,7 @@ def capture_layer_calls(model: nn.Module, blocks: nn.ModuleList, indices: list[i
 
         return hook
 
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = int(getattr(text, "vocab_size", None) or 100)
+    vocab = int(getattr(text_config(model), "vocab_size", None) or 100)
     ids = torch.randint(3, max(4, min(vocab, 1000)), (2, n_tokens), generator=torch.Generator().manual_seed(seed))
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embed, "weight", None)
@@ -178,7 +163,8 @@ def capture_layer_calls(model: nn.Module, blocks: nn.ModuleList, indices: list[i
             h.remove()
     missing = wanted - set(calls)
     if missing:
-        raise UnsupportedModelError(f"decoder layers {sorted(missing)} were not called in a forward pass of {type(model).__name__}")
+        raise UnsupportedModelError(f"decoder layers {sorted(missing)} were not called in a forward pass of "
+                                    f"{type(model).__name__}")
     return calls
 
 
@@ -197,8 +183,8 @@ def norm_transpose(norm: nn.Module, v: torch.Tensor, chunk: int = 512) -> torch.
     with torch.no_grad():
         for start in range(0, hidden, chunk):
             eye = torch.eye(hidden, dtype=torch.float32)[start:start + chunk].unsqueeze(0)
-            plus = _first_tensor(run_fp32(norm, (eye,), {}))
-            minus = _first_tensor(run_fp32(norm, (-eye,), {}))
+            plus = first_tensor(run_fp32(norm, (eye,), {}))
+            minus = first_tensor(run_fp32(norm, (-eye,), {}))
             rows.append(((plus - minus).float().cpu()[0] / 2) @ v)
     return torch.cat(rows)
 
@@ -237,11 +223,6 @@ def _perpendicular(out: torch.Tensor, u: torch.Tensor) -> bool:
     return bool(((rows[keep] @ u.double().to(rows.device)).abs() <= _PERP_TOL * norms[keep]).all())
 
 
-def _project(t: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
-    moved = t.movedim(axis, -1)
-    return (moved - (moved @ u).unsqueeze(-1) * u).movedim(-1, axis)
-
-
 def kind_of(path: str, modules: Optional[dict] = None) -> Optional[str]:
     """"attn" or "mlp" from the innermost path segment (or its module's class) that names a token or channel
     mixer; None if none does. Innermost first, so a hybrid's ``mixer.experts`` is "mlp" and ``mixer.out_proj`` "attn"."""
@@ -270,13 +251,13 @@ class _Recorder:
     def __enter__(self):
         def make(name):
             def hook(_module, args, kwargs, output):
-                out = _first_tensor(output)
+                out = first_tensor(output)
                 if name in self.freeze and out is not None:
                     out = self.freeze[name][len(self.calls.get(name, []))].clone()
-                    output = _replace_first(output, out)
+                    output = replace_first(output, out)
                 if name in self.shift and out is not None:
                     out = out + self.shift[name].to(out.dtype)
-                    output = _replace_first(output, out)
+                    output = replace_first(output, out)
                 # Cloned: some families add into a sublayer's output in place (Llama 4's shared expert).
                 self.calls.setdefault(name, []).append((args, kwargs, None if out is None else out.clone()))
                 return output
@@ -296,7 +277,7 @@ class _Recorder:
             return None
         args, kwargs, _ = calls[0]
         if args:
-            return _first_tensor(args)
+            return first_tensor(args)
         return next((t for t in kwargs.values() if isinstance(t, torch.Tensor)), None)
 
 
@@ -338,9 +319,9 @@ def _writer_param(module: nn.Module, calls: list, hidden: int, seed: int) -> Opt
                      key=lambda na: (-params[na[0]].dim(), -params[na[0]].numel()))
 
     def perp_after(edit: dict[str, int]) -> bool:
-        overrides = {n: _project(read_param(module, n), u.to(params[n].device), a) for n, a in edit.items()}
+        overrides = {n: project_out(read_param(module, n), u.to(params[n].device), a)[0] for n, a in edit.items()}
         with torch.no_grad():
-            out = _first_tensor(run_fp32(module, args, kwargs, overrides))
+            out = first_tensor(run_fp32(module, args, kwargs, overrides))
         return out is not None and out.shape[-1] == hidden and _perpendicular(out, u)
 
     for name, axis in weights:

@@ -38,7 +38,7 @@ class SRAReport:
     atom_audit: dict  # {"names": [...], "cosine": [[...]]} incl. "dirty" and "clean"
     explained_share: dict  # layer -> share of the dirty direction the Shield/Confound atoms explained
     target_coverage: dict  # target atom -> {"dirty": |cos|, "clean": |cos|}
-    iterations: list  # per mining pass: refused_train, gamma, refusal_score, kl, ppl_change, accepted
+    iterations: list  # per mining pass: refused_train, gamma, refusal_score, kl, ppl_change, accepted, judge
     timings: dict  # seconds per pipeline step
     extraction_prompts: dict = field(default_factory=dict)  # harmful/harmless prompts the direction was measured from
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)

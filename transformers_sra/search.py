@@ -27,9 +27,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .config import Budgets
 from .editing import ablate_activations
 from .judge import first_token_kl, first_token_logprobs, refusal_probability, refusal_token_ids
-from .metrics import token_nll
+from .nll import token_nll
 from .profile import StrengthProfile
 from .progress import bar
 
@@ -123,6 +124,7 @@ def constrained_search(
     budget, or no better than the best feasible one so far, cannot win, so its perplexity is not measured
     (``ppl_change`` None).
     """
+    budgets = Budgets(max_kl, max_ppl_increase)
     table: list[dict] = []
     scored: dict[Candidate, dict] = {}
     ticker = bar(total=len(layers) + len(ranks) + len(profiles) - 2, desc="search", unit="candidate")
@@ -130,16 +132,14 @@ def constrained_search(
     def could_win(row: dict) -> bool:
         # perplexity is only worth measuring for a candidate within the KL budget that beats the best so far
         best = min((r["refusal_score"] for r in table if r["feasible"]), default=math.inf)
-        return row["kl"] <= max_kl and row["refusal_score"] < best
+        return row["kl"] <= budgets.max_kl and row["refusal_score"] < best
 
     def score(c: Candidate) -> dict:
         if c not in scored:
             start = time.perf_counter()
             with ablate_activations(model, directions[(c.layer, c.rank)], c.profile, bake_layers):
                 row = val.measure(model, tokenizer, text_if=could_win)
-            ppl = row["ppl_change"]
-            row = {"layer": c.layer, "rank": c.rank, "profile": c.profile.to_dict(), **row,
-                   "feasible": row["kl"] <= max_kl and ppl is not None and ppl <= max_ppl_increase,
+            row = {"layer": c.layer, "rank": c.rank, "profile": c.profile.to_dict(), **row, "feasible": budgets.allows(row),
                    "seconds": round(time.perf_counter() - start, 2)}
             scored[c] = row
             table.append(row)
@@ -150,12 +150,12 @@ def constrained_search(
 
     def best(cands: Sequence[Candidate]) -> Candidate:
         rows = [(c, score(c)) for c in cands]
-        return min(rows, key=lambda cr: _rank_key(cr[1], max_kl, max_ppl_increase))[0]
+        return min(rows, key=lambda cr: _rank_key(cr[1], budgets))[0]
 
     choice = best([Candidate(l, ranks[0], profiles[0]) for l in layers])
     choice = best([Candidate(choice.layer, r, choice.profile) for r in ranks])
     choice = best([Candidate(choice.layer, choice.rank, p) for p in profiles])
-    choice = min(scored, key=lambda c: _rank_key(scored[c], max_kl, max_ppl_increase))
+    choice = min(scored, key=lambda c: _rank_key(scored[c], budgets))
     if scored[choice]["ppl_change"] is None:  # a fallback (nothing feasible): the report still gets its ΔPPL
         with ablate_activations(model, directions[(choice.layer, choice.rank)], choice.profile, bake_layers):
             scored[choice]["ppl_change"] = val.measure(model, tokenizer)["ppl_change"]
@@ -165,10 +165,10 @@ def constrained_search(
     return choice, table
 
 
-def _rank_key(row: dict, max_kl: float, max_ppl: float) -> tuple:
+def _rank_key(row: dict, budgets: Budgets) -> tuple:
     # feasible rows by refusal score; infeasible ones after them, by how far they overshoot a budget
-    ppl = row["ppl_change"]
-    violation = max(row["kl"] / max_kl, 0.0 if ppl is None else ppl / max_ppl if max_ppl > 0 else math.inf)
+    ppl, max_ppl = row["ppl_change"], budgets.max_ppl_increase
+    violation = max(row["kl"] / budgets.max_kl, 0.0 if ppl is None else ppl / max_ppl if max_ppl > 0 else math.inf)
     if ppl is None and violation <= 1:  # not measured because it could not win: after every feasible row
         violation = 1.0 + 1e-9
     return (0, row["refusal_score"]) if violation <= 1 else (1, violation)

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SRAError
 from ..progress import logger, show_progress
-from .args import (AblateArguments, ArgumentParser, LoadArguments, ModelArguments, RunArguments, add_subcommand,
-                   config_arguments)
+from .args import AblateArguments, ArgumentParser, LoadArguments, ModelArguments, RunArguments, add_subcommand, config_arguments
 from .audit import AuditArguments
 from .chat import ChatArguments
 from .evaluate import EvaluateArguments

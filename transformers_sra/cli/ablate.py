@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from contextlib import contextmanager, nullcontext
 
 from ..baselines import LABELS
 from ..config import PROMPT_FIELDS, SRAConfig
-from ..demo import DEMO_MODEL_ID
+from ..demo import DEMO_LICENSE, DEMO_MODEL_ID
 from ..errors import ConfigError
 from ..progress import stage, step_logger
 from ..prompts import load_corpus, load_prompts
@@ -39,6 +40,9 @@ def check_inputs(args: argparse.Namespace) -> SRAConfig:
         raise ConfigError(f"--eval-limit must be >= 1, got {args.eval_limit}")
     check_output_dir(args.output, args.overwrite)
     check_model_source(args.model)
+    if args.model and os.path.realpath(os.path.expanduser(args.model)) == os.path.realpath(args.output):
+        # --overwrite would replace the base checkpoint with its edit once the run succeeds
+        raise ConfigError(f"--output {args.output} is the model folder itself; write the edited model to another folder")
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -74,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
                           progress=step_logger("measured"),
                           **measure)
     with timed(timings, "save"):
+        demo = args.model is None  # only the CLI knows it loaded the demo model; the card is told, not left to guess
         path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite,
-                            base_model=DEMO_MODEL_ID if args.model is None else None)
+                            base_model=DEMO_MODEL_ID if demo else None, license=DEMO_LICENSE if demo else None)
     url = None
     if args.push_to_hub:
         from ..hub import push_cleaned

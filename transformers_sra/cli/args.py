@@ -85,7 +85,8 @@ class AblateArguments:
     config: Optional[str] = _arg(None, "An SRAConfig as JSON or YAML (or a folder with sra_config.json); flags override it.",
                                  metavar="FILE")
     overwrite: bool = _arg(False, "Replace a non-empty output folder (only once the new one is complete).")
-    push_to_hub: Optional[str] = _arg(None, "Push the finished folder to this Hub repo id (token from HF_TOKEN or the login cache).",
+    push_to_hub: Optional[str] = _arg(None, "Push the finished folder to this Hub repo id (token from HF_TOKEN or the "
+                                            "login cache).",
                                        metavar="REPO")
     private: bool = _arg(False, "With --push-to-hub: create the repo private.")
     create_pr: bool = _arg(False, "With --push-to-hub: open a pull request instead of committing to main.")

@@ -36,7 +36,8 @@ class EvaluateArguments:
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
     system_prompt: Optional[str] = field(default=None, metadata={"help": "System message for the chat template."})
     base_gguf_file: Optional[str] = field(default=None, metadata={"help": "Load the base from this GGUF file in --base."})
-    edited_gguf_file: Optional[str] = field(default=None, metadata={"help": "Load the edited model from this GGUF file in --edited."})
+    edited_gguf_file: Optional[str] = field(default=None,
+                                            metadata={"help": "Load the edited model from this GGUF file in --edited."})
 
 
 _ROWS = [("refusal_rate", "refusal (judged)"), ("refusal_score", "refusal score (first token)"),
@@ -53,7 +54,8 @@ def render(base: dict, edited: dict) -> str:
         change = edited.get(f"{key}_change")
         if change is None and key in base and key in edited and key.endswith("rate"):
             change = f"{edited[key] - base[key]:+.1%}"
-        rows.append((label, _value(key, base), _value(key, edited), summary.percent(change) if isinstance(change, float) else change))
+        shown = summary.percent(change) if isinstance(change, float) else change
+        rows.append((label, _value(key, base), _value(key, edited), shown))
     return summary.table(["metric", "base", "edited", "change"], rows)
 
 

@@ -11,13 +11,14 @@ Replies come from `judge.generate`; the model-based metrics (refusal score, firs
 take ``model=`` and ``tokenizer=`` as compute arguments.
 """
 
-from .core import answer_nll, chunk_token_ids, clopper_pearson, perplexity, token_nll
+from ..nll import answer_nll, chunk_token_ids, token_nll
 from .answer_perplexity import AnswerPerplexity
+from .core import clopper_pearson, perplexity
 from .first_token_kl import FirstTokenKL
 from .over_refusal_rate import HarmlessOutcomes, OverRefusalRate
-from .text_perplexity import Perplexity
 from .refusal_rate import RefusalRate
 from .refusal_score import RefusalScore
+from .text_perplexity import Perplexity
 
-__all__ = ["AnswerPerplexity", "FirstTokenKL", "HarmlessOutcomes", "OverRefusalRate", "Perplexity", "RefusalRate", "RefusalScore", "answer_nll",
-           "chunk_token_ids", "clopper_pearson", "perplexity", "token_nll"]
+__all__ = ["AnswerPerplexity", "FirstTokenKL", "HarmlessOutcomes", "OverRefusalRate", "Perplexity", "RefusalRate",
+           "RefusalScore", "answer_nll", "chunk_token_ids", "clopper_pearson", "perplexity", "token_nll"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from transformers_sra.metrics import _base  # a module, so evaluate.load finds this file's class first
-from transformers_sra.metrics.core import answer_nll
 from transformers_sra.metrics.text_perplexity import _result
+from transformers_sra.nll import answer_nll
 
 
 class AnswerPerplexity(_base.StringMetric):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from transformers_sra.metrics import _base  # a module, so evaluate.load finds this file's class first
-from transformers_sra.metrics.core import token_nll
+from transformers_sra.nll import token_nll
 
 
 class Perplexity(_base.StringMetric):

@@ -1,0 +1,74 @@
+"""The README's and docs' results tables are what scripts/render_results.py renders from the committed JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def render():
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_tables_match_their_json(render):
+    marked = 0
+    for doc in render.documents():
+        text = doc.read_text(encoding="utf-8")
+        marked += text.count(":start -->")
+        assert render.render_document(text) == text, f"{doc.name} is out of date: run python scripts/render_results.py"
+    assert marked >= 3  # README headline, docs/results.md frontier, docs/judge.md judge
+    assert render.main(["--check"]) == 0
+
+
+def test_a_table_is_rendered_between_its_markers_and_nowhere_else(render, tmp_path):
+    results = {"commit": "0123456789abcdef", "command": "python bench.py --n 2",
+               "columns": [["name", "model"], ["refusal", "refusal"], ["kl", "KL"], ["ppl", "ΔPPL", "{:+.1%}"],
+                           ["note", "note"]],
+               "rows": [{"name": "base", "refusal": {"rate": 0.5, "k": 1, "n": 2, "ci95": [0.0126, 0.9874]},
+                         "kl": 0.0, "ppl": 0.0},
+                        {"name": "edited", "refusal": {"rate": 0.0, "k": 0, "n": 2, "ci95": [0.0, 0.8419]},
+                         "kl": 0.04567, "ppl": -0.0123, "note": "a|b"}]}
+    (tmp_path / "toy.json").write_text(json.dumps(results))
+    text = "intro\n<!-- results:toy:start -->\nstale\n<!-- results:toy:end -->\noutro\n"
+    out = render.render_document(text, tmp_path)
+    body = out.split("<!-- results:toy:start -->\n")[1].split("<!-- results:toy:end -->")[0]
+    assert out.startswith("intro\n") and out.endswith("<!-- results:toy:end -->\noutro\n") and "stale" not in out
+    lines = body.splitlines()
+    assert lines[0] == "| model | refusal | KL | ΔPPL | note |" and lines[1] == "|---|---|---|---|---|"
+    assert lines[2] == "| base | 50% (1/2) [1%, 99%] | 0.000 | +0.0% | – |"
+    assert lines[3] == "| edited | 0% (0/2) [0%, 84%] | 0.046 | -1.2% | a\\|b |"
+    assert "`python bench.py --n 2` at commit `0123456789ab`" in body
+    assert render.render_document(out, tmp_path) == out  # rendering twice changes nothing
+
+
+def test_frontier_points_convert_to_the_shared_shape(render):
+    def point(name, k, kl, ppl, over=None):
+        p = {"name": name, "refused": k, "n": 100, "refusal": k / 100, "ci95": [0.1, 0.2], "kl": kl, "ppl_change": ppl}
+        if over is not None:
+            p.update(over_refused=over, over_n=112, over_refusal=over / 112, over_ci95=[0.3, 0.4])
+        return p
+
+    points = [point("base", 55, 0.0, 0.0, 48), point("SRA default", 17, 0.029, 0.0004, 18),
+              point("standard γ=1.0", 12, 0.107, 0.034), point("standard_filtered γ=1.0", 9, 0.055, 0.011),
+              point("standard γ=0.5", 34, 0.020, 0.010)]
+    out = render.from_frontier(points, "abc")
+    assert [r["name"] for r in out["frontier_points"]["rows"]] == [p["name"] for p in points]
+    headline = out["headline"]["rows"]
+    assert len(headline) == 4 and headline[0]["refusal"] == {"rate": 0.55, "k": 55, "n": 100, "ci95": [0.1, 0.2]}
+    sra = next(r for r in headline if "SRA" in r["name"])
+    assert sra["kl"] == 0.029 and sra["over_refusal"]["k"] == 18 and headline[2]["over_refusal"] is None
+    assert out["headline"]["commit"] == "abc" and {c[0] for c in out["headline"]["columns"]} >= {"refusal", "kl"}
+
+
+def test_a_marker_without_its_json_is_a_clear_error(render, tmp_path):
+    with pytest.raises(SystemExit, match="missing"):
+        render.render_document("<!-- results:missing:start -->\n<!-- results:missing:end -->\n", tmp_path)

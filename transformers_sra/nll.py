@@ -1,0 +1,71 @@
+"""Next-token negative log-likelihoods: of plain text, and of reference answers given their prompts.
+
+The low-level numbers behind perplexity; the search, mining and the metrics all read them from here::
+
+    total, count = token_nll(model, tokenizer, texts)          # perplexity = exp(total / count)
+    total, count = answer_nll(model, tokenizer, [("What is 2+3?", "2 + 3 = 5. The answer is 5.")])
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._torch_utils import adds_special_tokens
+from .batching import id_batches, input_device, pad_id
+from .prompts import format_chat
+
+
+def chunk_token_ids(tokenizer, texts: Sequence[str], max_length: int = 256) -> list[list[int]]:
+    """Plain-text token ids (no chat template), each text cut into chunks of at most ``max_length``."""
+    chunks = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        chunks += [ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1]
+    return chunks
+
+
+@torch.no_grad()
+def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: int = 256,
+              batch_size: int = 8) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over ``texts`` and the number of predicted tokens."""
+    total, count = 0.0, 0
+    for batch in id_batches(chunk_token_ids(tokenizer, texts, max_length), batch_size, input_device(model),
+                            pad_id(tokenizer)):
+        logits = model(**batch.model_inputs(model), use_cache=False).logits[:, :-1].float()
+        targets = batch.input_ids[:, 1:]
+        keep = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    return total, count
+
+
+@torch.no_grad()
+def answer_nll(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, max_length: int = 512,
+               batch_size: int = 8, system_prompt: str | None = None) -> tuple[float, int]:
+    """Teacher-forced NLL of each reference answer given its chat-formatted prompt, summed over answer tokens.
+
+    Only answer tokens are scored; the prompt is context. Over-long pairs lose the prompt's start first.
+    """
+    add_special = adds_special_tokens(tokenizer)
+    prompts = format_chat(tokenizer, [p for p, _ in pairs], system_prompt)
+    rows, answer_lengths = [], []
+    for text, (_, answer) in zip(prompts, pairs):
+        context = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        target = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_length - 1]
+        rows.append((context + target)[-max_length:])
+        answer_lengths.append(len(target))
+    total, count = 0.0, 0
+    for batch in id_batches(rows, batch_size, input_device(model), pad_id(tokenizer)):
+        logits = model(**batch.model_inputs(model), use_cache=False).logits[:, :-1].float()
+        width = batch.input_ids.shape[1]
+        # left padding: a row's answer is its last k tokens; target position j predicts token j + 1
+        starts = torch.tensor([width - answer_lengths[i] for i in batch.indices], device=logits.device)
+        keep = torch.arange(1, width, device=logits.device)[None, :] >= starts[:, None]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    return total, count
