@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .distributed import all_ranks, is_main_process
 from .editing import ablate_activations, bake_direction
 from .errors import PromptSetError, SRAError
 from .judge import (JUDGE_TOKENS, first_token_logprobs, generate, is_refusal, judge_accuracy, labelled_replies,
@@ -243,10 +244,11 @@ def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = No
     key = hashlib.sha256(json.dumps([model_fingerprint(model), sets.fingerprint(), judge, max_new_tokens,
                                      kwargs.get("system_prompt"), __version__]).encode()).hexdigest()[:32]
     path = Path(cache_dir or default_cache_dir() / "evaluations") / key
-    if path.with_suffix(".json").is_file():
+    if all_ranks(path.with_suffix(".json").is_file()):  # ranks that disagree would fall out of step
         return Evaluation.load(path)
     result = evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
-    result.save(path)
+    if is_main_process():
+        result.save(path)
     return result
 
 

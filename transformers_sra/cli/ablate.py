@@ -8,6 +8,7 @@ from contextlib import contextmanager, nullcontext
 
 from ..config import PROMPT_FIELDS, SRAConfig
 from ..demo import DEMO_MODEL_ID
+from ..distributed import is_main_process
 from ..errors import ConfigError
 from ..progress import stage, step_logger
 from ..prompts import load_corpus, load_prompts
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         with timed(timings, "evaluate edit"):
             evaluate_edit(model, tokenizer, report, base, sets, standard=args.standard, progress=step_logger("measured"),
                           **measure)
+    if not is_main_process():
+        return 0  # every rank holds the same edited model; rank 0 writes it, pushes it and prints the summary
     with timed(timings, "save"):
         path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite,
                             base_model=DEMO_MODEL_ID if args.model is None else None)
