@@ -10,6 +10,7 @@ from ._version import __version__
 from .atoms import AtomRegistry, ConceptAtom
 from .config import SRAConfig
 from .demo import load_demo_model
+from .distributed import init_distributed, is_main_process
 from .editing import BakeHandle, bake_direction
 from .errors import ConfigError, DemoModelError, PromptSetError, SRAError, UnsupportedModelError
 from .evaluation import EvalSets, Evaluation, evaluate_model
@@ -39,6 +40,8 @@ __all__ = [
     "apply_surgical_ablation",
     "bake_direction",
     "evaluate_model",
+    "init_distributed",
+    "is_main_process",
     "load_corpus",
     "load_demo_model",
     "load_prompts",

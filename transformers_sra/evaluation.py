@@ -27,6 +27,7 @@ from torch import nn
 from ._version import __version__
 from .baselines import LABELS, swapped_edit
 from .cache import default_cache_dir
+from .distributed import all_ranks, is_main_process
 from .editing import bake_direction
 from .errors import PromptSetError, SRAError
 from .judge import (
@@ -268,10 +269,11 @@ def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = No
     key = hashlib.sha256(json.dumps([model_fingerprint(model), sets.fingerprint(), judge, max_new_tokens,
                                      kwargs.get("system_prompt"), __version__]).encode()).hexdigest()[:32]
     path = Path(cache_dir or default_cache_dir() / "evaluations") / key
-    if path.with_suffix(".json").is_file():
+    if all_ranks(path.with_suffix(".json").is_file()):  # ranks that disagree would fall out of step
         return Evaluation.load(path)
     result = evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
-    result.save(path)
+    if is_main_process():
+        result.save(path)
     return result
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from ._torch_utils import backbone, first_tensor
 from .architectures import decoder_layers
 from .batching import id_batches, input_device, pad_id, prompt_batches
+from .distributed import Rows, gather, shard
 from .nll import chunk_token_ids
 from .progress import bar
 from .prompts import format_chat
@@ -83,8 +84,7 @@ def record_residuals(
     layers = list(range(n_blocks)) if layers is None else [int(i) % n_blocks for i in layers]
     texts = format_chat(tokenizer, prompts, system_prompt) if chat_template else list(prompts)
     net = model if next_token else backbone(model)
-    out: Optional[torch.Tensor] = None
-    logprobs: Optional[torch.Tensor] = None
+    out, logprobs = Rows(len(texts)), Rows(len(texts))
 
     def run(inputs: dict):
         try:
@@ -94,23 +94,19 @@ def record_residuals(
 
     with layer_output_hooks(model, layers, stop_after_last=not next_token) as captured:
         ticker = bar(total=len(texts), desc="extract", unit="prompt")
-        for batch in prompt_batches(net, tokenizer, texts, batch_size, run):
+        for batch in shard(prompt_batches(net, tokenizer, texts, batch_size, run)):
             result = run(batch.model_inputs(net))
             ticker.update(len(batch.indices))
             # left padding: the prompt's last tokens sit at the end of every row
-            acts = torch.stack([captured[i][:, list(positions), :].float().mean(1).cpu() for i in layers], dim=1)
-            if out is None:
-                out = torch.empty(len(texts), len(layers), acts.shape[-1], dtype=torch.float32)
-            out[batch.indices] = acts
+            out.put(batch.indices, torch.stack([captured[i][:, list(positions), :].float().mean(1).cpu()
+                                                for i in layers], dim=1))
             if next_token:
-                logp = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1).cpu()
-                if logprobs is None:
-                    logprobs = torch.empty(len(texts), logp.shape[-1])
-                logprobs[batch.indices] = logp
+                logprobs.put(batch.indices, torch.log_softmax(result.logits[:, -1, :].float(), dim=-1).cpu())
         ticker.close()
-    if out is None:
+    acts = out.result()
+    if acts is None:
         raise ValueError("record_residuals needs at least one prompt")
-    return (out, logprobs) if next_token else out
+    return (acts, logprobs.result()) if next_token else acts
 
 
 @torch.no_grad()
@@ -132,17 +128,18 @@ def record_token_residuals(
     n_blocks = len(decoder_layers(model))
     layers = [int(i) % n_blocks for i in layers]
     decoder = backbone(model)
-    rows = []
+    rows = {}  # batch number -> its tokens' rows; concatenated in batch order, however many ranks ran them
     with layer_output_hooks(model, layers) as captured:
         chunks = chunk_token_ids(tokenizer, texts, max_length)
-        for batch in bar(id_batches(chunks, batch_size, input_device(model), pad_id(tokenizer)),
-                         total=-(-len(chunks) // batch_size), desc="fluency text", unit="batch"):
+        batches = enumerate(id_batches(chunks, batch_size, input_device(model), pad_id(tokenizer)))
+        for k, batch in bar(shard(batches), total=-(-len(chunks) // batch_size), desc="fluency text", unit="batch"):
             try:
                 decoder(**batch.model_inputs(decoder), use_cache=False)
             except _StopForward:
                 pass
             keep = batch.attention_mask.bool() & (batch.position_ids >= skip_first)
-            rows.append(torch.stack([captured[i][keep].float().cpu() for i in layers], dim=1))
+            rows[k] = torch.stack([captured[i][keep].float().cpu() for i in layers], dim=1)
+    rows = gather(rows)
     if not rows:
         raise ValueError("record_token_residuals needs at least one text")
-    return torch.cat(rows)
+    return torch.cat(list(rows.values()))

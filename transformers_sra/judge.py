@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .batching import input_device, prompt_batches, sorted_batches
+from .distributed import Rows, gather_texts, shard
 from .errors import ConfigError
 from .progress import bar
 from .prompts import format_chat
@@ -272,8 +273,8 @@ def generate(
     """Greedy replies to the chat-formatted prompts, in input order; each batch stops when all rows hit EOS."""
     texts = format_chat(tokenizer, prompts, system_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = [""] * len(texts)
-    for batch in bar(sorted_batches(tokenizer, texts, batch_size, input_device(model)),
+    out: dict[int, str] = {}
+    for batch in bar(shard(sorted_batches(tokenizer, texts, batch_size, input_device(model))),
                      total=-(-len(texts) // batch_size), desc=f"generate {len(texts)} replies", unit="batch"):
         generated = model.generate(
             input_ids=batch.input_ids,
@@ -288,7 +289,7 @@ def generate(
         new = generated[:, batch.input_ids.shape[1] :]
         for row, i in enumerate(batch.indices):
             out[i] = tokenizer.decode(new[row], skip_special_tokens=True)
-    return out
+    return list(gather_texts(out).values())
 
 
 @torch.no_grad()
@@ -302,18 +303,15 @@ def first_token_logprobs(
 ) -> torch.Tensor:
     """Log-probabilities of the first response token, ``(n_prompts, vocab)`` float32 on the CPU."""
     texts = format_chat(tokenizer, prompts, system_prompt)
-    out: Optional[torch.Tensor] = None
+    out = Rows(len(texts))
     def run(inputs: dict) -> torch.Tensor:
         return model(**inputs, logits_to_keep=1).logits[:, -1, :]
 
-    for batch in bar(prompt_batches(model, tokenizer, texts, batch_size, run), total=-(-len(texts) // batch_size),
-                     desc=f"score {len(texts)} prompts", unit="batch"):
+    for batch in bar(shard(prompt_batches(model, tokenizer, texts, batch_size, run)),
+                     total=-(-len(texts) // batch_size), desc=f"score {len(texts)} prompts", unit="batch"):
         logits = run(batch.model_inputs(model))
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        if out is None:
-            out = torch.empty(len(texts), logp.shape[-1])
-        out[batch.indices] = logp
-    return out
+        out.put(batch.indices, torch.log_softmax(logits.float(), dim=-1).cpu())
+    return out.result()
 
 
 def refusal_probability(logprobs: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:

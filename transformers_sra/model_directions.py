@@ -24,7 +24,7 @@ def build_directions(model, tokenizer, inputs: RunInputs, config: SRAConfig, ext
     harmful, harmless = inputs.sources["harmful"], inputs.sources["harmless"]
     screened = {harmful, harmless} if config.filter_prompts else set()
     acts, refused = {}, {}
-    for key in inputs.to_extract():
+    for key in sorted(inputs.to_extract(), key=repr):  # one order on every rank: a set's follows the hash seed
         if key in screened:  # the same pass reads what the base model would answer
             acts[key], logprobs = record_residuals(model, tokenizer, inputs.texts[key], next_token=True, **extract)
             refused[key] = refusal_probability(logprobs, refusal_token_ids(tokenizer)) > 0.5

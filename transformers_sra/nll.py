@@ -15,6 +15,7 @@ from torch import nn
 
 from ._torch_utils import adds_special_tokens
 from .batching import id_batches, input_device, pad_id
+from .distributed import gather, shard
 from .prompts import format_chat
 
 
@@ -31,15 +32,31 @@ def chunk_token_ids(tokenizer, texts: Sequence[str], max_length: int = 256) -> l
 def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: int = 256,
               batch_size: int = 8) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over ``texts`` and the number of predicted tokens."""
-    total, count = 0.0, 0
-    for batch in id_batches(chunk_token_ids(tokenizer, texts, max_length), batch_size, input_device(model),
-                            pad_id(tokenizer)):
+    def scored(batch) -> torch.Tensor:
+        return batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
+
+    return _summed_nll(model, id_batches(chunk_token_ids(tokenizer, texts, max_length), batch_size,
+                                         input_device(model), pad_id(tokenizer)), scored)
+
+
+@torch.no_grad()
+def _summed_nll(model: nn.Module, batches, scored) -> tuple[float, int]:
+    """Next-token NLL summed over the positions ``scored(batch)`` marks (target j predicts token j + 1).
+
+    Under `torch.distributed` each rank runs its share of the batches; the per-batch sums are gathered and
+    added in batch order, so the total is the same float whatever the number of ranks.
+    """
+    parts = {}
+    for k, batch in shard(enumerate(batches)):
         logits = model(**batch.model_inputs(model), use_cache=False).logits[:, :-1].float()
-        targets = batch.input_ids[:, 1:]
-        keep = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:].to(logits.device),
+                                                reduction="none")
+        keep = scored(batch).to(nll.device)
+        parts[k] = torch.tensor([[float(nll[keep].sum()), int(keep.sum())]], dtype=torch.float64)
+    total, count = 0.0, 0
+    for part in gather(parts).values():
+        total += float(part[0, 0])
+        count += int(part[0, 1])
     return total, count
 
 
@@ -58,14 +75,11 @@ def answer_nll(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *,
         target = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_length - 1]
         rows.append((context + target)[-max_length:])
         answer_lengths.append(len(target))
-    total, count = 0.0, 0
-    for batch in id_batches(rows, batch_size, input_device(model), pad_id(tokenizer)):
-        logits = model(**batch.model_inputs(model), use_cache=False).logits[:, :-1].float()
-        width = batch.input_ids.shape[1]
+
+    def scored(batch) -> torch.Tensor:
         # left padding: a row's answer is its last k tokens; target position j predicts token j + 1
-        starts = torch.tensor([width - answer_lengths[i] for i in batch.indices], device=logits.device)
-        keep = torch.arange(1, width, device=logits.device)[None, :] >= starts[:, None]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
-    return total, count
+        width = batch.input_ids.shape[1]
+        starts = torch.tensor([width - answer_lengths[i] for i in batch.indices], device=batch.input_ids.device)
+        return torch.arange(1, width, device=starts.device)[None, :] >= starts[:, None]
+
+    return _summed_nll(model, id_batches(rows, batch_size, input_device(model), pad_id(tokenizer)), scored)

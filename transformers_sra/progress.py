@@ -24,6 +24,8 @@ from typing import Iterator, Optional
 
 from tqdm.auto import tqdm
 
+from .distributed import is_main_process
+
 logger = logging.getLogger("transformers_sra")
 
 # None: follow the logger's level; True / False: forced on or off for the current context.
@@ -31,6 +33,8 @@ _SHOW: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("transfor
 
 
 def progress_enabled() -> bool:
+    if not is_main_process():  # one bar per run, not one per rank
+        return False
     shown = _SHOW.get()
     return logger.isEnabledFor(logging.INFO) if shown is None else shown
 
@@ -68,6 +72,8 @@ def step_logger(prefix: str):
 
 
 def _say(message: str) -> None:
+    if not is_main_process():
+        return
     if _SHOW.get() and not logger.isEnabledFor(logging.INFO):
         tqdm.write(message, file=sys.stderr)  # forced on without a logging set-up: still shown, and never through a bar
     else:

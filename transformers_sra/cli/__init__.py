@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..errors import SRAError
+from ..distributed import init_distributed, is_main_process, world
+from ..errors import ConfigError, SRAError
 from ..progress import logger, show_progress
 from .args import AblateArguments, ArgumentParser, LoadArguments, ModelArguments, RunArguments, add_subcommand, config_arguments
 from .audit import AuditArguments
@@ -44,6 +45,7 @@ _COMMANDS = {
              "sra chat ID_OR_DIR [--compare BASE] [--prompt TEXT ...]"),
 }
 _CONFIG_COMMANDS = ("ablate", "audit")
+_DISTRIBUTED_COMMANDS = ("ablate", "evaluate")  # the others run in one process
 
 
 def build_parser() -> ArgumentParser:
@@ -102,8 +104,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import ablate, audit, chat, evaluate
 
     command = {"ablate": ablate.run, "evaluate": evaluate.run, "audit": audit.run, "chat": chat.run}[args.command]
+    grouped = False
     try:
-        with _console(args.quiet):
+        grouped = init_distributed()  # under torchrun / accelerate launch: every rank scores its share of the batches
+        if world()[1] > 1 and args.command not in _DISTRIBUTED_COMMANDS:
+            raise ConfigError(f"sra {args.command} runs in one process; launch only ablate or evaluate with torchrun "
+                              "or accelerate launch")
+        with _console(args.quiet or not is_main_process()):  # rank 0 speaks for all
             return command(args)
     except SRAError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -118,3 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {type(err).__name__}: {first} (rerun with --debug for the traceback and report it)",
               file=sys.stderr)
         return 1
+    finally:
+        if grouped:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()

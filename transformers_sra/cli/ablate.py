@@ -10,6 +10,7 @@ from contextlib import contextmanager, nullcontext
 from ..baselines import LABELS
 from ..config import PROMPT_FIELDS, SRAConfig
 from ..demo import DEMO_LICENSE, DEMO_MODEL_ID
+from ..distributed import is_main_process
 from ..errors import ConfigError
 from ..progress import stage, step_logger
 from ..prompts import load_corpus, load_prompts
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             evaluate_edit(model, tokenizer, report, base, sets, baselines=("standard",) if args.standard else (),
                           progress=step_logger("measured"),
                           **measure)
+    if not is_main_process():
+        return 0  # every rank holds the same edited model; rank 0 writes it, pushes it and prints the summary
     with timed(timings, "save"):
         demo = args.model is None  # only the CLI knows it loaded the demo model; the card is told, not left to guess
         path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..distributed import is_main_process
 from ..errors import ConfigError
 from ..progress import stage, step_logger
 from . import summary
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
               "sets": sets.sizes(), "judge": judge_summary(args.judge),
               "metrics": {"base": base.metrics, "edited": edited.metrics},
               "samples": {"base": base.samples, "edited": edited.samples}}
+    if not is_main_process():
+        return 0  # every rank measured the same numbers; rank 0 writes and prints them
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
     os.replace(tmp, target)  # a reader never sees half a file

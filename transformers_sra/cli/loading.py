@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ..distributed import rank_device
 from ..errors import SRAError
 from ..progress import stage
 
@@ -20,7 +21,10 @@ def accelerator_present() -> bool:
 
 
 def device_map_for(device_map: Optional[str]) -> Optional[str]:
-    """The user's choice, else ``auto`` (accelerate spreads the layers) when a GPU is present, else the CPU."""
+    """The user's choice, else ``auto`` (accelerate spreads the layers) when a GPU is present, else the CPU.
+    Under a multi-GPU torchrun launch the default is one whole copy per rank, on the rank's own GPU."""
+    if device_map is None and rank_device() is not None:
+        return rank_device()
     if device_map is None:
         return "auto" if accelerator_present() else None
     return None if device_map.lower() in ("none", "") else device_map
