@@ -10,7 +10,8 @@ from .atoms import AtomRegistry, ConceptAtom
 from .config import SRAConfig
 from .demo import load_demo_model
 from .editing import BakeHandle, bake_direction
-from .errors import ConfigError, DemoModelError, PromptSetError, SRAError, UnsupportedModelError
+from .errors import (ConfigError, DemoModelError, NumericsError, PromptSetError, SRAError, UndoError,
+                     UnsupportedModelError)
 from .extraction import record_residuals
 from .evaluation import EvalSets, Evaluation, evaluate_model
 from .hub import push_cleaned, save_cleaned
@@ -30,11 +31,13 @@ __all__ = [
     "DemoModelError",
     "EvalSets",
     "Evaluation",
+    "NumericsError",
     "PromptSetError",
     "SRAConfig",
     "SRAError",
     "SRAReport",
     "StrengthProfile",
+    "UndoError",
     "UnsupportedModelError",
     "apply_surgical_ablation",
     "bake_direction",

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .errors import NumericsError, PromptSetError
+
 
 @dataclass
 class Batch:
@@ -110,7 +112,11 @@ def _shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
 def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     # A chat template already contains the special tokens it needs; adding BOS again would shift activations.
     add_special = not getattr(tokenizer, "chat_template", None)
-    return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    encoded = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    for text, ids in zip(texts, encoded):
+        if not ids:
+            raise PromptSetError(f"prompt {text[:60]!r} encodes to no tokens; remove it or use a tokenizer that reads it")
+    return encoded
 
 
 def pad_id(tokenizer) -> int:
@@ -132,3 +138,18 @@ def id_batches(encoded: Sequence[Sequence[int]], batch_size: int, device: torch.
             mask[row, width - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         yield Batch(idx, ids.to(device), mask.to(device), positions.to(device))
+
+
+NUMERICS_HINT = 'load the model in float32 (--dtype float32) or with attn_implementation="eager"'
+
+
+def check_finite(values: torch.Tensor, where: str, prompts: Sequence[str]) -> None:
+    """Raise `NumericsError` if a row of ``values`` (row k belongs to ``prompts[k]``) holds NaN or Inf.
+
+    Half-precision overflow (common on Gemma in fp16) turns into Inf and then NaN a few layers on; caught
+    here it names ``where`` and the prompt instead of surfacing later as a NaN score.
+    """
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise NumericsError(f"NaN or Inf in {where} on prompt {prompts[row][:80]!r}; {NUMERICS_HINT}")

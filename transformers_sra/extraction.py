@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .architectures import decoder_layers
-from .batching import id_batches, input_device, pad_id, prompt_batches
+from .batching import check_finite, id_batches, input_device, pad_id, prompt_batches
+from .errors import PromptSetError
 from .metrics import chunk_token_ids
 from .progress import bar
 from .prompts import format_chat
@@ -105,19 +106,24 @@ def record_residuals(
         for batch in prompt_batches(net, tokenizer, texts, batch_size, run):
             result = run(batch.model_inputs(net))
             ticker.update(len(batch.indices))
+            rows = [prompts[i] for i in batch.indices]
             # left padding: the prompt's last tokens sit at the end of every row
-            acts = torch.stack([captured[i][:, list(positions), :].float().mean(1).cpu() for i in layers], dim=1)
+            read = {i: captured[i][:, list(positions), :] for i in layers}
+            for i in sorted(layers):  # the shallowest bad layer is where it began (of those recorded)
+                check_finite(read[i], f"the output of decoder layer {i}", rows)
+            acts = torch.stack([read[i].float().mean(1).cpu() for i in layers], dim=1)  # fp32 whatever the dtype
             if out is None:
                 out = torch.empty(len(texts), len(layers), acts.shape[-1], dtype=torch.float32)
             out[batch.indices] = acts
             if next_token:
                 logp = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1).cpu()
+                check_finite(logp, "the first response token's logits", rows)
                 if logprobs is None:
                     logprobs = torch.empty(len(texts), logp.shape[-1])
                 logprobs[batch.indices] = logp
         ticker.close()
     if out is None:
-        raise ValueError("record_residuals needs at least one prompt")
+        raise PromptSetError("record_residuals needs at least one prompt")
     return (out, logprobs) if next_token else out
 
 
@@ -150,7 +156,10 @@ def record_token_residuals(
             except _StopForward:
                 pass
             keep = batch.attention_mask.bool() & (batch.position_ids >= skip_first)
+            passages = [tokenizer.decode(chunks[k]) for k in batch.indices]
+            for i in sorted(layers):  # only the tokens kept: padding may hold anything
+                check_finite(captured[i].masked_fill(~keep[..., None], 0), f"the output of decoder layer {i}", passages)
             rows.append(torch.stack([captured[i][keep].float().cpu() for i in layers], dim=1))
     if not rows:
-        raise ValueError("record_token_residuals needs at least one text")
+        raise PromptSetError("the text corpus has no passage of two tokens or more; give it longer passages")
     return torch.cat(rows)

@@ -18,6 +18,7 @@ can replace it (`resolve_judge`)::
 from __future__ import annotations
 
 import json
+import math
 import re
 from importlib import resources
 from typing import Callable, Optional, Sequence, Union
@@ -25,8 +26,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .batching import input_device, prompt_batches, sorted_batches
-from .errors import ConfigError
+from .batching import NUMERICS_HINT, check_finite, input_device, prompt_batches, sorted_batches
+from .errors import ConfigError, NumericsError
 from .progress import bar
 from .prompts import format_chat
 
@@ -77,13 +78,30 @@ _APOSTROPHES = re.compile("[\u2018\u2019\u02bc`\u00b4]")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
+_THINK = re.compile(r"<think>.*?</think>", re.S)
+
+
+def strip_thinking(text: str) -> str:
+    """The reply without the reasoning of a thinking model, so the judge never reads a thought as the answer.
+
+    ``<think>…</think>`` blocks are removed; text before a lone ``</think>`` is reasoning too (templates
+    such as Qwen3's open the block in the prompt); a ``<think>`` that is never closed runs to the end of
+    the reply, so nothing after it has been answered yet.
+    """
+    if "think>" not in text:
+        return text
+    text = _THINK.sub("", text)
+    text = text.rsplit("</think>", 1)[-1]
+    return text.split("<think>", 1)[0].strip()
+
+
 def _normalize(text: str) -> str:
     return _APOSTROPHES.sub("'", text).lower()
 
 
 def is_degenerate(text: str) -> bool:
     """Empty, a single word, or looping text (few distinct words): no usable answer."""
-    words = _WORD.findall(_normalize(text))
+    words = _WORD.findall(_normalize(strip_thinking(text)))
     if len(words) < 2:
         return True
     return len(words) >= 12 and len(set(words)) / len(words) < 0.3
@@ -91,7 +109,7 @@ def is_degenerate(text: str) -> bool:
 
 def is_refusal(text: str) -> bool:
     """True if a reply refuses, only disclaims or redirects, or is degenerate (see the module docstring)."""
-    t = _normalize(text)
+    t = _normalize(strip_thinking(text))
     if is_degenerate(t) or _HARD.search(t) or _REDIRECT.search(t):
         return True
     answer = _ANSWER.search(t)
@@ -109,7 +127,7 @@ def resolve_judge(judge: Union[None, str, Judge] = None) -> Judge:
     if judge is None:
         return is_refusal
     if callable(judge):
-        return judge
+        return judge if judge is is_refusal else lambda text: judge(strip_thinking(text))
     if isinstance(judge, str):
         from transformers import pipeline
 
@@ -119,7 +137,7 @@ def resolve_judge(judge: Union[None, str, Judge] = None) -> Judge:
             raise ConfigError(f"cannot load judge model {judge!r}: {str(err).splitlines()[0]}") from None
 
         def classifier_judge(text: str) -> bool:
-            label = str(classify(text or " ", truncation=True)[0]["label"]).lower()
+            label = str(classify(strip_thinking(text) or " ", truncation=True)[0]["label"]).lower()
             return label in ("refusal", "label_1")
 
         return classifier_judge
@@ -212,6 +230,7 @@ def first_token_logprobs(
                      desc=f"score {len(texts)} prompts", unit="batch"):
         logits = run(batch.model_inputs(model))
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        check_finite(logp, "the first response token's logits", [prompts[i] for i in batch.indices])
         if out is None:
             out = torch.empty(len(texts), logp.shape[-1])
         out[batch.indices] = logp
@@ -225,14 +244,16 @@ def refusal_probability(logprobs: torch.Tensor, token_ids: Sequence[int]) -> tor
 
 def first_token_kl(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> float:
     """Mean KL(base ‖ new) of the first response token's distribution."""
-    kl = (base_logprobs.exp() * (base_logprobs - new_logprobs)).sum(-1)
-    return float(kl.mean())
+    kl = float((base_logprobs.exp() * (base_logprobs - new_logprobs)).sum(-1).mean())
+    if math.isnan(kl):
+        raise NumericsError(f"first-token KL is NaN: a log-probability is NaN or -inf in both models; {NUMERICS_HINT}")
+    return kl
 
 
 def judged(model: nn.Module, tokenizer, prompts: Sequence[str], judge: Optional[Judge] = None,
            **generate_kwargs) -> tuple[list[str], list[bool]]:
     """Greedy replies and the judge's verdict on each."""
-    judge = judge or is_refusal
+    judge = resolve_judge(judge)
     replies = generate(model, tokenizer, prompts, **generate_kwargs)
     return replies, [bool(judge(r)) for r in replies]
 

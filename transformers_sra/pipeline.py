@@ -26,7 +26,7 @@ from .extraction import record_residuals, record_token_residuals
 from .judge import refusal_probability, refusal_token_ids, resolve_judge
 from .mining import mine
 from .progress import stage, with_progress_option
-from .prompts import load_corpus, load_prompts
+from .prompts import chat_template_kwargs, load_corpus, load_prompts, remove_overlap, truncate_prompts
 from .report import SRAReport
 from .search import Validation, constrained_search, default_candidates, default_profiles
 
@@ -66,7 +66,7 @@ def _set_key(source) -> object:
     return source if isinstance(source, str) else tuple(source)
 
 
-def _resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry) -> _Inputs:
+def _resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry, tokenizer=None) -> _Inputs:
     atoms = registry.select(config.atoms, config.custom_atoms)
     if not any(a.role in ("shield", "confound") for a in atoms):
         raise ConfigError("no shield or confound atoms selected; SRA needs at least one (use standard ablation otherwise)")
@@ -75,6 +75,11 @@ def _resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry)
                "neutral": config.neutral_prompts}
     all_sources = list(sources.values()) + [s for a in atoms for s in (a.prompts, a.contrast) if s is not None]
     texts = {_set_key(s): load_prompts(s) for s in all_sources}
+    if tokenizer is not None:
+        texts = {k: truncate_prompts(tokenizer, v, config.max_prompt_tokens) for k, v in texts.items()}
+    for bad, good in (("harmful", "harmless"), ("harmful_val", "harmless_val")):
+        keys = _set_key(sources[bad]), _set_key(sources[good])
+        texts[keys[0]], texts[keys[1]], _ = remove_overlap(texts[keys[0]], texts[keys[1]])
     corpus = load_corpus(config.text_corpus)
     if len(corpus) < 2:
         raise ConfigError("text_corpus needs at least two passages: even ones feed the fluency Shield, odd ones the budget")
@@ -145,11 +150,18 @@ def apply_surgical_ablation(
     a callable ``progress(step, row)`` is called after every scored search candidate and mining pass.
     """
     config = config or SRAConfig()
+    # config.seed seeds this run's own random state; the caller's generators come back as they were
+    devices = range(torch.cuda.device_count())
+    with torch.random.fork_rng(devices=devices), chat_template_kwargs(config.chat_template_kwargs):
+        torch.manual_seed(config.seed)
+        return _ablate(model, tokenizer, config, registry, judge, progress)
+
+
+def _ablate(model, tokenizer, config: SRAConfig, registry, judge, progress) -> SRAReport:
     timer = _Timer()
-    torch.manual_seed(config.seed)
     model.eval()
     with timer("validate"):
-        inputs = _resolve_inputs(model, config, registry or AtomRegistry.default())
+        inputs = _resolve_inputs(model, config, registry or AtomRegistry.default(), tokenizer)
         resolve_judge(judge or config.judge)  # a bad judge path fails now
         ranks = list(config.fluency_ranks) if config.fluency_rank == AUTO else [config.fluency_rank]
         profiles = default_profiles() if config.strength == AUTO else [config.profile()]
