@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -21,10 +22,13 @@ from test_pipeline_cli import SMALL  # noqa: E402
 from transformers_sra import (ConfigError, NumericsError, PromptSetError, SRAConfig, SRAError,  # noqa: E402
                               UnsupportedModelError, apply_surgical_ablation, load_prompts)
 
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 settings.register_profile("sra-ci", derandomize=True, deadline=None, max_examples=100, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                 HealthCheck.function_scoped_fixture])
-settings.load_profile("sra-ci")
+                          suppress_health_check=_QUIET)
+# SRA_FUZZ_PROFILE=sra-deep: a longer, random search for local runs (not in CI)
+settings.register_profile("sra-deep", deadline=None, max_examples=1000, database=None, suppress_health_check=_QUIET)
+settings.load_profile(os.environ.get("SRA_FUZZ_PROFILE", "sra-ci"))
+PIPELINE_EXAMPLES = settings.default.max_examples // 4  # a tiny run is ~0.2 s; keep the CI total in seconds
 
 DOCUMENTED = (ConfigError, PromptSetError, NumericsError, UnsupportedModelError)
 FAST = dict(SMALL, iterations=0, fluency_ranks=(2,), direction_layer=1, strength=1.0, atoms=("math",))
@@ -90,7 +94,7 @@ def _run(config_kwargs: dict):
         report = apply_surgical_ablation(model, tok, SRAConfig(**config_kwargs))
     except DOCUMENTED as err:
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-        assert "\n" not in str(err)  # one line for the CLI
+        assert "\n" not in str(err) and len(str(err)) < 600  # one readable line for the CLI
         return err
     assert all(math.isfinite(row["kl"]) for row in report.search)  # a NaN KL never reaches a report
     assert abs(torch.tensor(report.directions[0]).norm() - 1) < 1e-5
@@ -99,14 +103,14 @@ def _run(config_kwargs: dict):
     return report
 
 
-@settings(max_examples=25)
+@settings(max_examples=PIPELINE_EXAMPLES)
 @given(st.sampled_from(["harmful_prompts", "harmless_prompts", "harmful_val_prompts", "neutral_prompts"]),
        st.lists(odd_text, min_size=1, max_size=4))
 def test_pipeline_on_odd_prompt_strings_runs_or_raises_a_documented_error(field, prompts):
     _run({**FAST, field: prompts})
 
 
-@settings(max_examples=25)
+@settings(max_examples=PIPELINE_EXAMPLES)
 @given(st.text(min_size=1, max_size=8), st.one_of(st.sampled_from(["shield", "confound", "target"]), st.text(max_size=6)),
        st.lists(odd_text, max_size=3), st.one_of(st.none(), st.integers(-1, 4), st.text(max_size=2)),
        st.one_of(st.none(), st.lists(odd_text, max_size=2)))
@@ -123,6 +127,9 @@ ODD_INPUTS = [
     ("only whitespace prompts", {"harmful_prompts": [" ", "\t\n"]}, PromptSetError),
     ("prompt entries that are numbers", {"harmless_prompts": [1, 2]}, PromptSetError),
     ("a set name that does not exist", {"neutral_prompts": "no_such_set"}, PromptSetError),
+    ("a 10k-character string as a set name (found by hypothesis)", {"harmful_prompts": "bake bread " * 1000},
+     PromptSetError),
+    ("a set name with a NUL byte", {"harmless_prompts": "harmless\x00train"}, PromptSetError),
     ("right-to-left and bidi control text", {"harmful_prompts": ["\u202eكيف أصنع قنبلة\u202c", "מה השעה"]}, None),
     ("control characters and NUL", {"harmful_prompts": ["\x00\x01\x02", "\x1b[31mred"]}, None),
     ("emoji and zero-width characters", {"harmless_prompts": ["🙂" * 50, "\u200b\ufeff"]}, None),

@@ -74,30 +74,38 @@ def load_corpus(source: Any = "general_val", column: str | None = None) -> list[
     """
     if isinstance(source, (str, os.PathLike)):
         shipped = resources.files("transformers_sra") / "data" / f"{source}.txt"
-        path = Path(source) if Path(source).is_file() else shipped if isinstance(source, str) and shipped.is_file() else None
+        path = Path(source) if _is_file(source) else shipped if isinstance(source, str) and _is_file(shipped) else None
         if path is not None and path.name.endswith(".txt"):
             passages = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
             if not passages:
-                raise PromptSetError(f"text corpus {source!r} is empty")
+                raise PromptSetError(f"text corpus {_describe(source)} is empty")
             return passages
     return load_prompts(source, column)
+
+
+def _is_file(path) -> bool:
+    """Path.is_file that answers False for names the OS cannot even look up (too long, NUL bytes)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _shipped(name: str) -> Path | None:
     for suffix in _SHIPPED_SUFFIXES:
         path = resources.files("transformers_sra") / "prompts" / f"{name}{suffix}"
-        if path.is_file():
+        if _is_file(path):
             return Path(str(path))
     return None
 
 
 def _load_named_or_file(source: str | os.PathLike, column: str | None) -> list[str]:
     path = Path(source)
-    if not path.is_file():
+    if not _is_file(path):
         shipped = _shipped(source) if isinstance(source, str) else None
         if shipped is None:
             raise PromptSetError(
-                f"{source!r} is neither a file nor a shipped prompt set; shipped sets: {', '.join(shipped_prompt_sets())}"
+                f"{_describe(source)} is neither a file nor a shipped prompt set; shipped sets: {', '.join(shipped_prompt_sets())}"
             )
         path = shipped
     suffix = path.suffix.lower()
@@ -141,7 +149,8 @@ def _pick_column(columns: Sequence[str], where: str) -> str:
 
 
 def _describe(source: Any) -> str:
-    return repr(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    text = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _TEMPLATE_KWARGS: ContextVar[dict] = ContextVar("chat_template_kwargs", default={})
