@@ -121,6 +121,21 @@ def test_pipeline_with_odd_custom_atoms_runs_or_raises_a_documented_error(name, 
     _run({**FAST, "custom_atoms": {name: spec}})
 
 
+@settings(max_examples=PIPELINE_EXAMPLES)
+@given(st.fixed_dictionaries({}, optional={
+    "positions": st.lists(st.integers(-40, -1), min_size=1, max_size=3),
+    "direction_layer": st.integers(-5, 5), "layers": st.lists(st.integers(-5, 5), min_size=1, max_size=3),
+    "candidate_layers": st.lists(st.integers(-4, 4), min_size=1, max_size=3), "atom_rank": st.integers(1, 40),
+    "fluency_ranks": st.lists(st.integers(0, 300), min_size=1, max_size=2), "ridge_lambda": st.floats(0, 1e6),
+    "strength": st.one_of(st.floats(-1, 3), st.sampled_from(["auto", '{"peak": 1.5}', '{"floor": -1}'])),
+    "batch_size": st.integers(1, 9), "max_new_tokens": st.integers(1, 4), "max_prompt_tokens": st.integers(1, 6),
+    "max_kl": st.floats(1e-9, 10), "max_ppl_increase": st.floats(0, 10), "projected": st.booleans(),
+    "norm_preserving": st.booleans(), "filter_prompts": st.booleans(), "iterations": st.integers(0, 2),
+    "system_prompt": st.one_of(st.none(), odd_text), "seed": st.integers(0, 2**63 - 1)}))
+def test_pipeline_on_extreme_config_values_runs_or_raises_a_documented_error(change):
+    _run({**FAST, **change})
+
+
 # Named odd inputs and the outcome each gets (None = the run completes).
 ODD_INPUTS = [
     ("empty harmful set", {"harmful_prompts": []}, PromptSetError),
@@ -141,6 +156,7 @@ ODD_INPUTS = [
     ("boolean iterations", {"iterations": True}, ConfigError),
     ("positive position", {"positions": (1,)}, ConfigError),
     ("non-numeric positions", {"positions": ("last",)}, ConfigError),
+    ("a position before the prompt's start (found by hypothesis)", {"positions": (-40,)}, PromptSetError),
     ("layer index out of range", {"direction_layer": 99}, ConfigError),
     ("layers given as a number", {"layers": 3}, ConfigError),
     ("custom_atoms as a list", {"custom_atoms": ["x"]}, ConfigError),

@@ -66,6 +66,17 @@ def test_activations_are_accumulated_in_fp32_from_a_bf16_model():
     assert not torch.equal(acts[0, 0], hidden[0, [-1, -2]].mean(0).float())  # a bf16 mean rounds differently
 
 
+def test_positions_far_from_the_end_read_the_prompt_not_padding_with_the_prefix_cache(monkeypatch):
+    model, tok = make_tiny_model("qwen2"), make_tokenizer()
+    prompts = ["why", "tell me about the history of rome please", "bake bread"]
+    kwargs = dict(layers=[1, 2], positions=(-1, -5), system_prompt="please tell me a short long answer about logic")
+    cached = record_residuals(model, tok, prompts, **kwargs)
+    monkeypatch.setenv("TRANSFORMERS_SRA_PREFIX_CACHE", "0")
+    torch.testing.assert_close(cached, record_residuals(model, tok, prompts, **kwargs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(PromptSetError, match="fewer than 40 tokens"):
+        record_residuals(model, tok, prompts, layers=[1], positions=(-40,))
+
+
 def _inject_inf(model, layer: int):
     def hook(_module, _args, output):
         hidden = (output[0] if isinstance(output, tuple) else output).clone()

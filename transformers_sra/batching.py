@@ -69,18 +69,19 @@ def sorted_batches(tokenizer, texts: Sequence[str], batch_size: int, device: tor
 
 def prompt_batches(
     model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int, run: Callable[[dict], Any],
-    min_prefix: int = 8,
+    min_prefix: int = 8, keep_last: int = 1,
 ) -> Iterator[Batch]:
     """`sorted_batches` that reuse the KV cache of the prompts' shared opening.
 
     ``run(inputs)`` is the caller's own forward (hooks and early stops included); it is called once on the
     shared prefix to fill its cache. Every yielded batch then holds only each prompt's own tokens and
     ``batch.model_inputs(model)`` brings a copy of that cache along. Falls back to plain batches when the
-    prefix is short, the model takes no position ids, or ``TRANSFORMERS_SRA_PREFIX_CACHE=0``.
+    prefix is short, the model takes no position ids, or ``TRANSFORMERS_SRA_PREFIX_CACHE=0``. The prefix
+    leaves every prompt at least ``keep_last`` tokens of its own, so positions -1..-keep_last are in the batch.
     """
     encoded = _encode(tokenizer, texts)
     device = input_device(model)
-    n = _shared_prefix_length(encoded)
+    n = _shared_prefix_length(encoded, keep_last)
     if n < min_prefix or not _takes_positions(model) or os.environ.get("TRANSFORMERS_SRA_PREFIX_CACHE") == "0":
         yield from id_batches(encoded, batch_size, device, pad_id(tokenizer))
         return
@@ -95,11 +96,11 @@ def prompt_batches(
         yield batch
 
 
-def _shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
-    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
+def _shared_prefix_length(encoded: Sequence[Sequence[int]], keep_last: int = 1) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least ``keep_last`` tokens of its own."""
     if len(encoded) < 2:
         return 0
-    n = min(len(e) for e in encoded) - 1
+    n = min(len(e) for e in encoded) - keep_last
     first = encoded[0]
     for e in encoded[1:]:
         k = 0

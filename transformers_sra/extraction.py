@@ -103,10 +103,15 @@ def record_residuals(
 
     with layer_output_hooks(model, layers, stop_after_last=not next_token) as captured:
         ticker = bar(total=len(texts), desc="extract", unit="prompt")
-        for batch in prompt_batches(net, tokenizer, texts, batch_size, run):
+        reach = max(-p for p in positions)
+        for batch in prompt_batches(net, tokenizer, texts, batch_size, run, keep_last=reach):
+            rows = [prompts[i] for i in batch.indices]
+            short = (batch.attention_mask.sum(1) < reach).nonzero()
+            if len(short):  # the position would read left padding, not the prompt
+                raise PromptSetError(f"prompt {rows[int(short[0, 0])][:80]!r} has fewer than {reach} tokens, so "
+                                     f"positions {tuple(positions)} reach before its start; use positions nearer -1")
             result = run(batch.model_inputs(net))
             ticker.update(len(batch.indices))
-            rows = [prompts[i] for i in batch.indices]
             # left padding: the prompt's last tokens sit at the end of every row
             read = {i: captured[i][:, list(positions), :] for i in layers}
             for i in sorted(layers):  # the shallowest bad layer is where it began (of those recorded)
