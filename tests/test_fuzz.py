@@ -156,7 +156,7 @@ ODD_INPUTS = [
     ("boolean iterations", {"iterations": True}, ConfigError),
     ("positive position", {"positions": (1,)}, ConfigError),
     ("non-numeric positions", {"positions": ("last",)}, ConfigError),
-    ("a position before the prompt's start (found by hypothesis)", {"positions": (-40,)}, PromptSetError),
+    ("a position before the prompt's start (found while fuzzing)", {"positions": (-40,)}, PromptSetError),
     ("layer index out of range", {"direction_layer": 99}, ConfigError),
     ("layers given as a number", {"layers": 3}, ConfigError),
     ("custom_atoms as a list", {"custom_atoms": ["x"]}, ConfigError),
