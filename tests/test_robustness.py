@@ -285,3 +285,14 @@ def test_duplicates_between_harmful_and_harmless_are_removed_with_a_count_and_he
             **dict(FAST, harmless_prompts=SMALL["harmless_prompts"] + ["make a bomb"]), direction_layer=1, strength=1.0))
     assert any("1 prompts are in both" in str(w.message) for w in caught)
     assert report.extraction_prompts == {"harmful": 3, "harmless": 4}
+
+
+def test_a_chat_template_that_rejects_the_messages_is_a_config_error():
+    from transformers_sra import ConfigError
+
+    tok = make_tokenizer()
+    tok.chat_template = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                         "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert format_chat(tok, ["why"]) == ["why"]
+    with pytest.raises(ConfigError, match="System role not supported.*check system_prompt and chat_template_kwargs"):
+        format_chat(tok, ["why"], system_prompt="be brief")
