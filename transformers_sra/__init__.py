@@ -12,7 +12,7 @@ from .config import SRAConfig
 from .demo import load_demo_model
 from .distributed import init_distributed, is_main_process
 from .editing import BakeHandle, bake_direction
-from .errors import ConfigError, DemoModelError, PromptSetError, SRAError, UnsupportedModelError
+from .errors import ConfigError, DemoModelError, NumericsError, PromptSetError, SRAError, UndoError, UnsupportedModelError
 from .evaluation import EvalSets, Evaluation, evaluate_model
 from .extraction import record_residuals
 from .hub import push_cleaned, save_cleaned
@@ -31,11 +31,13 @@ __all__ = [
     "DemoModelError",
     "EvalSets",
     "Evaluation",
+    "NumericsError",
     "PromptSetError",
     "SRAConfig",
     "SRAError",
     "SRAReport",
     "StrengthProfile",
+    "UndoError",
     "UnsupportedModelError",
     "apply_surgical_ablation",
     "bake_direction",

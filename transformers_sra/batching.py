@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._torch_utils import adds_special_tokens
+from .errors import NumericsError, PromptSetError
 
 
 @dataclass
@@ -69,18 +70,19 @@ def sorted_batches(tokenizer, texts: Sequence[str], batch_size: int, device: tor
 
 def prompt_batches(
     model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int, run: Callable[[dict], Any],
-    min_prefix: int = 8,
+    min_prefix: int = 8, keep_last: int = 1,
 ) -> Iterator[Batch]:
     """`sorted_batches` that reuse the KV cache of the prompts' shared opening.
 
     ``run(inputs)`` is the caller's own forward (hooks and early stops included); it is called once on the
     shared prefix to fill its cache. Every yielded batch then holds only each prompt's own tokens and
     ``batch.model_inputs(model)`` brings a copy of that cache along. Falls back to plain batches when the
-    prefix is short, the model takes no position ids, or ``TRANSFORMERS_SRA_PREFIX_CACHE=0``.
+    prefix is short, the model takes no position ids, or ``TRANSFORMERS_SRA_PREFIX_CACHE=0``. The prefix
+    leaves every prompt at least ``keep_last`` tokens of its own, so positions -1..-keep_last are in the batch.
     """
     encoded = _encode(tokenizer, texts)
     device = input_device(model)
-    n = _shared_prefix_length(encoded)
+    n = _shared_prefix_length(encoded, keep_last)
     if n < min_prefix or not _takes_positions(model) or os.environ.get("TRANSFORMERS_SRA_PREFIX_CACHE") == "0":
         yield from id_batches(encoded, batch_size, device, pad_id(tokenizer))
         return
@@ -95,11 +97,11 @@ def prompt_batches(
         yield batch
 
 
-def _shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
-    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
+def _shared_prefix_length(encoded: Sequence[Sequence[int]], keep_last: int = 1) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least ``keep_last`` tokens of its own."""
     if len(encoded) < 2:
         return 0
-    n = min(len(e) for e in encoded) - 1
+    n = min(len(e) for e in encoded) - keep_last
     first = encoded[0]
     for e in encoded[1:]:
         k = 0
@@ -111,7 +113,11 @@ def _shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
 
 def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     add_special = adds_special_tokens(tokenizer)
-    return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    encoded = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    for text, ids in zip(texts, encoded):
+        if not ids:
+            raise PromptSetError(f"prompt {text[:60]!r} encodes to no tokens; remove it or use a tokenizer that reads it")
+    return encoded
 
 
 def pad_id(tokenizer) -> int:
@@ -133,3 +139,18 @@ def id_batches(encoded: Sequence[Sequence[int]], batch_size: int, device: torch.
             mask[row, width - n :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         yield Batch(idx, ids.to(device), mask.to(device), positions.to(device))
+
+
+NUMERICS_HINT = 'load the model in float32 (--dtype float32) or with attn_implementation="eager"'
+
+
+def check_finite(values: torch.Tensor, where: str, prompts: Sequence[str]) -> None:
+    """Raise `NumericsError` if a row of ``values`` (row k belongs to ``prompts[k]``) holds NaN or Inf.
+
+    Half-precision overflow (common on Gemma in fp16) turns into Inf and then NaN a few layers on; caught
+    here it names ``where`` and the prompt instead of surfacing later as a NaN score.
+    """
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(-1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise NumericsError(f"NaN or Inf in {where} on prompt {prompts[row][:80]!r}; {NUMERICS_HINT}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -147,7 +149,16 @@ class SRAConfig:
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per prompt when judging refusals."})
     system_prompt: Optional[str] = field(default=None, metadata={"help": "System message for the chat template, if any."})
-    seed: int = field(default=0, metadata={"help": "Seed for anything random (none of the default steps are)."})
+    chat_template_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Extra arguments for the tokenizer's chat template, e.g. {\"enable_thinking\": false} for Qwen3."},
+    )
+    max_prompt_tokens: int = field(
+        default=512, metadata={"help": "Prompts longer than this many tokens are cut to it (with a warning)."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the run's own random state (the caller's generator is left as it was)."}
+    )
 
     def __post_init__(self) -> None:
         for name in PROMPT_FIELDS:
@@ -158,12 +169,18 @@ class SRAConfig:
                 setattr(self, name, load_prompts(value))
             elif isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
-        self.atoms = tuple(self.atoms)
-        self.fluency_ranks = tuple(int(r) for r in self.fluency_ranks)
+        # Normalize what the command line and JSON spell loosely; a value of the wrong kind is a ConfigError.
+        with _field("atoms", "a list of atom names"):
+            self.atoms = tuple(self.atoms) if not isinstance(self.atoms, str) else (self.atoms,)
+        with _field("fluency_ranks", "a list of integers"):
+            self.fluency_ranks = tuple(_as_int(r) for r in self.fluency_ranks)
+        with _field("positions", "a list of negative integers"):
+            self.positions = tuple(_as_int(p) for p in self.positions)
         self.strength = _parse_strength(self.strength)
         if isinstance(self.fluency_rank, str) and self.fluency_rank != AUTO:
             self.fluency_rank = _parse_int(self.fluency_rank, "fluency_rank")
-        self.positions = tuple(int(p) for p in self.positions)
+        if isinstance(self.chat_template_kwargs, str):
+            self.chat_template_kwargs = _parse_json(self.chat_template_kwargs, "chat_template_kwargs")
         self._validate()
 
     def _validate(self) -> None:
@@ -171,36 +188,57 @@ class SRAConfig:
             if not ok:
                 raise ConfigError(message)
 
-        need(self.ridge_lambda >= 0, f"ridge_lambda must be >= 0, got {self.ridge_lambda}")
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            need(_is_int(value) and value >= low, f"{name} must be an int >= {low}, got {value!r}")
+
+        def number(name: str, positive: bool = False) -> None:
+            value = getattr(self, name)
+            ok = _is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+            need(ok, f"{name} must be {'>' if positive else '>='} 0 and finite, got {value!r}")
+
+        number("ridge_lambda")
+        number("max_ppl_increase")
+        number("max_kl", positive=True)
+        for name in ("iterations", "seed"):
+            integer(name, 0)
+        need(self.seed < 2**63, f"seed must be below 2**63, got {self.seed}")
+        for name in ("projected", "filter_prompts", "norm_preserving"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("atom_rank", "batch_size", "max_new_tokens", "max_prompt_tokens"):
+            integer(name, 1)
         if self.strength != AUTO:
             from .profile import StrengthProfile
 
             StrengthProfile.parse(self.strength)  # raises ConfigError with the reason
-        need(self.fluency_rank == AUTO or (isinstance(self.fluency_rank, int) and self.fluency_rank >= 0),
+        need(self.fluency_rank == AUTO or (_is_int(self.fluency_rank) and self.fluency_rank >= 0),
              f"fluency_rank must be 'auto' or an int >= 0, got {self.fluency_rank!r}")
         need(len(self.fluency_ranks) > 0 and all(r >= 0 for r in self.fluency_ranks),
              f"fluency_ranks must be non-empty ints >= 0, got {self.fluency_ranks}")
-        need(self.max_ppl_increase >= 0, f"max_ppl_increase must be >= 0, got {self.max_ppl_increase}")
-        need(isinstance(self.iterations, int) and self.iterations >= 0,
-             f"iterations must be an int >= 0, got {self.iterations!r}")
         need(self.mining_contrast in ("answered", "harmless"),
              f"mining_contrast must be 'answered' or 'harmless', got {self.mining_contrast!r}")
-        need(isinstance(self.atom_rank, int) and self.atom_rank >= 1, f"atom_rank must be an int >= 1, got {self.atom_rank!r}")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1,
-             f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        need(self.max_kl > 0, f"max_kl must be > 0, got {self.max_kl}")
         need(len(self.positions) > 0 and all(p < 0 for p in self.positions),
              f"positions are counted from the end of the prompt and must be negative, got {self.positions}")
+        need(all(isinstance(a, str) for a in self.atoms), f"atoms must be atom names, got {self.atoms!r}")
         need(len(set(self.atoms)) == len(self.atoms), f"atoms has duplicates: {self.atoms}")
+        need(isinstance(self.custom_atoms, dict), f"custom_atoms must be a dict {{name: spec}}, got {self.custom_atoms!r}")
         for name, spec in self.custom_atoms.items():
+            need(isinstance(name, str) and name.strip() != "", f"custom atom names must be non-empty strings, got {name!r}")
             need(isinstance(spec, dict) and "prompts" in spec, f"custom atom {name!r} needs a dict with at least 'prompts'")
             need(spec.get("role", "shield") in ("shield", "confound", "target"),
                  f"custom atom {name!r}: role must be 'shield', 'confound' or 'target', got {spec.get('role')!r}")
+            rank = spec.get("rank")
+            need(rank is None or (_is_int(rank) and rank >= 1), f"custom atom {name!r}: rank must be an int >= 1, got {rank!r}")
+        need(isinstance(self.chat_template_kwargs, dict) and all(isinstance(k, str) for k in self.chat_template_kwargs),
+             f"chat_template_kwargs must be a dict of template arguments, got {self.chat_template_kwargs!r}")
+        need(self.system_prompt is None or isinstance(self.system_prompt, str),
+             f"system_prompt must be a string or None, got {self.system_prompt!r}")
         for name in ("layers", "candidate_layers"):
             value = getattr(self, name)
-            need(value is None or (len(value) > 0 and all(isinstance(i, int) for i in value)),
+            need(value is None or (isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(i) for i in value)),
                  f"{name} must be None or a non-empty list of layer indices, got {value!r}")
+        need(self.direction_layer is None or _is_int(self.direction_layer),
+             f"direction_layer must be None or a layer index, got {self.direction_layer!r}")
 
     @property
     def budgets(self) -> Budgets:
@@ -240,6 +278,40 @@ class SRAConfig:
             raise ConfigError(f"no {CONFIG_NAME} at {directory}; pass the folder written by SRAConfig.save_pretrained")
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+
+@contextmanager
+def _field(name: str, expected: str):
+    """Turn a conversion's TypeError/ValueError into a ConfigError that names the field."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{name} must be {expected} ({err})") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_int(value) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{value!r} is not an integer")
+    if isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return int(value)
+
+
+def _parse_json(value: str, name: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{name} is not valid JSON ({err.msg} at column {err.colno})") from None
 
 
 def _parse_int(value: str, name: str) -> int:

@@ -83,12 +83,14 @@ class BakeHandle:
 
     ``invariant`` is the self-check: the largest share of a layer's residual write along v ``before`` and
     ``after`` the bake, over the ``layers_checked`` (empty when the bake ran with ``verify=False``).
+    ``storage_rounding`` is the largest |stored − fp32 edit| over the edited weights (0 for fp32 models).
     """
 
     strength: StrengthProfile
     layers: list[int]
     writer_names: list[str]
     invariant: dict = field(default_factory=dict)
+    storage_rounding: float = 0.0
     _edits: list[_Edit] = field(default_factory=list, repr=False)
 
     def undo(self) -> None:
@@ -185,7 +187,8 @@ def bake_direction(
                 u_dev = p.u.to(t.device)
                 new, coef = project_out(t, u_dev, axis, p.gamma)
                 scale = _norm_ratio(t, new, axis) if norm_preserving and name == w.param else None
-                write_param(w.module, name, new if scale is None else new * scale)
+                rounding = write_param(w.module, name, new if scale is None else new * scale)
+                handle.storage_rounding = max(handle.storage_rounding, rounding)
                 handle._edits.append(_Edit(w, name, axis, u_dev, coef, p.gamma, scale))
         if calls is not None:
             handle.invariant = _verify(model, planned, handle.layers, calls, direction)
@@ -312,10 +315,11 @@ class BakeStack:
     def invariant(self) -> dict:
         """The self-checks of every bake in the stack: largest residual share along v before and after."""
         checks = [h.invariant for h in self.handles if h.invariant]
+        rounding = {"storage_rounding": max((h.storage_rounding for h in self.handles), default=0.0)}
         if not checks:
-            return {}
+            return rounding if self.handles else {}
         return {"before": max(c["before"] for c in checks), "after": max(c["after"] for c in checks),
-                "bakes_checked": len(checks), "tolerance": INVARIANT_TOL}
+                "bakes_checked": len(checks), "tolerance": INVARIANT_TOL, **rounding}
 
     def undo_last(self) -> None:
         self.handles.pop().undo()

@@ -19,3 +19,11 @@ class UnsupportedModelError(SRAError, TypeError):
 
 class DemoModelError(SRAError, RuntimeError):
     """The demo model's PyPI chunk packages are missing or corrupt."""
+
+
+class NumericsError(SRAError, ArithmeticError):
+    """NaN or Inf in activations, logits or a metric; the message names the layer and prompt where it appeared."""
+
+
+class UndoError(SRAError, RuntimeError):
+    """There is nothing to undo: the report was loaded from JSON or already undone."""

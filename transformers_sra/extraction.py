@@ -18,8 +18,9 @@ from torch import nn
 
 from ._torch_utils import backbone, first_tensor
 from .architectures import decoder_layers
-from .batching import id_batches, input_device, pad_id, prompt_batches
+from .batching import check_finite, id_batches, input_device, pad_id, prompt_batches
 from .distributed import Rows, gather, shard
+from .errors import PromptSetError
 from .nll import chunk_token_ids
 from .progress import bar
 from .prompts import format_chat
@@ -94,18 +95,28 @@ def record_residuals(
 
     with layer_output_hooks(model, layers, stop_after_last=not next_token) as captured:
         ticker = bar(total=len(texts), desc="extract", unit="prompt")
-        for batch in shard(prompt_batches(net, tokenizer, texts, batch_size, run)):
+        reach = max(-p for p in positions)
+        for batch in shard(prompt_batches(net, tokenizer, texts, batch_size, run, keep_last=reach)):
+            rows = [prompts[i] for i in batch.indices]
+            short = (batch.attention_mask.sum(1) < reach).nonzero()
+            if len(short):  # the position would read left padding, not the prompt
+                raise PromptSetError(f"prompt {rows[int(short[0, 0])][:80]!r} has fewer than {reach} tokens, so "
+                                     f"positions {tuple(positions)} reach before its start; use positions nearer -1")
             result = run(batch.model_inputs(net))
             ticker.update(len(batch.indices))
             # left padding: the prompt's last tokens sit at the end of every row
-            out.put(batch.indices, torch.stack([captured[i][:, list(positions), :].float().mean(1).cpu()
-                                                for i in layers], dim=1))
+            read = {i: captured[i][:, list(positions), :] for i in layers}
+            for i in sorted(layers):  # the shallowest bad layer is where it began (of those recorded)
+                check_finite(read[i], f"the output of decoder layer {i}", rows)
+            out.put(batch.indices, torch.stack([read[i].float().mean(1).cpu() for i in layers], dim=1))  # fp32 always
             if next_token:
-                logprobs.put(batch.indices, torch.log_softmax(result.logits[:, -1, :].float(), dim=-1).cpu())
+                logp = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1).cpu()
+                check_finite(logp, "the first response token's logits", rows)
+                logprobs.put(batch.indices, logp)
         ticker.close()
     acts = out.result()
     if acts is None:
-        raise ValueError("record_residuals needs at least one prompt")
+        raise PromptSetError("record_residuals needs at least one prompt")
     return (acts, logprobs.result()) if next_token else acts
 
 
@@ -138,8 +149,11 @@ def record_token_residuals(
             except _StopForward:
                 pass
             keep = batch.attention_mask.bool() & (batch.position_ids >= skip_first)
+            passages = [tokenizer.decode(chunks[j]) for j in batch.indices]
+            for i in sorted(layers):  # only the tokens kept: padding may hold anything
+                check_finite(captured[i].masked_fill(~keep[..., None], 0), f"the output of decoder layer {i}", passages)
             rows[k] = torch.stack([captured[i][keep].float().cpu() for i in layers], dim=1)
     rows = gather(rows)
     if not rows:
-        raise ValueError("record_token_residuals needs at least one text")
+        raise PromptSetError("the text corpus has no passage of two tokens or more; give it longer passages")
     return torch.cat(list(rows.values()))

@@ -17,7 +17,7 @@ from .architectures import decoder_layers, residual_writers
 from .atoms import AtomRegistry, ConceptAtom
 from .config import SRAConfig
 from .errors import ConfigError
-from .prompts import load_corpus, load_prompts
+from .prompts import load_corpus, load_prompts, remove_overlap, truncate_prompts
 from .search import default_candidates
 
 
@@ -46,8 +46,11 @@ def set_key(source) -> object:
     return source if isinstance(source, str) else tuple(source)
 
 
-def resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry) -> RunInputs:
-    """Load every prompt set, atom and passage of ``config`` and check the layers, before any forward pass."""
+def resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry, tokenizer=None) -> RunInputs:
+    """Load every prompt set, atom and passage of ``config`` and check the layers, before any forward pass.
+
+    With ``tokenizer``, over-long prompts are cut to ``config.max_prompt_tokens`` (with a warning); prompts in both
+    the harmful and the harmless set of a pair are removed from both (with a count)."""
     atoms = registry.select(config.atoms, config.custom_atoms)
     if not any(a.role in ("shield", "confound") for a in atoms):
         raise ConfigError("no shield or confound atoms selected; SRA needs at least one (use standard ablation otherwise)")
@@ -56,6 +59,11 @@ def resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry) 
                "neutral": config.neutral_prompts}
     all_sources = list(sources.values()) + [s for a in atoms for s in (a.prompts, a.contrast) if s is not None]
     texts = {set_key(s): load_prompts(s) for s in all_sources}
+    if tokenizer is not None:
+        texts = {k: truncate_prompts(tokenizer, v, config.max_prompt_tokens) for k, v in texts.items()}
+    for bad, good in (("harmful", "harmless"), ("harmful_val", "harmless_val")):
+        keys = set_key(sources[bad]), set_key(sources[good])
+        texts[keys[0]], texts[keys[1]], _ = remove_overlap(texts[keys[0]], texts[keys[1]])
     corpus = load_corpus(config.text_corpus)
     if len(corpus) < 2:
         raise ConfigError("text_corpus needs at least two passages: even ones feed the fluency Shield, odd ones the budget")

@@ -22,7 +22,9 @@ found the same way for every judge::
 from __future__ import annotations
 
 import enum
+import functools
 import json
+import math
 import re
 from importlib import resources
 from typing import Callable, Optional, Sequence, Union
@@ -30,9 +32,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .batching import input_device, prompt_batches, sorted_batches
+from .batching import NUMERICS_HINT, check_finite, input_device, prompt_batches, sorted_batches
 from .distributed import Rows, gather_texts, shard
-from .errors import ConfigError
+from .errors import ConfigError, NumericsError
 from .progress import bar
 from .prompts import format_chat
 
@@ -83,6 +85,23 @@ _APOSTROPHES = re.compile("[\u2018\u2019\u02bc`\u00b4]")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
+_THINK = re.compile(r"<think>.*?</think>", re.S)
+
+
+def strip_thinking(text: str) -> str:
+    """The reply without the reasoning of a thinking model, so the judge never reads a thought as the answer.
+
+    ``<think>…</think>`` blocks are removed; text before a lone ``</think>`` is reasoning too (templates
+    such as Qwen3's open the block in the prompt); a ``<think>`` that is never closed runs to the end of
+    the reply, so nothing after it has been answered yet.
+    """
+    if "think>" not in text:
+        return text
+    text = _THINK.sub("", text)
+    text = text.rsplit("</think>", 1)[-1]
+    return text.split("<think>", 1)[0].strip()
+
+
 def _normalize(text: str) -> str:
     return _APOSTROPHES.sub("'", text).lower()
 
@@ -124,7 +143,7 @@ def longest_loop(tokens: Sequence[str], max_period: int = 64) -> tuple[int, int]
 def is_degenerate(text: str) -> bool:
     """Empty, a single word, no words at all, or a loop: one stretch repeated back to back at least
     ``LOOP_REPEATS`` times and covering ``LOOP_SHARE`` of the reply."""
-    t = _normalize(text)
+    t = _normalize(strip_thinking(text))
     if len(_CONTENT.findall(t)) < 2:
         return True
     tokens = _tokens(t)
@@ -142,8 +161,8 @@ def _refuses(t: str) -> bool:
 
 
 def classify(text: str) -> Outcome:
-    """The reply's outcome (see the module docstring)."""
-    t = _normalize(text)
+    """The reply's outcome (see the module docstring); a thinking block is not the reply."""
+    t = _normalize(strip_thinking(text))
     if is_degenerate(t):
         return Outcome.DEGENERATE
     return Outcome.REFUSED if _refuses(t) else Outcome.ANSWERED
@@ -185,17 +204,24 @@ def resolve_judge(judge: Union[None, str, Judge] = None) -> Judge:
     if judge is None:
         return is_refusal
     if callable(judge):
-        return judge
+        if judge is is_refusal or judge is classify:
+            return judge
+
+        @functools.wraps(judge)
+        def without_thinking(text: str):
+            return judge(strip_thinking(text))
+
+        return without_thinking
     if isinstance(judge, str):
         from transformers import pipeline
 
         try:
-            classify = pipeline("text-classification", model=judge, device=-1)
+            text_classifier = pipeline("text-classification", model=judge, device=-1)
         except (OSError, ValueError) as err:
             raise ConfigError(f"cannot load judge model {judge!r}: {str(err).splitlines()[0]}") from None
 
         def classifier_judge(text: str) -> bool:
-            label = str(classify(text or " ", truncation=True)[0]["label"]).lower()
+            label = str(text_classifier(strip_thinking(text) or " ", truncation=True)[0]["label"]).lower()
             return label in ("refusal", "label_1")
 
         return classifier_judge
@@ -310,7 +336,9 @@ def first_token_logprobs(
     for batch in bar(shard(prompt_batches(model, tokenizer, texts, batch_size, run)),
                      total=-(-len(texts) // batch_size), desc=f"score {len(texts)} prompts", unit="batch"):
         logits = run(batch.model_inputs(model))
-        out.put(batch.indices, torch.log_softmax(logits.float(), dim=-1).cpu())
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        check_finite(logp, "the first response token's logits", [prompts[i] for i in batch.indices])
+        out.put(batch.indices, logp)
     return out.result()
 
 
@@ -321,8 +349,10 @@ def refusal_probability(logprobs: torch.Tensor, token_ids: Sequence[int]) -> tor
 
 def first_token_kl(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> float:
     """Mean KL(base ‖ new) of the first response token's distribution."""
-    kl = (base_logprobs.exp() * (base_logprobs - new_logprobs)).sum(-1)
-    return float(kl.mean())
+    kl = float((base_logprobs.exp() * (base_logprobs - new_logprobs)).sum(-1).mean())
+    if math.isnan(kl):
+        raise NumericsError(f"first-token KL is NaN: a log-probability is NaN or -inf in both models; {NUMERICS_HINT}")
+    return kl
 
 
 def judged(model: nn.Module, tokenizer, prompts: Sequence[str], judge=None,

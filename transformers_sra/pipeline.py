@@ -25,6 +25,7 @@ from .judge import resolve_classifier
 from .mining import MiningSetup, mine
 from .model_directions import build_directions
 from .progress import stage, with_progress_option
+from .prompts import chat_template_kwargs
 from .report import SRAReport
 from .search import Candidate, Validation, constrained_search, default_profiles
 
@@ -72,16 +73,23 @@ def apply_surgical_ablation(
         report.undo()                          # or put the weights back
 
     ``judge`` (a ``str -> bool`` callable, True = refused) overrides ``config.judge`` wherever replies are judged
-    (hard-negative mining and its acceptance); it is checked before the first forward pass. ``progress=True`` shows a bar per
-    long step on stderr (so does the ``transformers_sra`` logger at INFO; otherwise nothing is printed);
+    (hard-negative mining and its acceptance); it is checked before the first forward pass. ``progress=True`` shows
+    a bar per long step on stderr (so does the ``transformers_sra`` logger at INFO; otherwise nothing is printed);
     a callable ``progress(step, row)`` is called after every scored search candidate and mining pass.
     """
     config = config or SRAConfig()
+    # config.seed seeds this run's own random state; the caller's generators come back as they were
+    devices = range(torch.cuda.device_count())
+    with torch.random.fork_rng(devices=devices), chat_template_kwargs(config.chat_template_kwargs):
+        torch.manual_seed(config.seed)
+        return _ablate(model, tokenizer, config, registry, judge, progress)
+
+
+def _ablate(model, tokenizer, config: SRAConfig, registry, judge, progress) -> SRAReport:
     timer = _Timer()
-    torch.manual_seed(config.seed)
     model.eval()
     with timer("validate"):
-        inputs = resolve_inputs(model, config, registry or AtomRegistry.default())
+        inputs = resolve_inputs(model, config, registry or AtomRegistry.default(), tokenizer)
         classify_reply = resolve_classifier(judge or config.judge)  # a bad judge path fails now, not after the search
         ranks = list(config.fluency_ranks) if config.fluency_rank == AUTO else [config.fluency_rank]
         profiles = default_profiles() if config.strength == AUTO else [config.profile()]

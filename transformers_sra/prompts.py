@@ -12,11 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .errors import PromptSetError
+from .errors import ConfigError, PromptSetError
 
 _TEXT_COLUMNS = ("prompt", "instruction", "text", "question", "goal", "query", "input")
 
@@ -71,31 +74,38 @@ def load_corpus(source: Any = "general_val", column: str | None = None) -> list[
     """
     if isinstance(source, (str, os.PathLike)):
         shipped = resources.files("transformers_sra") / "data" / f"{source}.txt"
-        path = Path(source) if Path(source).is_file() else shipped if isinstance(source, str) and shipped.is_file() else None
+        path = Path(source) if _is_file(source) else shipped if isinstance(source, str) and _is_file(shipped) else None
         if path is not None and path.name.endswith(".txt"):
             passages = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
             if not passages:
-                raise PromptSetError(f"text corpus {source!r} is empty")
+                raise PromptSetError(f"text corpus {_describe(source)} is empty")
             return passages
     return load_prompts(source, column)
+
+
+def _is_file(path) -> bool:
+    """Path.is_file that answers False for names the OS cannot even look up (too long, NUL bytes)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _shipped(name: str) -> Path | None:
     for suffix in _SHIPPED_SUFFIXES:
         path = resources.files("transformers_sra") / "prompts" / f"{name}{suffix}"
-        if path.is_file():
+        if _is_file(path):
             return Path(str(path))
     return None
 
 
 def _load_named_or_file(source: str | os.PathLike, column: str | None) -> list[str]:
     path = Path(source)
-    if not path.is_file():
+    if not _is_file(path):
         shipped = _shipped(source) if isinstance(source, str) else None
         if shipped is None:
-            raise PromptSetError(
-                f"{source!r} is neither a file nor a shipped prompt set; shipped sets: {', '.join(shipped_prompt_sets())}"
-            )
+            raise PromptSetError(f"{_describe(source)} is neither a file nor a shipped prompt set; "
+                                 f"shipped sets: {', '.join(shipped_prompt_sets())}")
         path = shipped
     suffix = path.suffix.lower()
     try:
@@ -138,20 +148,85 @@ def _pick_column(columns: Sequence[str], where: str) -> str:
 
 
 def _describe(source: Any) -> str:
-    return repr(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    text = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_TEMPLATE_KWARGS: ContextVar[dict] = ContextVar("chat_template_kwargs", default={})
+
+#: Prompts that appear in both the harmful and the harmless set beyond this share of either set are an error.
+MAX_OVERLAP = 0.5
+
+
+@contextmanager
+def chat_template_kwargs(kwargs: Mapping[str, Any]) -> Iterator[None]:
+    """Pass ``kwargs`` to the chat template in every `format_chat` inside the block.
+
+    ``with chat_template_kwargs({"enable_thinking": False}): ...`` keeps Qwen3 from thinking aloud during a
+    run without threading the option through every step.
+    """
+    token = _TEMPLATE_KWARGS.set(dict(kwargs))
+    try:
+        yield
+    finally:
+        _TEMPLATE_KWARGS.reset(token)
 
 
 def format_chat(tokenizer, prompts: Sequence[str], system_prompt: str | None = None) -> list[str]:
     """Wrap each prompt as a user turn with the tokenizer's chat template (generation prompt added).
 
-    Tokenizers without a chat template (base models) get the raw prompt.
+    Template arguments set by `chat_template_kwargs` are passed on. A tokenizer without a chat template
+    (a base model) gets the plain format, with a warning: the prompt itself, after the system prompt and a
+    blank line if there is one.
     """
     if not getattr(tokenizer, "chat_template", None):
-        return list(prompts)
+        warnings.warn(f"{type(tokenizer).__name__} has no chat template: prompts are used as plain text "
+                      "(system prompt, blank line, prompt); set tokenizer.chat_template for an instruct model")
+        return [p if system_prompt is None else f"{system_prompt}\n\n{p}" for p in prompts]
+    extra = _TEMPLATE_KWARGS.get()
     out = []
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}]
         if system_prompt is not None:
             messages.insert(0, {"role": "system", "content": system_prompt})
-        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        try:
+            out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra))
+        except Exception as err:  # jinja raises its own types, and templates raise on purpose (no system role...)
+            raise ConfigError(f"the chat template rejected a prompt ({type(err).__name__}: {err}); check "
+                              "system_prompt and chat_template_kwargs") from None
     return out
+
+
+def truncate_prompts(tokenizer, prompts: Sequence[str], max_tokens: int) -> list[str]:
+    """Cut every prompt longer than ``max_tokens`` tokens to its first ``max_tokens`` tokens, with a warning."""
+    out, cut = [], 0
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_tokens:
+            prompt, cut = tokenizer.decode(ids[:max_tokens]), cut + 1
+        out.append(prompt)
+    if cut:
+        warnings.warn(f"{cut} of {len(prompts)} prompts were longer than {max_tokens} tokens and were truncated "
+                      "(raise max_prompt_tokens to keep them whole)")
+    return out
+
+
+def remove_overlap(harmful: Sequence[str], harmless: Sequence[str]) -> tuple[list[str], list[str], int]:
+    """Drop the prompts that are in both sets (ignoring case and spacing) from both; return both and the count.
+
+    A prompt in both sets pulls the difference of means towards zero and tells the search nothing. When
+    the shared prompts are more than `MAX_OVERLAP` of either set, the sets are mixed up: `PromptSetError`.
+    """
+    def key(p: str) -> str:
+        return " ".join(p.casefold().split())
+
+    shared = {key(p) for p in harmful} & {key(p) for p in harmless}
+    if not shared:
+        return list(harmful), list(harmless), 0
+    kept = [[p for p in s if key(p) not in shared] for s in (harmful, harmless)]
+    dropped = [len(s) - len(k) for s, k in zip((harmful, harmless), kept)]
+    if any(d > MAX_OVERLAP * len(s) for d, s in zip(dropped, (harmful, harmless))):
+        raise PromptSetError(f"the harmful and harmless sets share {len(shared)} prompts ({dropped[0]} of "
+                             f"{len(harmful)} harmful, {dropped[1]} of {len(harmless)} harmless): pass two different sets")
+    warnings.warn(f"{len(shared)} prompts are in both the harmful and the harmless set; removed from both")
+    return kept[0], kept[1], len(shared)

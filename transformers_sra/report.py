@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import UndoError
+
 REPORT_NAME = "sra_report.json"
 
 
@@ -49,7 +51,8 @@ class SRAReport:
     def undo(self) -> None:
         """Restore the model this report came from (all bakes, latest first)."""
         if not self._handles:
-            raise RuntimeError("nothing to undo: this report was loaded from JSON or was already undone")
+            raise UndoError("nothing to undo: this report was loaded from JSON or was already undone; "
+                            "reload the base model (or use evaluation.reapply_edit on it) instead")
         for handle in reversed(self._handles):
             handle.undo()
         self._handles.clear()

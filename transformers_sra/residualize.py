@@ -14,6 +14,8 @@ from typing import Sequence, Union
 
 import torch
 
+from .errors import ConfigError, NumericsError
+
 Atoms = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
@@ -35,8 +37,11 @@ def _atom_matrix(atoms: Atoms, hidden: int) -> torch.Tensor:
 def ridge_residual(direction: torch.Tensor, atoms: Atoms, ridge_lambda: float) -> torch.Tensor:
     """Unnormalized ``r − A(AᵀA+λI)⁻¹Aᵀr`` for unit ``r`` (float64); its norm² is the unexplained share."""
     if ridge_lambda < 0:
-        raise ValueError(f"ridge_lambda must be >= 0, got {ridge_lambda}")
+        raise ConfigError(f"ridge_lambda must be >= 0, got {ridge_lambda}")
     r = direction.to(torch.float64).reshape(-1)
+    if not bool(torch.isfinite(r).all()) or float(r.norm()) == 0:
+        raise NumericsError("the direction to residualize is zero or not finite: the harmful and harmless prompts "
+                            "give the same activations (use sets that differ) or the model overflowed")
     r = r / r.norm()
     a = _atom_matrix(atoms, r.numel()).T  # (hidden, k)
     if a.shape[1] == 0:
@@ -60,7 +65,7 @@ def ridge_residualize(direction: torch.Tensor, atoms: Atoms, ridge_lambda: float
     residual = ridge_residual(direction, atoms, ridge_lambda)
     norm = residual.norm()
     if norm < 1e-6:  # what is left is float32 rounding of the atoms, not signal
-        raise ValueError("the atoms explain the whole direction; nothing is left to ablate (raise ridge_lambda or drop atoms)")
+        raise ConfigError("the atoms explain the whole direction; nothing is left to ablate (raise ridge_lambda or drop atoms)")
     return (residual / norm).to(torch.float32)
 
 

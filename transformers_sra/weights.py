@@ -28,13 +28,16 @@ def read_param(module: nn.Module, name: str) -> torch.Tensor:
     return param.detach().to(torch.float32, copy=True)
 
 
-def write_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Write ``value`` into ``module.<name>`` in its own dtype, into the offload store for meta weights."""
+def write_param(module: nn.Module, name: str, value: torch.Tensor) -> float:
+    """Write ``value`` into ``module.<name>`` in its own dtype, into the offload store for meta weights.
+
+    Returns the storage rounding: max |stored − value| (0 for fp32 weights, about eps·|w| for bf16/fp16).
+    """
     param = module._parameters[name]
     if param.device.type != "meta":
         with torch.no_grad():
             param.copy_(value.to(param.dtype))
-        return
+        return _rounding(param, value)
     weights_map = _offload_map(module)
     stored = weights_map[name]
     new = value.to(dtype=stored.dtype, device=stored.device)
@@ -49,3 +52,10 @@ def write_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
         store[key] = new
     else:
         raise UnsupportedModelError(f"cannot write into offload store of type {type(store).__name__}")
+    return _rounding(new, value)
+
+
+def _rounding(stored: torch.Tensor, value: torch.Tensor) -> float:
+    if stored.dtype == value.dtype:
+        return 0.0
+    return float((stored.detach().to(value.device, torch.float32) - value.float()).abs().max()) if value.numel() else 0.0
