@@ -6,6 +6,7 @@
     report = apply_surgical_ablation(model, tokenizer, SRAConfig())   # edits the model in place
 """
 
+from .adapter import export_adapter
 from .atoms import AtomRegistry, ConceptAtom
 from .config import SRAConfig
 from .demo import load_demo_model
@@ -39,6 +40,7 @@ __all__ = [
     "apply_surgical_ablation",
     "bake_direction",
     "evaluate_model",
+    "export_adapter",
     "load_corpus",
     "load_demo_model",
     "load_prompts",
