@@ -11,8 +11,12 @@ whatever the directions. peft's scaling ``lora_alpha / r`` is 1. Where it lives:
 - fused 3-D expert tensors: ``target_parameters``, rank r per expert (``A_e = uᵀW_e``).
 - post-norm writers need nothing special: ``u ∝ Aᵀv`` is already folded into the edit of their weight.
 
-Refused, before anything is written: norm-preserving bakes (a per-vector rescale is not low rank), a post-norm's
-own bias (not a weight a LoRA can reach), biases of fused experts and 2-D weights outside Linear/Conv1D::
+peft itself is then asked, on an empty (meta) copy of the model and through its own loading, whether it wraps
+exactly these tensors and loads every factor (`peft_mismatch`): its transformers-v4 compatibility renames some
+targets and keys. A Linear it would miss is reached through ``target_parameters`` instead; anything else it would
+get wrong is refused. Refused too, all before anything is written: norm-preserving bakes (a per-vector rescale is
+not low rank), a post-norm's own bias (not a weight a LoRA can reach), biases of fused experts and 2-D weights
+outside Linear/Conv1D::
 
     report = apply_surgical_ablation(model, tokenizer)
     export_adapter(report, model, "qwen-sra-lora/")          # or a report loaded from JSON and the unedited base
@@ -40,6 +44,8 @@ from .weights import read_param, write_param
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # where peft's PeftModel puts the wrapped model's modules
+_NORM_PRESERVING = ("a norm-preserving bake rescales every hidden-size vector after projecting, which is not a low-rank "
+                    "update; export the adapter from a bake with norm_preserving=False, or save the checkpoint instead")
 
 
 @dataclass
@@ -49,8 +55,9 @@ class _Target:
     name: str  # module path in the model
     param: str
     experts: int  # 1 for a 2-D weight
-    fused: bool  # a 3-D expert tensor, reached with target_parameters
+    fused: bool  # a 3-D expert tensor
     conv1d: bool
+    by_parameter: bool = False  # reached with target_parameters (fused experts; Linears peft would not target)
     a: list = field(default_factory=list)  # per rank: (experts, in) coefficients uᵀW
     b: list = field(default_factory=list)  # per rank: (out,) = −γu
     bias: Optional[torch.Tensor] = None  # summed bias edit −Σγu(uᵀb), if the writer has a bias
@@ -63,7 +70,7 @@ def check_adapter_dependencies() -> None:
         raise ConfigError("exporting a LoRA adapter needs peft: pip install 'transformers-sra[adapter]'")
 
 
-def _handles(report: SRAReport, model: nn.Module) -> list:
+def _live_handles(report: SRAReport, model: nn.Module) -> list:
     modules = {id(m) for m in model.modules()}
     for handle in report._handles:
         for edit in handle._edits:
@@ -81,13 +88,12 @@ def adapter_targets(handles: list) -> list[_Target]:
         for edit in handle._edits:
             w = edit.writer
             if edit.scale is not None:
-                raise UnsupportedModelError(
-                    "a norm-preserving bake rescales every hidden-size vector after projecting, which is not a low-rank "
-                    "update; export the adapter from a bake with norm_preserving=False, or save the checkpoint instead")
+                raise UnsupportedModelError(_NORM_PRESERVING)
             if w.constant:
                 raise UnsupportedModelError(
-                    f"{w.name}.{w.param} is a post-norm's bias, which no LoRA layer can edit; this model's edit can only "
-                    "be saved as a checkpoint (save_cleaned / sra ablate)")
+                    f"{w.name}.{w.param} is a bias added on its own (a post-norm's bias or a separate bias parameter), "
+                    "which no LoRA layer can edit; this model's edit can only be saved as a checkpoint "
+                    "(save_cleaned / sra ablate)")
             t = w.module._parameters[w.param]
             fused = t.dim() == 3
             conv1d = _is_conv1d(w.module)
@@ -103,7 +109,7 @@ def adapter_targets(handles: list) -> list[_Target]:
             target = targets.get(key)
             if target is None:
                 experts = t.shape[0] if fused else 1
-                target = targets[key] = _Target(w.name, w.param, experts, fused, conv1d)
+                target = targets[key] = _Target(w.name, w.param, experts, fused, conv1d, by_parameter=fused)
             u = edit.u.detach().to("cpu", torch.float32)
             coef = edit.coef.detach().to("cpu", torch.float32)
             if edit.param == w.bias:
@@ -123,7 +129,7 @@ def adapter_targets(handles: list) -> list[_Target]:
     if any(t.conv1d for t in targets.values()) and not all(t.conv1d or t.fused for t in targets.values()):
         raise UnsupportedModelError("the model mixes Conv1D and Linear writers; one peft adapter sets fan_in_fan_out "
                                     "for all of them, so this edit can only be saved as a checkpoint")
-    if any(t.fused for t in targets.values()) and any(t.bias is not None for t in targets.values()):
+    if any(t.by_parameter for t in targets.values()) and any(t.bias is not None for t in targets.values()):
         raise UnsupportedModelError("the edit changes biases (lora_bias) and fused expert tensors (target_parameters), "
                                     "which peft cannot combine in one adapter; save the checkpoint instead")
     return list(targets.values())
@@ -149,14 +155,66 @@ def adapter_state_dict(targets: list[_Target]) -> dict[str, torch.Tensor]:
 def adapter_config(targets: list[_Target], rank: int, base_model: str):
     from peft import LoraConfig
 
-    modules = sorted(t.name for t in targets if not t.fused)
-    parameters = sorted(f"{t.name}.{t.param}" for t in targets if t.fused)
+    modules = sorted(t.name for t in targets if not t.by_parameter)
+    parameters = sorted(f"{t.name}.{t.param}" for t in targets if t.by_parameter)
     return LoraConfig(
         r=rank, lora_alpha=rank,  # scaling = alpha / r = 1: the factors hold the edit as it is
         target_modules=modules or [], target_parameters=parameters or None,
         fan_in_fan_out=any(t.conv1d for t in targets), lora_bias=any(t.bias is not None for t in targets),
         lora_dropout=0.0, bias="none", use_rslora=False, init_lora_weights=True, task_type="CAUSAL_LM",
         base_model_name_or_path=base_model)
+
+
+def peft_mismatch(model: nn.Module, config, tensors: dict) -> Optional[str]:
+    """What peft itself would get wrong loading this adapter onto ``model``, tried on an empty (meta) copy of it
+    through peft's own loading (its transformers-v5 renamings included): a target it refuses or renames (its v4 MoE
+    compatibility maps ``*.down_proj`` module targets to expert tensors), a tensor it would not load (a checkpoint
+    renaming that also matches our key), or a factor shape it expects differently (an expert layout read the other
+    way round). None when it wraps exactly our targets and loads every tensor."""
+    import copy
+
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    from_config = getattr(type(model), "_from_config", None)
+    if from_config is None:
+        return f"{type(model).__name__} is not a transformers model, so peft's targeting cannot be checked"
+    try:
+        with torch.device("meta"):
+            skeleton = get_peft_model(from_config(copy.deepcopy(model.config)), copy.deepcopy(config))
+        loaded = set_peft_model_state_dict(skeleton, {k: v.to("meta") for k, v in tensors.items()})
+    except Exception as err:  # peft's own refusal (LoRA on Mamba's out_proj) or a shape it reads otherwise
+        return " ".join(str(err).split())[:300] or type(err).__name__
+    found = set()
+    for name, module in skeleton.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            found.add(name.replace(".default", ""))
+    ours = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    unloaded = [k for k in loaded.missing_keys if ".lora_" in k] + list(loaded.unexpected_keys)
+    parts = [f"{what}: {', '.join(sorted(names))}" for what, names in
+             (("not targeted", ours - found), ("targeted besides", found - ours), ("not loaded", unloaded)) if names]
+    return "; ".join(parts)[:300] or None
+
+
+def _checked(model: nn.Module, targets: list[_Target], rank: int, base: str):
+    """The adapter's config and tensors, once peft is seen to target exactly the edited tensors with our shapes.
+
+    A Linear writer that peft's module targeting misses is tried once more through ``target_parameters`` (its
+    ``weight``), which no renaming touches."""
+    config, tensors = adapter_config(targets, rank, base), adapter_state_dict(targets)
+    problem = peft_mismatch(model, config, tensors)
+    movable = [t for t in targets if not t.by_parameter and not t.conv1d and t.bias is None]
+    if problem and movable:
+        for t in movable:
+            t.by_parameter = True
+        config = adapter_config(targets, rank, base)
+        problem = peft_mismatch(model, config, tensors) and problem
+    if problem:
+        import peft
+
+        raise UnsupportedModelError(f"peft {peft.__version__} would not load this edit onto the model exactly ({problem}); "
+                                    "save the checkpoint instead (sra ablate / save_cleaned)")
+    return config, tensors
 
 
 def export_adapter(report: SRAReport, model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False,
@@ -171,16 +229,14 @@ def export_adapter(report: SRAReport, model: nn.Module, path: str | os.PathLike,
     """
     check_adapter_dependencies()
     if report.config.get("norm_preserving"):
-        raise UnsupportedModelError(
-            "a norm-preserving bake rescales every hidden-size vector after projecting, which is not a low-rank update; "
-            "export the adapter from a bake with norm_preserving=False, or save the checkpoint instead")
+        raise UnsupportedModelError(_NORM_PRESERVING)
     target = check_output_dir(path, overwrite)
     from safetensors.torch import save_file
 
     from .card import base_model_info, render_adapter_card
 
     if report._handles:
-        handles = _handles(report, model)
+        handles = _live_handles(report, model)
         targets = adapter_targets(handles)
     else:
         with _baked_then_restored(model, report) as handles:
@@ -190,9 +246,9 @@ def export_adapter(report: SRAReport, model: nn.Module, path: str | os.PathLike,
     rank = len(targets[0].a)
     known_id, _ = base_model_info(report.model_name)
     base = base_model or known_id or report.model_name
-    tensors = adapter_state_dict(targets)
+    config, tensors = _checked(model, targets, rank, base)
     with atomic_folder(target) as tmp:
-        adapter_config(targets, rank, base).save_pretrained(tmp)
+        config.save_pretrained(tmp)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         report.save(tmp / REPORT_NAME)
         if card:

@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite)
     report = _report(args.report)
     base = args.model or report.model_name
-    if not base or not (Path(base).exists() or "/" in base):
-        raise ConfigError(f"the report does not name a loadable base model ({base!r}); pass --model ID_OR_DIR")
+    if not base:
+        raise ConfigError("the report does not name its base model; pass --model ID_OR_DIR")
     model, _ = load_model(base, dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code)
     with stage(f"export the adapter to {args.output}"):
         folder = export_adapter(report, model, args.output, overwrite=args.overwrite, card=args.card,
