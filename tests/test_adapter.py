@@ -166,6 +166,20 @@ def test_folder_files_card_and_size(tmp_path):
     assert tensors * 4 < (folder / "adapter_model.safetensors").stat().st_size < tensors * 4 + 4096
 
 
+def test_card_escapes_names_and_its_code_is_python(tmp_path):
+    import ast
+
+    from huggingface_hub import ModelCard
+
+    base = make_tiny_model("llama")
+    report = make_report(base)
+    report.model_name = 'evil/{{ 7*7 }}</table>"`\n```'
+    folder = export_adapter(report, base, tmp_path / "lora")
+    text = ModelCard.load(folder / "README.md").text
+    assert "</table>" not in text and "{{" not in text and text.count("```") == 2
+    ast.parse(text.split("```python")[1].split("```")[0])  # the usage block runs as written
+
+
 def _refused(model, report, folder, match):
     before = state(model)
     with pytest.raises(UnsupportedModelError, match=match):

@@ -273,7 +273,8 @@ def render_adapter_card(report, *, base_model: Optional[str] = None, rank: int =
     intro, columns, rows = _metric_table(report)
     table = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     table += ["| " + row["name"] + " | " + " | ".join(row["cells"]) + " |" for row in rows]
-    source = _code(base_model or "PATH/TO/BASE/MODEL")
+    # a Python string literal inside the fenced block: one line, no backticks, quotes escaped by json
+    source = json.dumps(" ".join(str(base_model or "PATH/TO/BASE/MODEL").replace("`", "").split()))
     size = f" ({size_mb:.1f} MB)" if size_mb is not None else ""
     body = f"""
 # {shown} with refusal removed by Surgical Refusal Ablation (LoRA adapter)
@@ -292,13 +293,15 @@ ablated checkpoint: each residual-stream writer's bake ``W − γ u (uᵀW)`` is
 
 ```python
 from peft import PeftModel
+from peft.helpers import rescale_adapter_scale
 from transformers import AutoModelForCausalLM
 
 base = AutoModelForCausalLM.from_pretrained({source})
 model = PeftModel.from_pretrained(base, "PATH/TO/THIS/ADAPTER")   # refusal removed
 with model.disable_adapter():                                     # the base model's behaviour
     ...
-model.base_model.set_scale("default", 0.5)                        # every strength γ halved
+with rescale_adapter_scale(model, 0.5):                           # every strength γ halved
+    ...
 merged = model.merge_and_unload()                                 # a plain checkpoint again
 ```
 

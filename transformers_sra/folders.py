@@ -11,7 +11,15 @@ from typing import Iterator
 
 
 def current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
+    """The process umask: from /proc on Linux; elsewhere reading it means setting it, so it is set straight back
+    (which another thread could notice, hence /proc first)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
