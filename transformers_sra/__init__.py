@@ -7,6 +7,7 @@
 """
 
 from ._version import __version__
+from .adapter import export_adapter
 from .atoms import AtomRegistry, ConceptAtom
 from .config import SRAConfig
 from .demo import load_demo_model
@@ -42,6 +43,7 @@ __all__ = [
     "apply_surgical_ablation",
     "bake_direction",
     "evaluate_model",
+    "export_adapter",
     "init_distributed",
     "is_main_process",
     "load_corpus",

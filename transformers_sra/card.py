@@ -255,3 +255,60 @@ def render_card(report, *, base_model: Optional[str] = None, license: Optional[s
         limitations=_limitations(report),
     )
     return card
+
+
+def render_adapter_card(report, *, base_model: Optional[str] = None, rank: int = 1, size_mb: Optional[float] = None):
+    """The README of an `export_adapter` folder: ``library_name: peft``, the base model, the measured metrics and
+    how to load, switch off or scale the edit. Plain Markdown (no template), so it needs no jinja2."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from . import __version__
+
+    known_id, license = base_model_info(report.model_name)
+    base_model = base_model or known_id
+    shown = escape_md(base_model or Path(report.model_name or "model").name)
+    data = ModelCardData(base_model=base_model, license=license, library_name="peft", pipeline_tag="text-generation",
+                         tags=list(TAGS) + ["lora", "peft"], model_name=f"{shown}-sra-lora",
+                         eval_results=_eval_results(report) or None)
+    intro, columns, rows = _metric_table(report)
+    table = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    table += ["| " + row["name"] + " | " + " | ".join(row["cells"]) + " |" for row in rows]
+    # a Python string literal inside the fenced block: one line, no backticks, quotes escaped by json
+    source = json.dumps(" ".join(str(base_model or "PATH/TO/BASE/MODEL").replace("`", "").split()))
+    size = f" ({size_mb:.1f} MB)" if size_mb is not None else ""
+    body = f"""
+# {shown} with refusal removed by Surgical Refusal Ablation (LoRA adapter)
+
+A PEFT LoRA adapter{size} written by transformers-sra {__version__}. Loaded on {shown} it reproduces the
+ablated checkpoint: each residual-stream writer's bake ``W − γ u (uᵀW)`` is held exactly as rank {rank}
+(one rank per removed direction, ``lora_alpha = r``, so peft's scaling is 1).
+
+## Results of the edit
+
+{intro}
+
+{chr(10).join(table)}
+
+## Use
+
+```python
+from peft import PeftModel
+from peft.helpers import rescale_adapter_scale
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained({source})
+model = PeftModel.from_pretrained(base, "PATH/TO/THIS/ADAPTER")   # refusal removed
+with model.disable_adapter():                                     # the base model's behaviour
+    ...
+with rescale_adapter_scale(model, 0.5):                           # every strength γ halved
+    ...
+merged = model.merge_and_unload()                                 # a plain checkpoint again
+```
+
+Edited: {len(report.directions)} direction(s) from layer {report.direction_layer}, layers
+{escape_md(report.bake_layers)}, {report.writers_edited} residual writers; `sra_report.json` holds every number.
+
+## Limitations
+
+""" + "\n".join(f"- {line}" for line in _limitations(report)) + "\n"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -7,6 +7,7 @@
     sra evaluate --base Qwen/Qwen2.5-0.5B-Instruct --edited ./someone-elses-abliterated-model
     sra audit --model ./my-model                        # atom cosines and the per-layer sweep, no edit
     sra chat qwen-sra --compare Qwen/Qwen2.5-Coder-0.5B-Instruct
+    sra export-adapter qwen-sra-lora --from qwen-sra    # the same edit as a PEFT LoRA adapter
 
 Arguments are dataclasses parsed by `transformers.HfArgumentParser`; every `SRAConfig` field is a flag.
 Progress goes to stderr (``--quiet`` silences it), results to stdout (``--json``: one JSON line). Every
@@ -29,6 +30,7 @@ from .args import AblateArguments, ArgumentParser, LoadArguments, ModelArguments
 from .audit import AuditArguments
 from .chat import ChatArguments
 from .evaluate import EvaluateArguments
+from .export_adapter import ExportAdapterArguments
 
 _COMMANDS = {
     "ablate": ("remove refusal from a model and save the result (with a summary table)",
@@ -43,6 +45,9 @@ _COMMANDS = {
     "chat": ("try a model by hand, streaming; --compare shows the base model's reply too",
              [ChatArguments, LoadArguments, RunArguments],
              "sra chat ID_OR_DIR [--compare BASE] [--prompt TEXT ...]"),
+    "export-adapter": ("write an sra ablate folder's edit as a PEFT LoRA adapter (a few MB; switch off or scale it)",
+                       [ExportAdapterArguments, LoadArguments, RunArguments],
+                       "sra export-adapter OUT_DIR --from DIR_OR_REPORT [--model BASE_ID_OR_DIR] [--overwrite]"),
 }
 _CONFIG_COMMANDS = ("ablate", "audit")
 _DISTRIBUTED_COMMANDS = ("ablate", "evaluate")  # the others run in one process
@@ -51,13 +56,15 @@ _DISTRIBUTED_COMMANDS = ("ablate", "evaluate")  # the others run in one process
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="sra", description="Surgical Refusal Ablation for transformers models. "
                             "'sra COMMAND --help' lists a command's options.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{ablate,evaluate,audit,chat}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{ablate,evaluate,audit,chat,export-adapter}",
                                 parser_class=ArgumentParser)
     for name, (help_text, types, usage) in _COMMANDS.items():
         types = types + ([config_arguments()] if name in _CONFIG_COMMANDS else [])
         command = add_subcommand(sub, name, help_text, types, usage)
         if name == "chat":
             command.add_argument("model", help="the model to chat with: a folder written by sra ablate, or any model id")
+        if name == "export-adapter":
+            command.add_argument("output", metavar="OUT_DIR", help="folder for the adapter (written atomically)")
     return parser
 
 
@@ -101,9 +108,10 @@ def _interrupted(args) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import ablate, audit, chat, evaluate
+    from . import ablate, audit, chat, evaluate, export_adapter
 
-    command = {"ablate": ablate.run, "evaluate": evaluate.run, "audit": audit.run, "chat": chat.run}[args.command]
+    command = {"ablate": ablate.run, "evaluate": evaluate.run, "audit": audit.run, "chat": chat.run,
+               "export-adapter": export_adapter.run}[args.command]
     grouped = False
     try:
         grouped = init_distributed()  # under torchrun / accelerate launch: every rank scores its share of the batches
