@@ -19,6 +19,7 @@ from .profile import StrengthProfile
 from .prompts import load_corpus, load_prompts
 from .report import SRAReport
 from .residualize import ridge_residualize
+from .streaming import stream_bake
 
 __version__ = "0.1.0"
 
@@ -46,4 +47,5 @@ __all__ = [
     "record_residuals",
     "ridge_residualize",
     "save_cleaned",
+    "stream_bake",
 ]

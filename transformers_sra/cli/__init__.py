@@ -7,6 +7,7 @@
     sra evaluate --base Qwen/Qwen2.5-0.5B-Instruct --edited ./someone-elses-abliterated-model
     sra audit --model ./my-model                        # atom cosines and the per-layer sweep, no edit
     sra chat qwen-sra --compare Qwen/Qwen2.5-Coder-0.5B-Instruct
+    sra bake --model ./big-model --report qwen-sra/sra_report.json --output ./big-model-sra   # shard by shard
 
 Arguments are dataclasses parsed by `transformers.HfArgumentParser`; every `SRAConfig` field is a flag.
 Progress goes to stderr (``--quiet`` silences it), results to stdout (``--json``: one JSON line). Every
@@ -27,6 +28,7 @@ from ..progress import logger, show_progress
 from .args import (AblateArguments, ArgumentParser, LoadArguments, ModelArguments, RunArguments, add_subcommand,
                    config_arguments)
 from .audit import AuditArguments
+from .bake import BakeArguments
 from .chat import ChatArguments
 from .evaluate import EvaluateArguments
 
@@ -43,6 +45,9 @@ _COMMANDS = {
     "chat": ("try a model by hand, streaming; --compare shows the base model's reply too",
              [ChatArguments, LoadArguments, RunArguments],
              "sra chat ID_OR_DIR [--compare BASE] [--prompt TEXT ...]"),
+    "bake": ("apply a saved edit to a safetensors checkpoint shard by shard, without loading the model",
+             [BakeArguments, RunArguments],
+             "sra bake --model DIR --report sra_report.json --output DIR [--overwrite]"),
 }
 _CONFIG_COMMANDS = ("ablate", "audit")
 
@@ -50,7 +55,7 @@ _CONFIG_COMMANDS = ("ablate", "audit")
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="sra", description="Surgical Refusal Ablation for transformers models. "
                             "'sra COMMAND --help' lists a command's options.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{ablate,evaluate,audit,chat}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(_COMMANDS) + "}",
                                 parser_class=ArgumentParser)
     for name, (help_text, types, usage) in _COMMANDS.items():
         types = types + ([config_arguments()] if name in _CONFIG_COMMANDS else [])
@@ -95,14 +100,17 @@ def _interrupted(args) -> str:
     if args.command == "ablate":
         return (f"error: interrupted; {args.model or 'the demo model'} is untouched and {args.output} was not written "
                 "(run the same command again to start over)")
+    if args.command == "bake":
+        return f"error: interrupted; {args.model} is untouched and {args.output} was not written"
     return "error: interrupted; nothing was written"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import ablate, audit, chat, evaluate
+    from . import ablate, audit, bake, chat, evaluate
 
-    command = {"ablate": ablate.run, "evaluate": evaluate.run, "audit": audit.run, "chat": chat.run}[args.command]
+    command = {"ablate": ablate.run, "evaluate": evaluate.run, "audit": audit.run, "chat": chat.run,
+               "bake": bake.run}[args.command]
     try:
         with _console(args.quiet):
             return command(args)
