@@ -114,9 +114,9 @@ def _source(model: nn.Module, key: str, shape: torch.Size, ckpt: _Checkpoint) ->
     index tensor: each piece then holds the flat positions of its values in the model tensor."""
     if key in ckpt.weight_map:
         return _Source(shape, [key])
-    from transformers.core_model_loading import revert_weight_conversion
-
     try:
+        from transformers.core_model_loading import revert_weight_conversion  # transformers 5's save-time renames
+
         pieces = revert_weight_conversion(model, {key: torch.arange(shape.numel()).reshape(shape)})
     except Exception as err:  # any failure of the conversion table means we cannot locate the tensor: refuse
         raise UnsupportedModelError(f"cannot map {key} to the checkpoint's tensor names: {err}") from None
