@@ -95,6 +95,15 @@ def padding_waste(tokenizer, texts: list[str], batch_size: int) -> dict:
     return out
 
 
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM) in bytes. Not ``getrusage``'s ru_maxrss: Linux carries the parent's
+    peak over fork and exec into it, so a child started by a process holding a model would report that model."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: no fork carry-over to avoid
+
+
 def rss_child(args) -> None:
     """The pipeline's memory-heavy steps in this process; prints its peak RSS as JSON."""
     torch.set_num_threads(1)
@@ -110,8 +119,7 @@ def rss_child(args) -> None:
     with ablate_activations(model, direction, StrengthProfile(peak=1.2, floor=0.2, center=0.6, width=0.4)):
         val.measure(model, tok)
     bake_direction(model, direction).undo()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak_rss": peak, "model_bytes": model_bytes(model)}))
+    print(json.dumps({"peak_rss": peak_rss(), "model_bytes": model_bytes(model)}))
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Saves the model (default: the demo model, fp32) in shards, then runs in fresh subprocesses: the imports alone
 (the baseline), the in-memory bake (``from_pretrained`` + `reapply_edit` + ``save_pretrained``) and `stream_bake`,
-and reads each one's peak RSS from ``resource.getrusage``. Checks that both outputs are equal bit for bit.
+and reads each one's peak RSS (VmHWM; ``getrusage`` would carry the parent's peak into the child). Checks that both outputs are equal bit for bit.
 Prints a table and writes ``benchmarks/results/streaming_rss-<model>.json``::
 
     python benchmarks/streaming_rss.py                       # demo model, 200 MB shards
@@ -14,42 +14,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from speed import peak_rss  # benchmarks/ is the script's folder
+
 GIB = 1 << 30
 
-_CHILD = {
-    "imports only": "",
-    "in-memory bake": """
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-reapply_edit(model, SRAReport.load(report))
-model.save_pretrained(out, max_shard_size=shard)
-""",
-    "streaming bake": "stream_bake(base, report, out)",
-}
-_PRELUDE = """
-import json, resource, sys, time, torch
-from transformers import AutoModelForCausalLM
-from transformers_sra.evaluation import reapply_edit
-from transformers_sra.report import SRAReport
-from transformers_sra.streaming import stream_bake
-torch.set_num_threads(1)
-base, report, out, shard = sys.argv[1:5]
-start = time.perf_counter()
-"""
-_EPILOGUE = """
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "seconds": time.perf_counter() - start}))
-"""
+RUNS = ("imports only", "in-memory bake", "streaming bake")
 
 
-def run_child(code: str, *argv: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _PRELUDE + code + _EPILOGUE, *argv], capture_output=True, text=True)
+def child(run: str, base: str, report: str, out: str, shard: str) -> None:
+    """One run in this fresh process; prints its peak RSS (VmHWM, see `speed.peak_rss`) and seconds as JSON."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from transformers_sra.evaluation import reapply_edit
+    from transformers_sra.report import SRAReport
+    from transformers_sra.streaming import stream_bake
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    if run == "in-memory bake":
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        reapply_edit(model, SRAReport.load(report))
+        model.save_pretrained(out, max_shard_size=shard)
+    elif run == "streaming bake":
+        stream_bake(base, report, out)
+    print(json.dumps({"peak_rss": peak_rss(), "seconds": time.perf_counter() - start}))
+
+
+def run_child(run: str, *argv: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", run, *argv], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr.strip().splitlines()[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -97,7 +96,10 @@ def main() -> None:
     parser.add_argument("--shard", default="200MB", help="max_shard_size of the saved checkpoint")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary folder)")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -116,8 +118,8 @@ def main() -> None:
         del model
         shards = sorted((tmp / "base").glob("*.safetensors"))
         rows = {}
-        for name, code in _CHILD.items():
-            rows[name] = run_child(code, str(tmp / "base"), str(tmp / "report.json"), str(tmp / name.replace(" ", "-")),
+        for name in RUNS:
+            rows[name] = run_child(name, str(tmp / "base"), str(tmp / "report.json"), str(tmp / name.replace(" ", "-")),
                                    args.shard)
         equal = same_tensors(tmp / "in-memory-bake", tmp / "streaming-bake")
         largest = max(s.stat().st_size for s in shards)
