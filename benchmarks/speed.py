@@ -11,8 +11,8 @@ Prints, and writes to ``benchmarks/results/speed-<model>.json`` with the git com
   against the model's in-memory size; target ≤ 1.3× size + 1 GiB;
 * extraction time against prompt count and against depth (the deepest recorded layer), with a line fit.
 
-Timings interleave the compared functions round by round and keep each one's best round, so load from other
-processes hits them alike::
+Timings are CPU seconds of the benchmark process at one thread (wall time on a shared machine mostly measures the
+other processes); the compared functions alternate round by round and each keeps its best round::
 
     python benchmarks/speed.py                                   # the demo model (0.5B), 1 thread
     python benchmarks/speed.py --model ~/.cache/transformers_sra/qwen2.5-coder-1.5b-instruct
@@ -55,14 +55,15 @@ def load(name: str):
 
 
 def best_of(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Each function's fastest round; the functions alternate within every round."""
+    """Each function's fastest round in CPU seconds of this process (one thread: what other processes on a shared
+    machine take from wall time is not counted); the functions alternate within every round."""
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = time.process_time()
             with torch.no_grad():
                 fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], time.process_time() - start)
     return best
 
 

@@ -38,8 +38,10 @@ def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: 
         logits = model(**batch.model_inputs(model), use_cache=False).logits[:, :-1].float()
         targets = batch.input_ids[:, 1:]
         keep = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        total += float(nll[keep].sum())
+        # Row by row: a batch's full-vocabulary log-softmax (and a transposed copy) would double the logits' memory.
+        for row in range(len(logits)):
+            nll = torch.nn.functional.cross_entropy(logits[row], targets[row], reduction="none")
+            total += float(nll[keep[row]].sum())
         count += int(keep.sum())
     return total, count
 
