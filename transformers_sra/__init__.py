@@ -22,6 +22,7 @@ from .profile import StrengthProfile
 from .prompts import load_corpus, load_prompts
 from .report import SRAReport
 from .residualize import ridge_residualize
+from .streaming import stream_bake
 
 __all__ = [
     "__version__",
@@ -53,4 +54,5 @@ __all__ = [
     "record_residuals",
     "ridge_residualize",
     "save_cleaned",
+    "stream_bake",
 ]

@@ -224,8 +224,8 @@ def export_adapter(report: SRAReport, model: nn.Module, path: str | os.PathLike,
     ``model`` is the model the live ``report`` edited, or, for a report loaded from JSON, the unedited base
     (the edit is baked again to read its factors; the weights get their originals back bit for bit). Loading the
     folder with ``PeftModel.from_pretrained(base, path)`` reproduces the baked model; ``disable_adapter()`` gives
-    the base back and ``peft.helpers.rescale_adapter_scale(peft_model, s)`` makes every γ sγ. ``base_model`` (a Hub id) overrides the one
-    inferred from the report. Raises `UnsupportedModelError` for edits a LoRA cannot hold exactly.
+    the base back and ``peft.helpers.rescale_adapter_scale(peft_model, s)`` makes every γ sγ. ``base_model`` (a Hub
+    id) overrides the one inferred from the report. Raises `UnsupportedModelError` for edits a LoRA cannot hold exactly.
     """
     check_adapter_dependencies()
     if report.config.get("norm_preserving"):

@@ -55,6 +55,16 @@ def writer_direction(writer: Writer, v: torch.Tensor) -> torch.Tensor:
     return v / norm
 
 
+def edit_tensor(t: torch.Tensor, u: torch.Tensor, axis: int, strength: float,
+               norm_preserving: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One writer tensor's bake, shared by the in-memory and the streaming bake so both give the same bits:
+    ``(new, coef, scale)`` with ``new = t − γ u (uᵀt)``, rescaled per hidden-size vector to its old norm when
+    ``norm_preserving`` (``scale`` the factors, else None), and ``coef = uᵀt`` kept for undo."""
+    new, coef = project_out(t, u, axis, strength)
+    scale = _norm_ratio(t, new, axis) if norm_preserving else None
+    return (new if scale is None else new * scale), coef, scale
+
+
 def _add_back(t: torch.Tensor, u: torch.Tensor, axis: int, strength: float, coef: torch.Tensor) -> torch.Tensor:
     return (t.movedim(axis, -1) + strength * coef.unsqueeze(-1) * u).movedim(-1, axis)
 
@@ -129,6 +139,18 @@ class _Planned:
     earlier: list  # this writer's u for each direction already baked out (orthogonal_to)
 
 
+def plan_writers(model: nn.Module, writers: Sequence[Writer], direction: Direction, strength: Strength = 1.0,
+                 orthogonal_to: Sequence[Direction] = ()) -> list[_Planned]:
+    """Each writer's ``u`` (made orthogonal to its ``u`` for every earlier direction) and γ; no weight is read
+    but the post-norms' (so a meta-device model with real post-norms serves the streaming bake)."""
+    planned = []
+    for w, gamma in zip(writers, writer_strengths(model, writers, strength)):
+        u = writer_direction(w, _layer_vector(direction, w))
+        earlier = [writer_direction(w, _layer_vector(p, w)) for p in orthogonal_to]
+        planned.append(_Planned(w, orthogonalize(u, earlier) if earlier else u, gamma, earlier))
+    return planned
+
+
 def bake_direction(
     model: nn.Module,
     direction: Direction,
@@ -169,11 +191,7 @@ def bake_direction(
         if verify and layer_indices(model, layers) else None
     writers = residual_writers(model, layers, calls=calls)
     # Resolve every direction before touching a weight, so bad input never half-edits the model.
-    planned = []
-    for w, gamma in zip(writers, writer_strengths(model, writers, profile)):
-        u = writer_direction(w, _layer_vector(direction, w))
-        earlier = [writer_direction(w, _layer_vector(p, w)) for p in orthogonal_to]
-        planned.append(_Planned(w, orthogonalize(u, earlier) if earlier else u, gamma, earlier))
+    planned = plan_writers(model, writers, direction, profile, orthogonal_to)
     plan = [p for p in planned if p.gamma > 0]
 
     handle = BakeHandle(profile, sorted({p.writer.layer for p in plan}), [p.writer.name for p in plan])
@@ -185,9 +203,8 @@ def bake_direction(
                     continue
                 t = read_param(w.module, name)
                 u_dev = p.u.to(t.device)
-                new, coef = project_out(t, u_dev, axis, p.gamma)
-                scale = _norm_ratio(t, new, axis) if norm_preserving and name == w.param else None
-                rounding = write_param(w.module, name, new if scale is None else new * scale)
+                new, coef, scale = edit_tensor(t, u_dev, axis, p.gamma, norm_preserving and name == w.param)
+                rounding = write_param(w.module, name, new)
                 handle.storage_rounding = max(handle.storage_rounding, rounding)
                 handle._edits.append(_Edit(w, name, axis, u_dev, coef, p.gamma, scale))
         if calls is not None:

@@ -29,7 +29,7 @@ from .baselines import LABELS, swapped_edit
 from .cache import default_cache_dir
 from .distributed import all_ranks, is_main_process
 from .editing import bake_direction
-from .errors import PromptSetError, SRAError
+from .errors import PromptSetError
 from .judge import (
     JUDGE_TOKENS,
     degenerate_labelled,
@@ -290,15 +290,12 @@ def reapply_edit(model: nn.Module, report) -> list:
     with the report's strength profile, each accepted mining pass with its flat γ, each orthogonal to the
     earlier ones. Returns the handles and makes the report live again (``report.undo()`` works)."""
     layers = report.config.get("layers")
-    gammas = [row["gamma"] for row in report.iterations if row.get("accepted")]
-    strengths = [report.strength] + gammas
-    if len(strengths) != len(report.directions):
-        raise SRAError(f"report has {len(report.directions)} directions but {len(strengths)} recorded strengths")
-    directions = [report.direction_tensor(i) for i in range(len(report.directions))]
+    bakes = report.bakes()
+    directions = [d for d, _ in bakes]
     norm_preserving = bool(report.config.get("norm_preserving", False))
     report._handles = [bake_direction(model, d, strength, layers, orthogonal_to=directions[:i],
                                       norm_preserving=norm_preserving)
-                       for i, (d, strength) in enumerate(zip(directions, strengths))]
+                       for i, (d, strength) in enumerate(bakes)]
     return report._handles
 
 

@@ -49,10 +49,12 @@ def _summed_nll(model: nn.Module, batches, scored) -> tuple[float, int]:
     parts = {}
     for k, batch in shard(enumerate(batches)):
         logits = model(**batch.model_inputs(model), use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:].to(logits.device),
-                                                reduction="none")
-        keep = scored(batch).to(nll.device)
-        parts[k] = torch.tensor([[float(nll[keep].sum()), int(keep.sum())]], dtype=torch.float64)
+        targets = batch.input_ids[:, 1:].to(logits.device)
+        keep = scored(batch).to(logits.device)
+        # Row by row: a batch's full-vocabulary log-softmax (and a transposed copy) would double the logits' memory.
+        total = sum(float(torch.nn.functional.cross_entropy(logits[row], targets[row], reduction="none")[keep[row]].sum())
+                    for row in range(len(logits)))
+        parts[k] = torch.tensor([[total, int(keep.sum())]], dtype=torch.float64)
     total, count = 0.0, 0
     for part in gather(parts).values():
         total += float(part[0, 0])

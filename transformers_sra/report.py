@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from .errors import UndoError
+from .errors import SRAError, UndoError
 
 REPORT_NAME = "sra_report.json"
 
@@ -64,6 +64,14 @@ class SRAReport:
 
     def direction_tensor(self, index: int = -1) -> torch.Tensor:
         return torch.tensor(self.directions[index], dtype=torch.float32)
+
+    def bakes(self) -> list[tuple[torch.Tensor, Any]]:
+        """``(direction, strength)`` of each bake, in the pipeline's order: the first with the report's strength
+        profile, each accepted mining pass with its flat γ (each is baked orthogonal to the earlier ones)."""
+        strengths = [self.strength] + [row["gamma"] for row in self.iterations if row.get("accepted")]
+        if len(strengths) != len(self.directions):
+            raise SRAError(f"report has {len(self.directions)} directions but {len(strengths)} recorded strengths")
+        return [(self.direction_tensor(i), s) for i, s in enumerate(strengths)]
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}

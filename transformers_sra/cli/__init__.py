@@ -8,6 +8,7 @@
     sra audit --model ./my-model                        # atom cosines and the per-layer sweep, no edit
     sra chat qwen-sra --compare Qwen/Qwen2.5-Coder-0.5B-Instruct
     sra export-adapter qwen-sra-lora --from qwen-sra    # the same edit as a PEFT LoRA adapter
+    sra bake --model ./big-model --report qwen-sra/sra_report.json --output ./big-model-sra   # shard by shard
 
 Arguments are dataclasses parsed by `transformers.HfArgumentParser`; every `SRAConfig` field is a flag.
 Progress goes to stderr (``--quiet`` silences it), results to stdout (``--json``: one JSON line). Every
@@ -28,6 +29,7 @@ from ..errors import ConfigError, SRAError
 from ..progress import logger, show_progress
 from .args import AblateArguments, ArgumentParser, LoadArguments, ModelArguments, RunArguments, add_subcommand, config_arguments
 from .audit import AuditArguments
+from .bake import BakeArguments
 from .chat import ChatArguments
 from .evaluate import EvaluateArguments
 from .export_adapter import ExportAdapterArguments
@@ -48,6 +50,9 @@ _COMMANDS = {
     "export-adapter": ("write an sra ablate folder's edit as a PEFT LoRA adapter (a few MB; switch off or scale it)",
                        [ExportAdapterArguments, LoadArguments, RunArguments],
                        "sra export-adapter OUT_DIR --from DIR_OR_REPORT [--model BASE_ID_OR_DIR] [--overwrite]"),
+    "bake": ("apply a saved edit to a safetensors checkpoint shard by shard, without loading the model",
+             [BakeArguments, RunArguments],
+             "sra bake --model DIR --report sra_report.json --output DIR [--overwrite]"),
 }
 _CONFIG_COMMANDS = ("ablate", "audit")
 _DISTRIBUTED_COMMANDS = ("ablate", "evaluate")  # the others run in one process
@@ -56,7 +61,7 @@ _DISTRIBUTED_COMMANDS = ("ablate", "evaluate")  # the others run in one process
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="sra", description="Surgical Refusal Ablation for transformers models. "
                             "'sra COMMAND --help' lists a command's options.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{ablate,evaluate,audit,chat,export-adapter}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(_COMMANDS) + "}",
                                 parser_class=ArgumentParser)
     for name, (help_text, types, usage) in _COMMANDS.items():
         types = types + ([config_arguments()] if name in _CONFIG_COMMANDS else [])
@@ -103,15 +108,17 @@ def _interrupted(args) -> str:
     if args.command == "ablate":
         return (f"error: interrupted; {args.model or 'the demo model'} is untouched and {args.output} was not written "
                 "(run the same command again to start over)")
+    if args.command == "bake":
+        return f"error: interrupted; {args.model} is untouched and {args.output} was not written"
     return "error: interrupted; nothing was written"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import ablate, audit, chat, evaluate, export_adapter
+    from . import ablate, audit, bake, chat, evaluate, export_adapter
 
     command = {"ablate": ablate.run, "evaluate": evaluate.run, "audit": audit.run, "chat": chat.run,
-               "export-adapter": export_adapter.run}[args.command]
+               "export-adapter": export_adapter.run, "bake": bake.run}[args.command]
     grouped = False
     try:
         grouped = init_distributed()  # under torchrun / accelerate launch: every rank scores its share of the batches

@@ -1,0 +1,238 @@
+"""Cost of extraction and of search candidates, measured side by side in one run against the forward passes they need.
+
+Prints, and writes to ``benchmarks/results/speed-<model>.json`` with the git commit and the machine load:
+
+* extraction (`record_residuals` at the default candidate layers) against a bare decoder forward
+  (``model.get_decoder()(**batch)``: no hooks, no LM head) and the full ``model(**batch)`` over the same
+  length-sorted batches; targets ≤ 1.05× and ≤ 0.8×;
+* padding waste of the batches extraction and scoring run (share of token slots that are padding); target ≤ 10%;
+* one search candidate (hook ablation + `Validation.measure`) against the same passes without hooks; target ≤ 1.1×;
+* peak RSS of a child process that runs the pipeline's steps (extraction, base scoring, one candidate, one bake)
+  against the model's in-memory size; target ≤ 1.3× size + 1 GiB;
+* extraction time against prompt count and against depth (the deepest recorded layer), with a line fit.
+
+Timings are CPU seconds of the benchmark process at one thread (wall time on a shared machine mostly measures the
+other processes); the compared functions alternate round by round and each keeps its best round::
+
+    python benchmarks/speed.py                                   # the demo model (0.5B), 1 thread
+    python benchmarks/speed.py --model ~/.cache/transformers_sra/qwen2.5-coder-1.5b-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from transformers_sra import load_corpus, load_prompts
+from transformers_sra.architectures import decoder_layers
+from transformers_sra.batching import _encode, _shared_prefix_length, id_batches, input_device, pad_id, sorted_batches
+from transformers_sra.editing import ablate_activations, bake_direction
+from transformers_sra.extraction import record_residuals
+from transformers_sra.profile import StrengthProfile
+from transformers_sra.prompts import format_chat
+from transformers_sra.search import Validation, default_candidates
+
+GIB = 1 << 30
+
+
+def load(name: str):
+    if name == "demo":
+        from transformers_sra import load_demo_model
+
+        return load_demo_model(dtype=torch.float32)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def best_of(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Each function's fastest round in CPU seconds of this process (one thread: what other processes on a shared
+    machine take from wall time is not counted); the functions alternate within every round."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.process_time()
+            with torch.no_grad():
+                fn()
+            best[name] = min(best[name], time.process_time() - start)
+    return best
+
+
+def line_fit(xs: list[float], ys: list[float]) -> dict:
+    """Least-squares line y = a + b x and its R² (1 for exactly linear growth)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    ss = sum((y - my) ** 2 for y in ys)
+    r2 = 1 - sum((y - a - b * x) ** 2 for x, y in zip(xs, ys)) / ss if ss > 0 else 1.0
+    return {"intercept_s": round(a, 4), "slope_s": round(b, 5), "r2": round(r2, 4)}
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def padding_waste(tokenizer, texts: list[str], batch_size: int) -> dict:
+    """Padding share of the batches `prompt_batches` builds (the shared chat prefix is run once, not padded)."""
+    encoded = _encode(tokenizer, texts)
+    n = _shared_prefix_length(encoded)
+    out = {}
+    for name, rows in (("sorted, shared prefix cached", [e[n:] for e in encoded]), ("sorted, full prompts", encoded)):
+        slots = pads = 0
+        for b in id_batches(rows, batch_size, torch.device("cpu"), pad_id(tokenizer)):
+            slots += b.attention_mask.numel()
+            pads += int((b.attention_mask == 0).sum())
+        out[name] = round(pads / slots, 4)
+    return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM) in bytes. Not ``getrusage``'s ru_maxrss: Linux carries the parent's
+    peak over fork and exec into it, so a child started by a process holding a model would report that model."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: no fork carry-over to avoid
+
+
+def rss_child(args) -> None:
+    """The pipeline's memory-heavy steps in this process; prints its peak RSS as JSON."""
+    torch.set_num_threads(1)
+    model, tok = load(args.model)
+    n_layers = len(decoder_layers(model))
+    layers = default_candidates(n_layers)
+    harmful, harmless = load_prompts("harmful_train")[: args.prompts], load_prompts("harmless_train")[: args.prompts]
+    acts = [record_residuals(model, tok, p, layers=layers, batch_size=args.batch_size) for p in (harmful, harmless)]
+    direction = acts[0][:, -1].mean(0) - acts[1][:, -1].mean(0)
+    val = Validation.measure_base(model, tok, load_prompts("harmful_val")[: args.prompts],
+                                  load_prompts("harmless_val")[: args.prompts], load_corpus("general_val")[:4],
+                                  batch_size=args.batch_size)
+    with ablate_activations(model, direction, StrengthProfile(peak=1.2, floor=0.2, center=0.6, width=0.4)):
+        val.measure(model, tok)
+    bake_direction(model, direction).undo()
+    print(json.dumps({"peak_rss": peak_rss(), "model_bytes": model_bytes(model)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="'demo' or a model folder")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per extraction (half harmful, half harmless)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        return rss_child(args)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    model, tok = load(args.model)
+    n_layers = len(decoder_layers(model))
+    layers = default_candidates(n_layers)
+    prompts = load_prompts("harmful_train")[: args.prompts // 2] + load_prompts("harmless_train")[: args.prompts // 2]
+    texts = format_chat(tok, prompts)
+    batches = list(sorted_batches(tok, texts, args.batch_size, input_device(model)))
+    decoder = model.get_decoder()
+    with torch.no_grad():  # one-time costs (allocator, kernels) out of the first timed call
+        model(**batches[-1].model_inputs(model), use_cache=False)
+    result = {"model": args.model, "parameters": sum(p.numel() for p in model.parameters()), "layers": n_layers,
+              "threads": args.threads, "prompts": len(prompts), "batch_size": args.batch_size,
+              "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)), "torch": torch.__version__}
+
+    # -- extraction against bare forwards over the same batches ---------------------------------------------------
+    t = best_of({
+        "extraction": lambda: record_residuals(model, tok, prompts, layers=layers, batch_size=args.batch_size),
+        "bare decoder forward": lambda: [decoder(**b.model_inputs(decoder), use_cache=False) for b in batches],
+        "full model forward": lambda: [model(**b.model_inputs(model), use_cache=False) for b in batches],
+    }, args.rounds)
+    result["extraction"] = {"seconds": {k: round(v, 3) for k, v in t.items()}, "deepest_layer": max(layers),
+                            "vs_bare_decoder": round(t["extraction"] / t["bare decoder forward"], 3),
+                            "vs_full_model": round(t["extraction"] / t["full model forward"], 3),
+                            "targets": {"vs_bare_decoder": 1.05, "vs_full_model": 0.8}}
+
+    # -- padding ---------------------------------------------------------------------------------------------------
+    sets = {name: format_chat(tok, load_prompts(name)) for name in ("harmful_train", "harmless_train", "harmful_val",
+                                                                      "harmless_val")}
+    result["padding_waste"] = {name: padding_waste(tok, texts_, args.batch_size) for name, texts_ in sets.items()}
+    result["padding_waste"]["target"] = 0.10
+
+    # -- one search candidate against the same passes without hooks -----------------------------------------------
+    n_val = args.prompts // 2
+    val = Validation.measure_base(model, tok, load_prompts("harmful_val")[:n_val], load_prompts("harmless_val")[:n_val],
+                                  load_corpus("general_val")[:4], batch_size=args.batch_size)
+    seeded = torch.Generator().manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(model.config.hidden_size, generator=seeded), dim=0)
+    profile = StrengthProfile(peak=1.2, floor=0.2, center=0.6, width=0.4)
+
+    def candidate():
+        with ablate_activations(model, direction, profile):
+            val.measure(model, tok)
+
+    t = best_of({"candidate": candidate, "unhooked passes": lambda: val.measure(model, tok)}, args.rounds)
+    result["search_candidate"] = {"seconds": {k: round(v, 3) for k, v in t.items()},
+                                  "ratio": round(t["candidate"] / t["unhooked passes"], 3), "target": 1.1,
+                                  "passes": {"harmful": n_val, "harmless": n_val, "text passages": 4}}
+
+    # -- growth: prompt count and depth -----------------------------------------------------------------------------
+    counts = [max(2, args.prompts // 4), max(4, args.prompts // 2), args.prompts, 2 * args.prompts]
+    pool = load_prompts("harmful_train") + load_prompts("harmless_train")
+    by_count = [best_of({"x": lambda n=n: record_residuals(model, tok, pool[::2][:n], layers=layers,
+                                                           batch_size=args.batch_size)}, 1)["x"] for n in counts]
+    depths = sorted({max(1, n_layers * k // 4) for k in (1, 2, 3, 4)})
+    by_depth = [best_of({"x": lambda d=d: record_residuals(model, tok, prompts, layers=[d - 1],
+                                                           batch_size=args.batch_size)}, 1)["x"] for d in depths]
+    result["growth"] = {"prompts": counts, "seconds_by_prompts": [round(x, 3) for x in by_count],
+                        "fit_prompts": line_fit(counts, by_count),
+                        "depth": depths, "seconds_by_depth": [round(x, 3) for x in by_depth],
+                        "fit_depth": line_fit(depths, by_depth)}
+    model = decoder = batches = None  # free them; the names stay bound for the timed lambdas above
+
+    # -- peak RSS of the pipeline's steps, in a fresh process -------------------------------------------------------
+    child = subprocess.run([sys.executable, __file__, "--rss-child", "--model", args.model, "--prompts", str(args.prompts),
+                            "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+    rss = json.loads(child.stdout.strip().splitlines()[-1])
+    budget = 1.3 * rss["model_bytes"] + GIB
+    result["peak_rss"] = {"peak_rss_gib": round(rss["peak_rss"] / GIB, 3), "model_gib": round(rss["model_bytes"] / GIB, 3),
+                          "budget_gib": round(budget / GIB, 3), "ratio_to_budget": round(rss["peak_rss"] / budget, 3)}
+
+    result["load_average"] = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
+    result["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(report(result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "demo" if args.model == "demo" else Path(args.model).name
+    (out / f"speed-{name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+
+def report(r: dict) -> str:
+    e, c, g, m = r["extraction"], r["search_candidate"], r["growth"], r["peak_rss"]
+    pad = max(v["sorted, shared prefix cached"] for k, v in r["padding_waste"].items() if k != "target")
+    ok = lambda x, target: "ok" if x <= target else "MISSED"  # noqa: E731
+    lines = [f"{r['model']}: {r['parameters'] / 1e9:.2f}B parameters, {r['layers']} layers, {r['prompts']} prompts "
+             f"({r['tokens']} tokens), batch {r['batch_size']}, {r['threads']} thread(s); load {r['load_average']}",
+             f"  extraction {e['seconds']['extraction']:.2f} s | bare decoder {e['seconds']['bare decoder forward']:.2f} s | "
+             f"full model {e['seconds']['full model forward']:.2f} s",
+             f"  extraction / bare decoder  {e['vs_bare_decoder']:.3f}  (target ≤ 1.05)  {ok(e['vs_bare_decoder'], 1.05)}",
+             f"  extraction / full model    {e['vs_full_model']:.3f}  (target ≤ 0.8)   {ok(e['vs_full_model'], 0.8)}",
+             f"  padding waste (worst set)  {pad:.3f}  (target ≤ 0.10)  {ok(pad, 0.10)}",
+             f"  search candidate / passes  {c['ratio']:.3f}  (target ≤ 1.1)   {ok(c['ratio'], 1.1)}",
+             f"  peak RSS {m['peak_rss_gib']:.2f} GiB / (1.3 × {m['model_gib']:.2f} GiB + 1 GiB) = {m['ratio_to_budget']:.3f}"
+             f"  (target ≤ 1)  {ok(m['ratio_to_budget'], 1.0)}",
+             f"  time vs prompts {g['prompts']}: {g['seconds_by_prompts']} s, line fit R² {g['fit_prompts']['r2']}",
+             f"  time vs depth {g['depth']}: {g['seconds_by_depth']} s, line fit R² {g['fit_depth']['r2']}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
