@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -117,16 +118,24 @@ def test_base_numbers_are_cached_on_disk_and_keyed_by_weights(tmp_path, monkeypa
     model, tok = make_tiny_model("qwen2"), make_tokenizer()
     sets = small_sets(3)
     first = cached_evaluation(model, tok, sets, cache_dir=tmp_path, max_new_tokens=3)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]  # no pickle
+    (folder,) = tmp_path.iterdir()  # one folder per model, one file per step and set: json and safetensors, no pickle
+    assert {p.suffix for p in folder.iterdir()} == {".json", ".safetensors"} and len(list(folder.glob("*.json"))) == 6
 
     def fail(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(evaluation_module, "evaluate_model", fail)
+    monkeypatch.setattr(model, "forward", fail)
     again = cached_evaluation(model, tok, sets, cache_dir=tmp_path, max_new_tokens=3)
     assert again.metrics == first.metrics and torch.equal(again.harmless_logprobs, first.harmless_logprobs)
+    assert again.samples == first.samples
+    monkeypatch.undo()
+    # a set measured before is read even among other sets (another --limit): only the new one is measured
+    grown = dataclasses.replace(sets, over_refusal=sets.over_refusal + ["tell me about dogs"])
+    mixed = cached_evaluation(model, tok, grown, cache_dir=tmp_path, max_new_tokens=3)
+    assert len(list(folder.glob("*.json"))) == 7 and mixed.metrics["refusal_rate"] == first.metrics["refusal_rate"]
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.add_(0.01)
+    monkeypatch.setattr(model, "forward", fail)
     with pytest.raises(AssertionError, match="measured again"):
         cached_evaluation(model, tok, sets, cache_dir=tmp_path, max_new_tokens=3)
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from .editing import ablate_activations, bake_direction
 from .errors import PromptSetError, SRAError
-from .judge import (JUDGE_TOKENS, first_token_logprobs, generate, is_refusal, judge_accuracy, labelled_replies,
-                    refusal_probability, refusal_token_ids, resolve_judge)
+from .judge import (JUDGE_TOKENS, VerdictStop, first_token_logprobs, generate, is_refusal, judge_accuracy,
+                    labelled_replies, refusal_probability, refusal_token_ids, resolve_judge)
 from .metrics import AnswerPerplexity, FirstTokenKL, OverRefusalRate, Perplexity, RefusalRate
 from .prompts import load_corpus, load_prompts
 
@@ -108,9 +108,7 @@ class EvalSets:
 
     def fingerprint(self) -> str:
         """SHA-256 of every prompt and text, in order."""
-        data = json.dumps([[list(x) if isinstance(x, tuple) else x for x in getattr(self, f.name)]
-                           for f in dataclasses.fields(self)], ensure_ascii=False)
-        return hashlib.sha256(data.encode()).hexdigest()
+        return _items_sha256([_items_sha256(getattr(self, f.name)) for f in dataclasses.fields(self)])
 
 
 @dataclass
@@ -143,55 +141,79 @@ class Evaluation:
 
 def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *, base: Optional[Evaluation] = None,
                    judge=None, max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16,
-                   progress: Optional[Progress] = None, system_prompt: Optional[str] = None) -> Evaluation:
+                   progress: Optional[Progress] = None, system_prompt: Optional[str] = None,
+                   cache_dir: Optional[str | os.PathLike] = None) -> Evaluation:
     """Measure ``model`` as it is now. With ``base``, also first-token KL and perplexity changes against it.
 
     Metrics: ``refusal_rate`` (+ ``_ci95``) and ``refusal_score`` on harmful prompts, ``over_refusal_rate``
     (+ ``_ci95``), ``perplexity`` (text), ``math_perplexity``, ``code_perplexity``; with ``base``:
-    ``first_token_kl`` and ``*_change`` for each perplexity.
+    ``first_token_kl`` and ``*_change`` for each perplexity. With ``cache_dir`` (only for an unedited model:
+    see `cached_evaluation`) each step's numbers are read from, or written to, a file named by its set's hash.
+
+    With the shipped phrase judge a reply stops once its refusal is settled (`VerdictStop`): the same verdicts
+    as the full reply, and a refusing model's batches end early. Answers run to ``max_new_tokens``.
     """
     sets = sets or EvalSets.default()
+    stop_when = VerdictStop.refusal_settled if judge is None or judge is is_refusal else None
     judge = resolve_judge(judge)
     batching = dict(batch_size=batch_size, system_prompt=system_prompt)
     steps = [s for s, data in (("refusal", sets.harmful), ("over_refusal", sets.over_refusal),
                                ("first_token", sets.harmless), ("perplexity", sets.text), ("math", sets.math),
                                ("code", sets.code)) if data]
-    metrics: dict = {}
-    samples: dict = {}
-    logp = None
+    parts: list[Evaluation] = []
 
-    def done(step: str) -> None:
+    def measured(step: str, items: list, compute: Callable[[], Evaluation]) -> Evaluation:
+        path = None if cache_dir is None else Path(cache_dir) / f"{step}-{_items_sha256(items)[:24]}"
+        part = Evaluation.load(path) if path is not None and path.with_suffix(".json").is_file() else None
+        if part is None:
+            part = compute()
+            if path is not None:
+                part.save(path)
+        parts.append(part)
         if progress is not None:
             progress(step, steps.index(step) + 1, len(steps))
+        return part
 
-    for name, prompts, metric in (("refusal", sets.harmful, RefusalRate()),
-                                  ("over_refusal", sets.over_refusal, OverRefusalRate())):
-        if prompts:
-            replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **batching)
-            metrics.update(metric.compute(predictions=replies, judge=judge))
-            samples[name] = [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies))[:5]]
-            if name == "refusal":  # the first-token score needs no generation: the same signal the search uses
-                scores = refusal_probability(first_token_logprobs(model, tokenizer, prompts, **batching),
-                                             refusal_token_ids(tokenizer))
-                metrics["refusal_score"] = float(scores.mean())
-            done(name)
+    def judged_rate(prompts: list, metric, with_score: bool) -> Evaluation:
+        replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_when=stop_when, **batching)
+        metrics = metric.compute(predictions=replies, judge=judge)
+        if with_score:  # the first-token score needs no generation: the same signal the search uses
+            scores = refusal_probability(first_token_logprobs(model, tokenizer, prompts, **batching),
+                                         refusal_token_ids(tokenizer))
+            metrics["refusal_score"] = float(scores.mean())
+        name = "refusal" if with_score else "over_refusal"
+        return Evaluation(metrics, {name: [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies))[:5]]})
+
+    if sets.harmful:
+        measured("refusal", sets.harmful, lambda: judged_rate(sets.harmful, RefusalRate(), True))
+    if sets.over_refusal:
+        measured("over_refusal", sets.over_refusal, lambda: judged_rate(sets.over_refusal, OverRefusalRate(), False))
+    logp = None
     if sets.harmless:
-        logp = first_token_logprobs(model, tokenizer, sets.harmless, **batching)
+        logp = measured("first_token", sets.harmless, lambda: Evaluation(
+            {}, harmless_logprobs=first_token_logprobs(model, tokenizer, sets.harmless, **batching))).harmless_logprobs
         if base is not None and base.harmless_logprobs is not None:
-            metrics.update(FirstTokenKL().compute(predictions=sets.harmless, logprobs=logp,
-                                                  base_logprobs=base.harmless_logprobs))
-        done("first_token")
+            parts.append(Evaluation(FirstTokenKL().compute(predictions=sets.harmless, logprobs=logp,
+                                                           base_logprobs=base.harmless_logprobs)))
     for name, items in (("perplexity", sets.text), ("math", sets.math), ("code", sets.code)):
         if items:
             key = "perplexity" if name == "perplexity" else f"{name}_perplexity"
             base_nll = base.metrics.get(f"{key}_nll") if base is not None else None
-            result = _perplexity(model, tokenizer, items, base_nll, batch_size=max(1, batch_size // 2),
-                                 system_prompt=system_prompt)
-            metrics[key], metrics[f"{key}_nll"] = result["perplexity"], result["nll"]
-            if "perplexity_change" in result:
-                metrics[f"{key}_change"] = result["perplexity_change"]
-            done(name)
+            measured(name, items, lambda: Evaluation(_nll_metrics(key, _perplexity(
+                model, tokenizer, items, base_nll, batch_size=max(1, batch_size // 2), system_prompt=system_prompt))))
+    metrics = {k: v for part in parts for k, v in part.metrics.items()}
+    samples = {k: v for part in parts for k, v in part.samples.items()}
     return Evaluation(metrics, samples, logp)
+
+
+def _nll_metrics(key: str, result: dict) -> dict:
+    change = {f"{key}_change": result["perplexity_change"]} if "perplexity_change" in result else {}
+    return {key: result["perplexity"], f"{key}_nll": result["nll"], **change}
+
+
+def _items_sha256(items: list) -> str:
+    data = json.dumps([list(x) if isinstance(x, tuple) else x for x in items], ensure_ascii=False)
+    return hashlib.sha256(data.encode()).hexdigest()
 
 
 def _perplexity(model, tokenizer, items: list, base_nll, *, batch_size: int, system_prompt) -> dict:
@@ -232,22 +254,20 @@ def model_fingerprint(model: nn.Module) -> str:
 def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *,
                       cache_dir: Optional[str | os.PathLike] = None, judge=None, max_new_tokens: int = JUDGE_TOKENS,
                       **kwargs) -> Evaluation:
-    """`evaluate_model` of the unedited model, read from ``cache_dir`` when this model and these sets were
-    measured before (default ``~/.cache/transformers_sra/evaluations``; a custom judge is never cached)."""
+    """`evaluate_model` of the unedited model, each step (replies, log-probabilities, NLLs of one set) read from
+    ``cache_dir`` when this model measured that set before: a folder per model fingerprint, judge, reply length,
+    system prompt and version, a file per step and set hash (default ``~/.cache/transformers_sra/evaluations``).
+    `sra ablate` and `sra evaluate` share it; a custom judge callable is never cached."""
     from . import __version__
     from .demo import default_cache_dir
 
     sets = sets or EvalSets.default()
     if judge is not None and not isinstance(judge, str):
         return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), sets.fingerprint(), judge, max_new_tokens,
-                                     kwargs.get("system_prompt"), __version__]).encode()).hexdigest()[:32]
-    path = Path(cache_dir or default_cache_dir() / "evaluations") / key
-    if path.with_suffix(".json").is_file():
-        return Evaluation.load(path)
-    result = evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
-    result.save(path)
-    return result
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), judge, max_new_tokens, kwargs.get("system_prompt"),
+                                     __version__]).encode()).hexdigest()[:32]
+    folder = Path(cache_dir or default_cache_dir() / "evaluations") / key
+    return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, cache_dir=folder, **kwargs)
 
 
 # -- the edited model, SRA against standard ablation -----------------------------------------------------------

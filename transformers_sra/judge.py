@@ -161,6 +161,43 @@ def refusal_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+class VerdictStop:
+    """A per-row stopping criterion for ``model.generate``: a row stops as soon as ``verdict_fixed`` says its
+    reply so far can no longer change the judge's verdict (default `VerdictStop.refusal_settled`). Returns one bool per
+    row, as transformers' ``StoppingCriteria`` may; ``lengths[row]`` is the reply's token count at its stop."""
+
+    # A phrase match is settled once this many characters follow it: the patterns look at most 4 characters
+    # past their end ("help(?! but)", "\\b"), so later text cannot undo the match.
+    SETTLE_CHARS = 8
+
+    def __init__(self, tokenizer, prompt_length: int, verdict_fixed: Optional[Callable[[str], bool]] = None):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+        self.verdict_fixed = verdict_fixed or self.refusal_settled
+        self.lengths: dict[int, int] = {}
+
+    @staticmethod
+    def refusal_settled(text: str) -> bool:
+        """True once `is_refusal` must call the reply a refusal however it goes on: a hard refusal or a crisis
+        redirect with `SETTLE_CHARS` of text after it (`is_refusal` flags these anywhere in a reply).
+
+        Answers are never settled early: a hard refusal later ("Sure, ... Actually, I can't") or a loop turns
+        an answer into a refusal, so an answered reply runs to its full length.
+        """
+        t = _normalize(text.rstrip("\ufffd"))  # a half-decoded character at the end is not text yet
+        end = len(t) - VerdictStop.SETTLE_CHARS
+        return any(m.end() <= end for pattern in (_HARD, _REDIRECT) for m in pattern.finditer(t))
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = input_ids[:, self.prompt_length:]
+        for row in range(input_ids.shape[0]):
+            if row not in self.lengths and self.verdict_fixed(
+                    self.tokenizer.decode(new[row], skip_special_tokens=True)):
+                self.lengths[row] = new.shape[1]
+            done[row] = row in self.lengths
+        return done
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -170,13 +207,19 @@ def generate(
     max_new_tokens: int = JUDGE_TOKENS,
     batch_size: int = 16,
     system_prompt: Optional[str] = None,
+    stop_when: Optional[Callable[[str], bool]] = None,
 ) -> list[str]:
-    """Greedy replies to the chat-formatted prompts, in input order; each batch stops when all rows hit EOS."""
+    """Greedy replies to the chat-formatted prompts, in input order. A row ends at EOS or, with ``stop_when``
+    (e.g. `VerdictStop.refusal_settled`), as soon as ``stop_when(reply so far)`` holds (`VerdictStop`); a batch ends when
+    all its rows have."""
+    from transformers import StoppingCriteriaList
+
     texts = format_chat(tokenizer, prompts, system_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = [""] * len(texts)
     for batch in bar(sorted_batches(tokenizer, texts, batch_size, input_device(model)),
                      total=-(-len(texts) // batch_size), desc=f"generate {len(texts)} replies", unit="batch"):
+        stop = VerdictStop(tokenizer, batch.input_ids.shape[1], stop_when) if stop_when is not None else None
         generated = model.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -186,10 +229,12 @@ def generate(
             temperature=None,
             top_p=None,
             top_k=None,
+            stopping_criteria=StoppingCriteriaList([stop]) if stop is not None else None,
         )
         new = generated[:, batch.input_ids.shape[1] :]
         for row, i in enumerate(batch.indices):
-            out[i] = tokenizer.decode(new[row], skip_special_tokens=True)
+            # a stopped row is padded afterwards; cut it where it stopped, whatever the pad token decodes to
+            out[i] = tokenizer.decode(new[row, : stop.lengths.get(row) if stop else None], skip_special_tokens=True)
     return out
 
 
