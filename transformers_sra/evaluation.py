@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,12 +26,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .batching import input_device, pad_id, sorted_batches
 from .editing import ablate_activations, bake_direction
 from .errors import PromptSetError, SRAError
 from .judge import (JUDGE_TOKENS, VerdictStop, first_token_logprobs, generate, is_refusal, judge_accuracy,
                     labelled_replies, refusal_probability, refusal_token_ids, resolve_judge)
-from .metrics import AnswerPerplexity, FirstTokenKL, OverRefusalRate, Perplexity, RefusalRate
-from .prompts import load_corpus, load_prompts
+from .metrics import (AnswerPerplexity, FirstTokenKL, OverRefusalRate, Perplexity, RefusalRate, chunk_token_ids,
+                      clopper_pearson)
+from .prompts import format_chat, load_corpus, load_prompts
 
 Progress = Callable[[str, int, int], None]
 
@@ -235,6 +238,83 @@ def evaluate_pair(base_model: nn.Module, edited_model: nn.Module, tokenizer, set
     sets = sets or EvalSets.default()
     base = evaluate_model(base_model, tokenizer, sets, **kwargs)
     return {"base": base, "edited": evaluate_model(edited_model, tokenizer, sets, base=base, **kwargs)}
+
+
+# -- sample sizes that fit a time budget -----------------------------------------------------------------------
+@dataclass
+class EvalPlan:
+    """How many prompts per test set fit ``budget_s`` here, from this model's measured speed. Every set is cut
+    at ``limit`` like `EvalSets.default(limit)`, so ``sra evaluate --limit`` reads the same cached base."""
+
+    limit: int
+    budget_s: float
+    estimate_s: float  # worst case: every reply of every model runs to max_new_tokens
+    tokens_per_s: float  # prompt tokens per second in one forward pass
+    step_s: float  # one greedy decode step of a full batch
+    sizes: dict = field(default_factory=dict)
+
+    def sets(self) -> EvalSets:
+        return EvalSets.default(limit=self.limit)
+
+    def interval_widths(self) -> dict:
+        """Width of the 95% Clopper–Pearson interval of each judged rate at its widest (half the replies
+        refused), in rate units: what this sample size can resolve."""
+        return {name: round(clopper_pearson(n // 2, n)[1] - clopper_pearson(n // 2, n)[0], 4)
+                for name, n in self.sizes.items() if name in ("harmful", "over_refusal") and n}
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "ci95_widths": self.interval_widths()}
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, tokenizer, prompts: Sequence[str], *, batch_size: int = 16,
+                  system_prompt: Optional[str] = None, steps: int = 8) -> tuple[float, float]:
+    """``(prompt tokens per second, seconds per decode step)`` from two short greedy generations of one batch,
+    with the per-row stopping check the evaluation runs (it decodes every row at every step)."""
+    from transformers import StoppingCriteriaList
+
+    texts = format_chat(tokenizer, list(prompts)[:batch_size], system_prompt)
+    batch = next(sorted_batches(tokenizer, texts, batch_size, input_device(model)))
+    seconds = []
+    for n in (1, 1, 1 + steps):  # the first call warms up (kernel selection, allocations) and is not counted
+        start = time.perf_counter()
+        model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                       pad_token_id=pad_id(tokenizer), temperature=None, top_p=None, top_k=None, max_new_tokens=n,
+                       min_new_tokens=n, stopping_criteria=StoppingCriteriaList([VerdictStop(
+                           tokenizer, batch.input_ids.shape[1], lambda text: False)]))
+        seconds.append(time.perf_counter() - start)
+    return float(batch.attention_mask.sum()) / seconds[1], max(seconds[2] - seconds[1], 1e-6) / steps
+
+
+def plan_evaluation(model: nn.Module, tokenizer, budget_s: float, *, models: int = 3,
+                    max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16,
+                    system_prompt: Optional[str] = None) -> EvalPlan:
+    """The largest per-set ``limit`` whose worst-case cost for ``models`` models (base, SRA, standard) fits
+    ``budget_s``, the speed measurement included. Costs: every prompt token once per forward pass, and per
+    batch of generated replies ``max_new_tokens`` decode steps."""
+    start = time.perf_counter()
+    full = EvalSets.default()
+    rate, step = measure_speed(model, tokenizer, full.harmless, batch_size=batch_size, system_prompt=system_prompt)
+    chat = lambda xs: [len(tokenizer(t)["input_ids"]) for t in format_chat(tokenizer, xs, system_prompt)]
+    tokens = {"harmful": chat(full.harmful), "over_refusal": chat(full.over_refusal), "harmless": chat(full.harmless),
+              "text": [sum(map(len, chunk_token_ids(tokenizer, [t]))) for t in full.text],
+              "math": chat([p for p, _ in full.math]), "code": chat([p for p, _ in full.code])}
+    tokens["math"] = [n + len(tokenizer(a)["input_ids"]) for n, (_, a) in zip(tokens["math"], full.math)]
+    tokens["code"] = [n + len(tokenizer(a)["input_ids"]) for n, (_, a) in zip(tokens["code"], full.code)]
+    passes = {"harmful": 2, "over_refusal": 1, "harmless": 1, "text": 1, "math": 1, "code": 1}  # forwards per prompt
+
+    def cost(limit: int) -> float:
+        seconds = sum(passes[k] * sum(v[:limit]) for k, v in tokens.items()) / rate
+        generated = sum(-(-min(limit, len(tokens[k])) // batch_size) for k in ("harmful", "over_refusal"))
+        return models * (seconds + generated * max_new_tokens * step)
+
+    spent = time.perf_counter() - start
+    longest = max(len(v) for v in tokens.values())
+    limits = sorted({n for n in (1, 2, 4, 8) if n < batch_size} | set(range(batch_size, longest + batch_size, batch_size)))
+    limit = max((n for n in limits if spent + cost(n) <= budget_s), default=1)
+    limit = min(limit, longest)
+    sizes = {k: min(limit, len(v)) for k, v in tokens.items()}
+    return EvalPlan(limit, float(budget_s), round(spent + cost(limit), 1), round(rate, 1), round(step, 4), sizes)
 
 
 # -- the base model's numbers, cached on disk ----------------------------------------------------------------

@@ -27,7 +27,7 @@ from .judge import refusal_probability, refusal_token_ids, resolve_judge
 from .mining import mine
 from .progress import stage, with_progress_option
 from .prompts import load_corpus, load_prompts
-from .report import SRAReport
+from .report import SRAReport, peak_memory
 from .search import Validation, constrained_search, default_candidates, default_profiles
 
 
@@ -216,5 +216,6 @@ def _report(model, config, inputs, dirs, kept, choice, table, mined, first, bake
         iterations=mined,
         timings=timings,
         invariant=bakes.invariant,
+        peak_memory=peak_memory(),
         _handles=list(bakes.handles),
     )

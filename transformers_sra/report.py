@@ -13,12 +13,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 REPORT_NAME = "sra_report.json"
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (ru_maxrss) and peak GPU memory allocated, in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"ram_mib": round(rss / (1 << 20) if sys.platform == "darwin" else rss / 1024)}
+    if torch.cuda.is_available():
+        out["gpu_mib"] = round(torch.cuda.max_memory_allocated() / (1 << 20))
+    return out
 
 
 @dataclass
@@ -43,6 +54,7 @@ class SRAReport:
     extraction_prompts: dict = field(default_factory=dict)  # harmful/harmless prompts the direction was measured from
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
     invariant: dict = field(default_factory=dict)  # bake self-check: largest residual share along v before/after
+    peak_memory: dict = field(default_factory=dict)  # peak RSS (and GPU memory) of the run, MiB: `peak_memory()`
     _handles: list = field(default_factory=list, repr=False, compare=False)
 
     def undo(self) -> None:
