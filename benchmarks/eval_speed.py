@@ -50,9 +50,9 @@ def main() -> None:
         prompts = load_prompts(name)[: args.n]
         row = {}
         for label, stop in (("stopped", VerdictStop.refusal_settled), ("full", None)):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             replies = generate(model, tokenizer, prompts, max_new_tokens=128, batch_size=16, stop_when=stop)
-            row[label] = {"seconds": round(time.perf_counter() - start, 1),
+            row[label] = {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
                           "mean_tokens": sum(len(tokenizer(r)["input_ids"]) for r in replies) / len(replies),
                           "refused": sum(map(is_refusal, replies))}
             row[f"{label}_replies"] = replies

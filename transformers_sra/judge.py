@@ -162,12 +162,12 @@ def refusal_token_ids(tokenizer) -> list[int]:
 
 
 class VerdictStop:
-    """A per-row stopping criterion for ``model.generate``: a row stops as soon as ``verdict_fixed`` says its
-    reply so far can no longer change the judge's verdict (default `VerdictStop.refusal_settled`). Returns one bool per
-    row, as transformers' ``StoppingCriteria`` may; ``lengths[row]`` is the reply's token count at its stop."""
+    """A per-row ``StoppingCriteria`` for ``model.generate``: a row stops as soon as ``verdict_fixed`` says its
+    reply so far can no longer change the judge's verdict (default `refusal_settled`). Returns one bool per row,
+    as transformers 5 allows; ``lengths[row]`` is the reply's token count at its stop."""
 
     # A phrase match is settled once this many characters follow it: the patterns look at most 4 characters
-    # past their end ("help(?! but)", "\\b"), so later text cannot undo the match.
+    # past their end (help(?! but), \b), so later text cannot undo the match.
     SETTLE_CHARS = 8
 
     def __init__(self, tokenizer, prompt_length: int, verdict_fixed: Optional[Callable[[str], bool]] = None):
@@ -210,8 +210,8 @@ def generate(
     stop_when: Optional[Callable[[str], bool]] = None,
 ) -> list[str]:
     """Greedy replies to the chat-formatted prompts, in input order. A row ends at EOS or, with ``stop_when``
-    (e.g. `VerdictStop.refusal_settled`), as soon as ``stop_when(reply so far)`` holds (`VerdictStop`); a batch ends when
-    all its rows have."""
+    (e.g. `VerdictStop.refusal_settled`), as soon as ``stop_when(reply so far)`` holds (`VerdictStop`); a batch
+    ends when all its rows have."""
     from transformers import StoppingCriteriaList
 
     texts = format_chat(tokenizer, prompts, system_prompt)
