@@ -62,12 +62,12 @@ def main() -> None:
         row["answer_cut_flips"] = {w: sum(is_refusal(answer_cut(r, w)) != is_refusal(r) for r in row["full_replies"])
                                    for w in (12, 24, 48)}
         row["answered"] = len(answered)
-        result[name] = row
-        print(name, {k: v for k, v in row.items() if not k.endswith("_replies")}, flush=True)
+        result[name] = {k: v for k, v in row.items() if not k.endswith("_replies")}
+        print(name, result[name], flush=True)
     result["load_average_after"] = os.getloadavg()
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+            json.dump(result, f, indent=1)  # numbers only: the replies to harmful prompts are not kept
 
 
 if __name__ == "__main__":
