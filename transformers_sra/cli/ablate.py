@@ -123,7 +123,8 @@ def plan_line(plan) -> str:
     widths = ", ".join(f"±{w / 2:.0%} {name.replace('_', '-')}" for name, w in plan["ci95_widths"].items())
     return (f"{plan['limit']} prompts per test set fit the {plan['budget_s']:.0f} s budget (estimate "
             f"{plan['estimate_s']:.0f} s with every reply at full length: {plan['step_s']:.3f} s per decode step, "
-            f"{plan['tokens_per_s']:.0f} prompt tokens/s); 95% CI at most {widths}")
+            f"{plan['tokens_per_s']:.0f} prompt tokens/s); 95% CI at most {widths}"
+            + ("; a larger --eval-budget or --eval-limit N narrows them" if plan["limit"] < 16 else ""))
 
 
 _LABELS = {"base": "base model", "standard": "standard ablation", "sra": "SRA"}
