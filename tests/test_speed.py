@@ -40,6 +40,8 @@ def test_half_precision_computes_in_fp32_only_on_a_cpu_that_would_emulate_it(mon
     monkeypatch.setattr(loading, "accelerator_present", lambda: True)
     assert loading.compute_dtype(torch.bfloat16) == torch.bfloat16
     assert loading.compute_dtype(torch.bfloat16, device_map="cpu") == torch.float32
+    monkeypatch.setattr(loading, "accelerator_present", lambda: False)  # device_map auto without a GPU is the CPU
+    assert loading.compute_dtype(torch.bfloat16, device_map="auto") == torch.float32
 
 
 def test_the_micro_benchmark_is_short_and_the_flags_are_read():

@@ -57,7 +57,7 @@ def cpu_computes_natively(dtype: torch.dtype) -> bool:
 def compute_dtype(saved: torch.dtype, device_map: Optional[str] = None) -> torch.dtype:
     """The dtype to compute in for a checkpoint saved in ``saved``: its own on a GPU or on a CPU that runs it
     natively, else fp32 (a half-precision matmul emulated on the CPU costs more than fp32's)."""
-    on_cpu = device_map_for(device_map) in (None, "cpu")
+    on_cpu = device_map_for(device_map) in (None, "cpu") or not accelerator_present()
     if saved not in _NATIVE_FLAGS or not on_cpu or cpu_computes_natively(saved):
         return saved
     return torch.float32
@@ -75,12 +75,16 @@ def checkpoint_dtype(name: Optional[str], gguf_file: Optional[str] = None,
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SRAError(f"cannot load model {name!r}: {first}; check the id or folder (and --gguf-file)") from None
+        raise _load_error(name, err) from None
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""), None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _load_error(name: str, err: Exception) -> SRAError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return SRAError(f"cannot load model {name!r}: {first}; check the id or folder (and --gguf-file)")
 
 
 def resolve_dtypes(name: Optional[str], dtype: str = "auto", *, gguf_file: Optional[str] = None,
@@ -133,7 +137,6 @@ def load_model(name: Optional[str], *, gguf_file: Optional[str] = None, dtype: U
             model = AutoModelForCausalLM.from_pretrained(
                 name, gguf_file=gguf_file, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, EnvironmentError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SRAError(f"cannot load model {name!r}: {first}; check the id or folder (and --gguf-file)") from None
+            raise _load_error(name, err) from None
     model.eval()
     return model, tokenizer
