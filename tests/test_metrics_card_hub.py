@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -16,7 +17,6 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_model, make_tokenizer
 from test_pipeline_cli import SMALL
 from transformers_sra import SRAConfig, SRAError, SRAReport, apply_surgical_ablation
-from transformers_sra import evaluation as evaluation_module
 from transformers_sra.baselines import swapped_edit
 from transformers_sra.card import METRICS, escape_md, render_card
 from transformers_sra.demo import DEMO_LICENSE, DEMO_MODEL_ID
@@ -133,7 +133,7 @@ def test_evaluate_pair_of_identical_models_changes_nothing_and_reports_progress(
         shares = [edited[f"{prefix}{o}_rate"] for o in ("refusal", "degenerate", "answered")]
         assert abs(sum(shares) - 1) < 1e-9 and all(f"{prefix}{o}_rate_ci95" in edited for o in ("degenerate", "answered"))
     assert abs(edited["multi_token_kl"]) < 1e-6  # the same model along its own replies
-    assert steps[-1] == ("code", 7, 7) and len(steps) == 14
+    assert steps[-1] == ("code", 7, 7) and len(steps) == 15  # the base model also measures its own replies
 
 
 def test_a_custom_judge_decides_the_refusal_rates_of_evaluate_model():
@@ -165,16 +165,25 @@ def test_base_numbers_are_cached_on_disk_and_keyed_by_weights(tmp_path, monkeypa
     model, tok = make_tiny_model("qwen2"), make_tokenizer()
     sets = small_sets(3)
     first = cached_evaluation(model, tok, sets, cache_dir=tmp_path, max_new_tokens=3)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]  # no pickle
+    (folder,) = tmp_path.iterdir()  # one folder per model, one file per step and set: json and safetensors, no pickle
+    assert {p.suffix for p in folder.iterdir()} == {".json", ".safetensors"} and len(list(folder.glob("*.json"))) == 8
 
     def fail(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(evaluation_module, "evaluate_model", fail)
+    monkeypatch.setattr(model, "forward", fail)
     again = cached_evaluation(model, tok, sets, cache_dir=tmp_path, max_new_tokens=3)
     assert again.metrics == first.metrics and torch.equal(again.harmless_logprobs, first.harmless_logprobs)
+    assert again.samples == first.samples and again.harmless_replies.reply_ids == first.harmless_replies.reply_ids
+    assert torch.equal(again.harmless_replies.top_logprobs, first.harmless_replies.top_logprobs)
+    monkeypatch.undo()
+    # a set measured before is read even among other sets (another --limit): only the new one is measured
+    grown = dataclasses.replace(sets, over_refusal=sets.over_refusal + ["tell me about dogs"])
+    mixed = cached_evaluation(model, tok, grown, cache_dir=tmp_path, max_new_tokens=3)
+    assert len(list(folder.glob("*.json"))) == 9 and mixed.metrics["refusal_rate"] == first.metrics["refusal_rate"]
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.add_(0.01)
+    monkeypatch.setattr(model, "forward", fail)
     with pytest.raises(AssertionError, match="measured again"):
         cached_evaluation(model, tok, sets, cache_dir=tmp_path, max_new_tokens=3)
 

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,12 +27,15 @@ from torch import nn
 
 from ._version import __version__
 from .baselines import LABELS, swapped_edit
+from .batching import input_device, pad_id, sorted_batches
 from .cache import default_cache_dir
 from .distributed import all_ranks, is_main_process
 from .editing import bake_direction
 from .errors import PromptSetError
 from .judge import (
     JUDGE_TOKENS,
+    VerdictStop,
+    classify,
     degenerate_labelled,
     first_token_logprobs,
     generate,
@@ -42,9 +46,18 @@ from .judge import (
     refusal_probability,
     refusal_token_ids,
 )
-from .metrics import AnswerPerplexity, FirstTokenKL, HarmlessOutcomes, OverRefusalRate, Perplexity, RefusalRate
-from .prompts import load_corpus, load_prompts
-from .sequence_kl import ReplyDistribution, base_reply_distribution, multi_token_kl
+from .metrics import (
+    AnswerPerplexity,
+    FirstTokenKL,
+    HarmlessOutcomes,
+    OverRefusalRate,
+    Perplexity,
+    RefusalRate,
+    chunk_token_ids,
+    clopper_pearson,
+)
+from .prompts import format_chat, load_corpus, load_prompts
+from .sequence_kl import REPLY_TOKENS, ReplyDistribution, base_reply_distribution, multi_token_kl
 
 Progress = Callable[[str, int, int], None]
 
@@ -123,9 +136,7 @@ class EvalSets:
 
     def fingerprint(self) -> str:
         """SHA-256 of every prompt and text, in order."""
-        data = json.dumps([[list(x) if isinstance(x, tuple) else x for x in getattr(self, f.name)]
-                           for f in dataclasses.fields(self)], ensure_ascii=False)
-        return hashlib.sha256(data.encode()).hexdigest()
+        return _items_sha256([_items_sha256(getattr(self, f.name)) for f in dataclasses.fields(self)])
 
 
 @dataclass
@@ -165,62 +176,92 @@ class Evaluation:
 def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *, base: Optional[Evaluation] = None,
                    judge=None, max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16,
                    progress: Optional[Progress] = None, system_prompt: Optional[str] = None,
-                   judged_harmless: int = 64, reply_kl_prompts: int = 64) -> Evaluation:
+                   cache_dir: Optional[str | os.PathLike] = None, judged_harmless: int = 64,
+                   reply_kl_prompts: int = 64) -> Evaluation:
     """Measure ``model`` as it is now. With ``base``, also the KLs and perplexity changes against it.
 
     Metrics: the three outcomes of the harmful replies, ``refusal_rate``, ``degenerate_rate`` and ``answered_rate``
-    (each with ``_ci95`` and ``_count``), and ``refusal_score``; the same three for the over-refusal prompts
-    (``over_*``) and for the first ``judged_harmless`` harmless prompts (``harmless_*``: a loop there is a
+    (each with ``_ci95``, ``_count`` and ``_n``), and ``refusal_score``; the same three for the over-refusal
+    prompts (``over_*``) and for the first ``judged_harmless`` harmless prompts (``harmless_*``: a loop there is a
     generation-time cost that first-token KL does not see); ``perplexity`` (text), ``math_perplexity``,
     ``code_perplexity``; with ``base``: ``first_token_kl``, ``multi_token_kl`` (mean per-token KL along the base
-    model's 32-token replies to the first ``reply_kl_prompts`` harmless prompts) and ``*_change`` for each
-    perplexity.
+    model's 32-token replies to the first ``reply_kl_prompts`` harmless prompts; the base model's replies are
+    measured when ``base`` is None) and ``*_change`` for each perplexity. With ``cache_dir`` (only for an unedited model:
+    see `cached_evaluation`) each step's numbers are read from, or written to, a file named by its set's hash.
+
+    With the shipped phrase judge a reply stops once its refusal is settled (`VerdictStop`): the same verdicts
+    as the full reply, and a refusing model's batches end early. Answers run to ``max_new_tokens``.
     """
     sets = sets or EvalSets.default()
+    stop_when = VerdictStop.refusal_settled if judge is None or judge is is_refusal or judge is classify else None
     batching = dict(batch_size=batch_size, system_prompt=system_prompt)
-    judged_sets = (("refusal", sets.harmful, RefusalRate()), ("over_refusal", sets.over_refusal, OverRefusalRate()),
-                   ("harmless", sets.harmless[:judged_harmless], HarmlessOutcomes()))
-    steps = [s for s, data in [(name, data) for name, data, _ in judged_sets] + [
-        ("first_token", sets.harmless), ("perplexity", sets.text), ("math", sets.math), ("code", sets.code)] if data]
-    metrics: dict = {}
-    samples: dict = {}
-    logp, replies_ref = None, None
+    judged_harmless_set = sets.harmless[:judged_harmless]
+    reply_set = sets.harmless[:reply_kl_prompts] if base is None else []
+    steps = [s for s, data in (("refusal", sets.harmful), ("over_refusal", sets.over_refusal),
+                               ("harmless", judged_harmless_set), ("first_token", sets.harmless),
+                               ("replies", reply_set), ("perplexity", sets.text), ("math", sets.math),
+                               ("code", sets.code)) if data]
+    parts: list[Evaluation] = []
 
-    def done(step: str) -> None:
+    def measured(step: str, items: list, compute: Callable[[], Evaluation]) -> Evaluation:
+        path = None if cache_dir is None else Path(cache_dir) / f"{step}-{_items_sha256(items)[:24]}"
+        # ranks that disagree on the cache would fall out of step; only rank 0 writes it
+        part = Evaluation.load(path) if path is not None and all_ranks(path.with_suffix(".json").is_file()) else None
+        if part is None:
+            part = compute()
+            if path is not None and is_main_process():
+                part.save(path)
+        parts.append(part)
         if progress is not None:
             progress(step, steps.index(step) + 1, len(steps))
+        return part
 
-    for name, prompts, metric in judged_sets:
+    def judged_rate(name: str, prompts: list, metric) -> Evaluation:
+        replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_when=stop_when, **batching)
+        metrics = metric.compute(predictions=replies, judge=judge)
+        if name == "refusal":  # the first-token score needs no generation: the same signal the search uses
+            scores = refusal_probability(first_token_logprobs(model, tokenizer, prompts, **batching),
+                                         refusal_token_ids(tokenizer))
+            metrics["refusal_score"] = float(scores.mean())
+        return Evaluation(metrics, {name: [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies))[:5]]})
+
+    for name, prompts, metric in (("refusal", sets.harmful, RefusalRate()),
+                                  ("over_refusal", sets.over_refusal, OverRefusalRate()),
+                                  ("harmless", judged_harmless_set, HarmlessOutcomes())):
         if prompts:
-            replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **batching)
-            metrics.update(metric.compute(predictions=replies, judge=judge))
-            samples[name] = [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies))[:5]]
-            if name == "refusal":  # the first-token score needs no generation: the same signal the search uses
-                scores = refusal_probability(first_token_logprobs(model, tokenizer, prompts, **batching),
-                                             refusal_token_ids(tokenizer))
-                metrics["refusal_score"] = float(scores.mean())
-            done(name)
+            measured(name, prompts, lambda name=name, prompts=prompts, metric=metric: judged_rate(name, prompts, metric))
+    logp, replies_ref = None, None
     if sets.harmless:
-        logp = first_token_logprobs(model, tokenizer, sets.harmless, **batching)
+        logp = measured("first_token", sets.harmless, lambda: Evaluation(
+            {}, harmless_logprobs=first_token_logprobs(model, tokenizer, sets.harmless, **batching))).harmless_logprobs
         if base is not None and base.harmless_logprobs is not None:
-            metrics.update(FirstTokenKL().compute(predictions=sets.harmless, logprobs=logp,
-                                                  base_logprobs=base.harmless_logprobs))
-        if base is None:  # the base model's own replies, for the multi-token KL of any edit measured against it
-            replies_ref = base_reply_distribution(model, tokenizer, sets.harmless[:reply_kl_prompts], **batching)
-        elif base.harmless_replies is not None:
-            metrics["multi_token_kl"] = multi_token_kl(model, tokenizer, base.harmless_replies, batch_size=batch_size)
-        done("first_token")
+            parts.append(Evaluation(FirstTokenKL().compute(predictions=sets.harmless, logprobs=logp,
+                                                           base_logprobs=base.harmless_logprobs)))
+        if reply_set:  # the base model's own replies, for the multi-token KL of any edit measured against it
+            replies_ref = measured("replies", reply_set, lambda: Evaluation({}, harmless_replies=base_reply_distribution(
+                model, tokenizer, reply_set, **batching))).harmless_replies
+        elif base is not None and base.harmless_replies is not None:
+            parts.append(Evaluation({"multi_token_kl": multi_token_kl(model, tokenizer, base.harmless_replies,
+                                                                      batch_size=batch_size)}))
     for name, items in (("perplexity", sets.text), ("math", sets.math), ("code", sets.code)):
         if items:
             key = "perplexity" if name == "perplexity" else f"{name}_perplexity"
             base_nll = base.metrics.get(f"{key}_nll") if base is not None else None
-            result = _perplexity(model, tokenizer, items, base_nll, batch_size=max(1, batch_size // 2),
-                                 system_prompt=system_prompt)
-            metrics[key], metrics[f"{key}_nll"] = result["perplexity"], result["nll"]
-            if "perplexity_change" in result:
-                metrics[f"{key}_change"] = result["perplexity_change"]
-            done(name)
+            measured(name, items, lambda: Evaluation(_nll_metrics(key, _perplexity(
+                model, tokenizer, items, base_nll, batch_size=max(1, batch_size // 2), system_prompt=system_prompt))))
+    metrics = {k: v for part in parts for k, v in part.metrics.items()}
+    samples = {k: v for part in parts for k, v in part.samples.items()}
     return Evaluation(metrics, samples, logp, replies_ref)
+
+
+def _nll_metrics(key: str, result: dict) -> dict:
+    change = {f"{key}_change": result["perplexity_change"]} if "perplexity_change" in result else {}
+    return {key: result["perplexity"], f"{key}_nll": result["nll"], **change}
+
+
+def _items_sha256(items: list) -> str:
+    data = json.dumps([list(x) if isinstance(x, tuple) else x for x in items], ensure_ascii=False)
+    return hashlib.sha256(data.encode()).hexdigest()
 
 
 def _perplexity(model, tokenizer, items: list, base_nll, *, batch_size: int, system_prompt) -> dict:
@@ -244,6 +285,88 @@ def evaluate_pair(base_model: nn.Module, edited_model: nn.Module, tokenizer, set
     return {"base": base, "edited": evaluate_model(edited_model, tokenizer, sets, base=base, **kwargs)}
 
 
+# -- sample sizes that fit a time budget -----------------------------------------------------------------------
+@dataclass
+class EvalPlan:
+    """How many prompts per test set fit ``budget_s`` here, from this model's measured speed. Every set is cut
+    at ``limit`` like `EvalSets.default(limit)`, so ``sra evaluate --limit`` reads the same cached base."""
+
+    limit: int
+    budget_s: float
+    estimate_s: float  # worst case: every reply of every model runs to max_new_tokens
+    tokens_per_s: float  # prompt tokens per second in one forward pass
+    step_s: float  # one greedy decode step of a full batch
+    sizes: dict = field(default_factory=dict)
+
+    def sets(self) -> EvalSets:
+        return EvalSets.default(limit=self.limit)
+
+    def interval_widths(self) -> dict:
+        """Width of the 95% Clopper–Pearson interval of each judged rate at its widest (half the replies
+        refused), in rate units: what this sample size can resolve."""
+        return {name: round(clopper_pearson(n // 2, n)[1] - clopper_pearson(n // 2, n)[0], 4)
+                for name, n in self.sizes.items() if name in ("harmful", "over_refusal") and n}
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "ci95_widths": self.interval_widths()}
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, tokenizer, prompts: Sequence[str], *, batch_size: int = 16,
+                  system_prompt: Optional[str] = None, steps: int = 8) -> tuple[float, float]:
+    """``(prompt tokens per second, seconds per decode step)`` from two short greedy generations of one batch,
+    with the per-row stopping check the evaluation runs (it decodes every row at every step)."""
+    from transformers import StoppingCriteriaList
+
+    texts = format_chat(tokenizer, list(prompts)[:batch_size], system_prompt)
+    batch = next(sorted_batches(tokenizer, texts, batch_size, input_device(model)))
+    seconds = []
+    for n in (1, 1, 1 + steps):  # the first call warms up (kernel selection, allocations) and is not counted
+        start = time.perf_counter()
+        model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                       pad_token_id=pad_id(tokenizer), temperature=None, top_p=None, top_k=None, max_new_tokens=n,
+                       min_new_tokens=n, stopping_criteria=StoppingCriteriaList([VerdictStop(
+                           tokenizer, batch.input_ids.shape[1], lambda text: False)]))
+        seconds.append(time.perf_counter() - start)
+    return float(batch.attention_mask.sum()) / seconds[1], max(seconds[2] - seconds[1], 1e-6) / steps
+
+
+def plan_evaluation(model: nn.Module, tokenizer, budget_s: float, *, models: int = 3,
+                    max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16, system_prompt: Optional[str] = None,
+                    judged_harmless: int = 64, reply_kl_prompts: int = 64) -> EvalPlan:
+    """The largest per-set ``limit`` whose worst-case cost for ``models`` models (base, SRA, standard) fits
+    ``budget_s``, the speed measurement included. Costs: every prompt token once per forward pass, and per
+    batch of generated replies ``max_new_tokens`` decode steps."""
+    start = time.perf_counter()
+    full = EvalSets.default()
+    rate, step = measure_speed(model, tokenizer, full.harmless, batch_size=batch_size, system_prompt=system_prompt)
+    def chat(xs: list) -> list[int]:
+        return [len(tokenizer(t)["input_ids"]) for t in format_chat(tokenizer, xs, system_prompt)]
+
+    tokens = {"harmful": chat(full.harmful), "over_refusal": chat(full.over_refusal), "harmless": chat(full.harmless),
+              "text": [sum(map(len, chunk_token_ids(tokenizer, [t]))) for t in full.text],
+              "math": chat([p for p, _ in full.math]), "code": chat([p for p, _ in full.code])}
+    tokens["math"] = [n + len(tokenizer(a)["input_ids"]) for n, (_, a) in zip(tokens["math"], full.math)]
+    tokens["code"] = [n + len(tokenizer(a)["input_ids"]) for n, (_, a) in zip(tokens["code"], full.code)]
+    passes = {"harmful": 2, "over_refusal": 1, "harmless": 1, "text": 1, "math": 1, "code": 1}  # forwards per prompt
+
+    def cost(limit: int) -> float:
+        seconds = sum(passes[k] * sum(v[:limit]) for k, v in tokens.items()) / rate
+        judged = {"harmful": limit, "over_refusal": limit, "harmless": min(limit, judged_harmless)}
+        generated = sum(-(-min(n, len(tokens[k])) // batch_size) for k, n in judged.items())
+        # the base model's 32-token replies: generated once, then read teacher-forced by every model
+        replies = -(-min(limit, reply_kl_prompts, len(tokens["harmless"])) // batch_size) * REPLY_TOKENS * step
+        return models * (seconds + generated * max_new_tokens * step) + (1 + models) * replies
+
+    spent = time.perf_counter() - start
+    longest = max(len(v) for v in tokens.values())
+    limits = sorted({n for n in (1, 2, 4, 8) if n < batch_size} | set(range(batch_size, longest + batch_size, batch_size)))
+    limit = max((n for n in limits if spent + cost(n) <= budget_s), default=1)
+    limit = min(limit, longest)
+    sizes = {k: min(limit, len(v)) for k, v in tokens.items()}
+    return EvalPlan(limit, float(budget_s), round(spent + cost(limit), 1), round(rate, 1), round(step, 4), sizes)
+
+
 # -- the base model's numbers, cached on disk ----------------------------------------------------------------
 def model_fingerprint(model: nn.Module) -> str:
     """Name, revision, dtype and a strided sample of every weight: cheap, and changes when the weights do."""
@@ -261,20 +384,17 @@ def model_fingerprint(model: nn.Module) -> str:
 def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *,
                       cache_dir: Optional[str | os.PathLike] = None, judge=None, max_new_tokens: int = JUDGE_TOKENS,
                       **kwargs) -> Evaluation:
-    """`evaluate_model` of the unedited model, read from ``cache_dir`` when this model and these sets were
-    measured before (default ``~/.cache/transformers_sra/evaluations``; a custom judge is never cached)."""
+    """`evaluate_model` of the unedited model, each step (replies, log-probabilities, NLLs of one set) read from
+    ``cache_dir`` when this model measured that set before: a folder per model fingerprint, judge, reply length,
+    system prompt and version, a file per step and set hash (default ``~/.cache/transformers_sra/evaluations``).
+    `sra ablate` and `sra evaluate` share it; a custom judge callable is never cached."""
     sets = sets or EvalSets.default()
     if judge is not None and not isinstance(judge, str):
         return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), sets.fingerprint(), judge, max_new_tokens,
-                                     kwargs.get("system_prompt"), __version__]).encode()).hexdigest()[:32]
-    path = Path(cache_dir or default_cache_dir() / "evaluations") / key
-    if all_ranks(path.with_suffix(".json").is_file()):  # ranks that disagree would fall out of step
-        return Evaluation.load(path)
-    result = evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
-    if is_main_process():
-        result.save(path)
-    return result
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), judge, max_new_tokens, kwargs.get("system_prompt"),
+                                     __version__]).encode()).hexdigest()[:32]
+    folder = Path(cache_dir or default_cache_dir() / "evaluations") / key
+    return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, cache_dir=folder, **kwargs)
 
 
 # -- the edited model, SRA against the baselines ---------------------------------------------------------------

@@ -26,7 +26,7 @@ from .mining import MiningSetup, mine
 from .model_directions import build_directions
 from .progress import stage, with_progress_option
 from .prompts import chat_template_kwargs
-from .report import SRAReport
+from .report import SRAReport, peak_memory
 from .search import Candidate, Validation, constrained_search, default_profiles
 
 
@@ -158,5 +158,6 @@ def _report(model: nn.Module, config: SRAConfig, run: _Run, bakes: BakeStack, ti
         iterations=run.mined,
         timings=timings,
         invariant=bakes.invariant,
+        peak_memory=peak_memory(),
         _handles=list(bakes.handles),
     )

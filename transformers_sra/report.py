@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,6 +23,15 @@ import torch
 from .errors import SRAError, UndoError
 
 REPORT_NAME = "sra_report.json"
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (ru_maxrss) and peak GPU memory allocated, in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"ram_mib": round(rss / (1 << 20) if sys.platform == "darwin" else rss / 1024)}
+    if torch.cuda.is_available():
+        out["gpu_mib"] = round(torch.cuda.max_memory_allocated() / (1 << 20))
+    return out
 
 
 @dataclass
@@ -46,6 +57,7 @@ class SRAReport:
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
     invariant: dict = field(default_factory=dict)  # bake self-check: largest residual share along v before/after
     standard_direction: list = field(default_factory=list)  # all training prompts' difference of means, unit
+    peak_memory: dict = field(default_factory=dict)  # peak RSS (and GPU memory) of the run, MiB: `peak_memory()`
     _handles: list = field(default_factory=list, repr=False, compare=False)
 
     def undo(self) -> None:

@@ -7,17 +7,20 @@ import os
 import time
 from contextlib import contextmanager, nullcontext
 
+import torch
+
 from ..baselines import LABELS
 from ..config import PROMPT_FIELDS, SRAConfig
 from ..demo import DEMO_LICENSE, DEMO_MODEL_ID
 from ..distributed import is_main_process
 from ..errors import ConfigError
+from ..progress import _say as say
 from ..progress import stage, step_logger
 from ..prompts import load_corpus, load_prompts
-from ..report import SRAReport
+from ..report import SRAReport, peak_memory
 from . import summary
 from .args import config_from
-from .loading import check_model_source, load_model
+from .loading import check_model_source, load_model, resolve_dtypes
 
 
 @contextmanager
@@ -39,6 +42,8 @@ def check_inputs(args: argparse.Namespace) -> SRAConfig:
     load_corpus(config.text_corpus)
     if args.eval_limit is not None and args.eval_limit < 1:
         raise ConfigError(f"--eval-limit must be >= 1, got {args.eval_limit}")
+    if not args.eval_budget > 0:
+        raise ConfigError(f"--eval-budget must be a positive number of seconds, got {args.eval_budget}")
     check_output_dir(args.output, args.overwrite)
     check_model_source(args.model)
     if args.model and os.path.realpath(os.path.expanduser(args.model)) == os.path.realpath(args.output):
@@ -63,12 +68,24 @@ def run(args: argparse.Namespace) -> int:
     with timed(timings, "load", log=False):  # load_model logs its own stage
         model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype,
                                       device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+    computed = next(model.parameters()).dtype
+    saved = resolve_dtypes(args.model, args.dtype, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code,
+                           device_map=args.device_map)[1]
+    dtypes = {"compute": _name(computed), "saved": _name(saved or computed)}
+    plan = None
     if args.evaluate:
-        from ..evaluation import EvalSets, cached_evaluation, evaluate_edit
+        from ..evaluation import EvalSets, cached_evaluation, evaluate_edit, plan_evaluation
 
-        sets = EvalSets.default(limit=args.eval_limit)
         measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                        system_prompt=config.system_prompt)
+        if args.eval_limit is None:
+            with timed(timings, "plan evaluation"):
+                plan = plan_evaluation(model, tokenizer, args.eval_budget, models=2 + args.standard,
+                                       **{k: v for k, v in measure.items() if k != "judge"})
+            say(plan_line(plan))
+            sets = plan.sets()
+        else:
+            sets = EvalSets.default(limit=args.eval_limit)
         with timed(timings, "evaluate base"):
             base = cached_evaluation(model, tokenizer, sets, progress=step_logger("measured base"), **measure)
     report = apply_surgical_ablation(model, tokenizer, config)
@@ -78,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
             evaluate_edit(model, tokenizer, report, base, sets, baselines=("standard",) if args.standard else (),
                           progress=step_logger("measured"),
                           **measure)
+    if dtypes["saved"] != dtypes["compute"]:
+        model.to(getattr(torch, dtypes["saved"]))  # computed in fp32 here; saved as the checkpoint was
+    # the report records the whole run (saving excluded: it writes the report)
+    report.timings = {**report.timings, **{k: v for k, v in timings.items() if not k.startswith("sra ")}}
+    report.peak_memory = peak_memory()
     if not is_main_process():
         return 0  # every rank holds the same edited model; rank 0 writes it, pushes it and prints the summary
     with timed(timings, "save"):
@@ -91,13 +113,13 @@ def run(args: argparse.Namespace) -> int:
         with timed(timings, "push"):
             url = push_cleaned(path, args.push_to_hub, private=args.private, create_pr=args.create_pr)
     result = {"command": "ablate", "output": str(path), "pushed": url and str(url), "model": report.model_name,
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "dtype": dtypes, "evaluation_plan": plan and plan.to_dict(),
               "direction_layer": report.direction_layer, "fluency_rank": report.fluency_rank,
               "strength": report.strength, "bake_layers": report.bake_layers, "writers_edited": report.writers_edited,
               "validation": {"base_refusal_score": report.validation["base_refusal_score"],
                              **{k: report.chosen[k] for k in ("refusal_score", "kl", "ppl_change")}},
               "test": {k: report.metrics[k]["metrics"] for k in LABELS if k in report.metrics},
-              "max_new_tokens": config.max_new_tokens, "timings": timings, "memory": summary.peak_memory()}
+              "max_new_tokens": config.max_new_tokens, "timings": timings, "memory": peak_memory()}
     summary.emit(result, render(result, report), args.json)
     return 0
 
@@ -105,6 +127,21 @@ def run(args: argparse.Namespace) -> int:
 def _with_ci(m: dict, key: str) -> str:
     ci = m.get(f"{key}_ci95")
     return "-" if m.get(key) is None else f"{m[key]:.1%}" + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
+
+
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def plan_line(plan) -> str:
+    """The evaluation's sample size, its budget and the interval widths it gives."""
+    plan = plan if isinstance(plan, dict) else plan.to_dict()
+    widths = ", ".join(f"±{w / 2:.0%} {name.replace('_', '-')}" for name, w in plan["ci95_widths"].items())
+    return (f"{plan['limit']} prompts per test set fit the {plan['budget_s']:.0f} s budget (estimate "
+            f"{plan['estimate_s']:.0f} s with every reply at full length: {plan['step_s']:.3f} s per decode step, "
+            f"{plan['tokens_per_s']:.0f} prompt tokens/s); 95% CI at most {widths}"
+            + ("; a larger --eval-budget or --eval-limit N narrows them" if plan["limit"] < 16 else ""))
+
 
 
 def _test_table(test: dict) -> str:
@@ -142,7 +179,8 @@ def render(result: dict, report: SRAReport) -> str:
         ("baked layers", f"{layers} ({report.writers_edited} writers)"),
         ("mining passes kept", f"{sum(bool(r.get('accepted')) for r in report.iterations)} of {len(report.iterations)}"),
         ("output", result["output"] + (f" (pushed: {result['pushed']})" if result["pushed"] else "")),
-        ("dtype", result["dtype"]),
+        ("dtype", f"computed in {result['dtype']['compute']}, saved in {result['dtype']['saved']}"),
+        *([("evaluation", plan_line(result["evaluation_plan"]))] if result["evaluation_plan"] else []),
         ("wall time", summary.timings_line(result["timings"])),
         ("peak memory", summary.memory_line(result["memory"])),
     ])]

@@ -22,6 +22,9 @@ from transformers import HfArgumentParser
 from ..config import CONFIG_NAME, SRAConfig
 from ..errors import ConfigError
 
+#: Default seconds for `sra ablate`'s evaluation; docs/performance.md shows how `make demo` fits 15 minutes.
+EVAL_BUDGET_S = 240.0
+
 
 class ArgumentParser(HfArgumentParser):
     """`HfArgumentParser` whose usage errors are one ``error: …`` line, like every other error of ``sra``."""
@@ -70,7 +73,8 @@ class ModelArguments:
 class LoadArguments:
     _argument_group_name = "model loading"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _arg(
-        "auto", "Load, edit and save in this dtype; auto = the checkpoint's own (bf16 for the demo model).")
+        "auto", "Load, edit and save in this dtype; auto = save in the checkpoint's own (bf16 for the demo model) and "
+                "compute in it too, unless this CPU has no native bf16/fp16 matmul: then compute in float32.")
     device_map: Optional[str] = _arg(
         None, "Passed to from_pretrained; default: auto when a GPU is present, else the CPU (use 'cpu' to force it).",
         metavar="MAP")
@@ -93,8 +97,11 @@ class AblateArguments:
     evaluate: bool = _arg(True, "Skip the held-out evaluation of base, standard ablation and SRA (on by default: it "
                                 "fills the summary, the report and the card; the base's numbers are cached on disk).")
     standard: bool = _arg(True, "Leave standard ablation (the dirty direction) out of the evaluation.")
-    eval_limit: Optional[int] = _arg(None, "At most N prompts per test set in the evaluation (faster, wider intervals).",
-                                     metavar="N")
+    eval_limit: Optional[int] = _arg(None, "At most N prompts per test set in the evaluation (faster, wider intervals); "
+                                           "default: as many as fit --eval-budget.", metavar="N")
+    eval_budget: float = _arg(EVAL_BUDGET_S, "Seconds for the evaluation of base, standard ablation and SRA: the "
+                                            "prompts per test set are chosen to fit, from a measured speed.",
+                              metavar="SECONDS")
 
 
 def _cli_type(name: str, hint, default):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+import platform
+import time
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 
@@ -13,6 +16,86 @@ from ..progress import stage
 
 #: Qwen2.5's own checkpoints are bf16; the demo's cached copy is fp32 only because the GGUF is dequantized.
 DEMO_DTYPE = torch.bfloat16
+
+# x86 flags that mean the CPU multiplies this dtype in hardware; without them PyTorch converts every tile to
+# fp32 and back, about 3x slower than fp32 itself (measured on an AVX2 machine).
+_NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_flags() -> Optional[set]:
+    """The x86 CPU's feature flags from /proc/cpuinfo, or None elsewhere (macOS, ARM, no procfs)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), None)
+
+
+def _faster_than_fp32(dtype: torch.dtype, seconds: float = 0.025) -> bool:
+    """A ~50 ms micro-benchmark: does a 256x256 matmul in ``dtype`` keep up with fp32 on this CPU?"""
+    def rate(dt):
+        a = torch.randn(256, 256).to(dt)
+        a @ a  # warm-up (kernel selection)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ a
+            n += 1
+        return n / (time.perf_counter() - start)
+
+    return rate(dtype) >= rate(torch.float32)
+
+
+def cpu_computes_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` in hardware: the x86 flags, else a micro-benchmark."""
+    flags = cpu_flags()
+    if flags is not None:
+        return any(flag in flags for flag in _NATIVE_FLAGS[dtype])
+    return _faster_than_fp32(dtype)
+
+
+def compute_dtype(saved: torch.dtype, device_map: Optional[str] = None) -> torch.dtype:
+    """The dtype to compute in for a checkpoint saved in ``saved``: its own on a GPU or on a CPU that runs it
+    natively, else fp32 (a half-precision matmul emulated on the CPU costs more than fp32's)."""
+    on_cpu = device_map_for(device_map) in (None, "cpu") or not accelerator_present()
+    if saved not in _NATIVE_FLAGS or not on_cpu or cpu_computes_natively(saved):
+        return saved
+    return torch.float32
+
+
+def checkpoint_dtype(name: Optional[str], gguf_file: Optional[str] = None,
+                     trust_remote_code: bool = False) -> Optional[torch.dtype]:
+    """The dtype the checkpoint is stored in (from its config), or None when it does not say (GGUF)."""
+    if name is None:
+        return DEMO_DTYPE
+    if gguf_file:
+        return None  # dequantized on load: transformers' own choice stands
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error(name, err) from None
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _load_error(name: str, err: Exception) -> SRAError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return SRAError(f"cannot load model {name!r}: {first}; check the id or folder (and --gguf-file)")
+
+
+def resolve_dtypes(name: Optional[str], dtype: str = "auto", *, gguf_file: Optional[str] = None,
+                   device_map: Optional[str] = None, trust_remote_code: bool = False):
+    """``(compute, save)`` dtypes: an explicit ``dtype`` is both; ``auto`` saves in the checkpoint's own dtype
+    and computes in it too unless this CPU would emulate it (`compute_dtype`). None: transformers decides."""
+    if dtype != "auto":
+        return (getattr(torch, dtype),) * 2
+    saved = checkpoint_dtype(name, gguf_file, trust_remote_code)
+    return (None, None) if saved is None else (compute_dtype(saved, device_map), saved)
 
 
 def accelerator_present() -> bool:
@@ -36,26 +119,28 @@ def check_model_source(name: Optional[str]) -> None:
         raise SRAError(f"model folder {name} does not exist; pass an existing folder or a Hub id like org/name")
 
 
-def load_model(name: Optional[str], *, gguf_file: Optional[str] = None, dtype: str = "auto",
+def load_model(name: Optional[str], *, gguf_file: Optional[str] = None, dtype: Union[str, torch.dtype] = "auto",
                device_map: Optional[str] = None, trust_remote_code: bool = False):
-    """``(model, tokenizer)`` in eval mode; errors become one `SRAError` line that names what to check."""
+    """``(model, tokenizer)`` in eval mode, computing in `resolve_dtypes`'s compute dtype (or ``dtype`` given as
+    a torch dtype); errors become one `SRAError` line that names what to check."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_source(name)
+    if not isinstance(dtype, torch.dtype):
+        dtype = resolve_dtypes(name, dtype, gguf_file=gguf_file, device_map=device_map,
+                               trust_remote_code=trust_remote_code)[0] or "auto"
     device_map = device_map_for(device_map)
-    with stage(f"load {name or 'the demo model'}"):
+    with stage(f"load {name or 'the demo model'} ({str(dtype).replace('torch.', '')})"):
         if name is None:
             from ..demo import load_demo_model
 
             kwargs = {"device_map": device_map} if device_map else {}
-            return load_demo_model(dtype=DEMO_DTYPE if dtype == "auto" else getattr(torch, dtype), **kwargs)
+            return load_demo_model(dtype=dtype, **kwargs)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
-                name, gguf_file=gguf_file, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                device_map=device_map, trust_remote_code=trust_remote_code)
+                name, gguf_file=gguf_file, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, EnvironmentError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SRAError(f"cannot load model {name!r}: {first}; check the id or folder (and --gguf-file)") from None
+            raise _load_error(name, err) from None
     model.eval()
     return model, tokenizer

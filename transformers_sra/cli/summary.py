@@ -1,13 +1,10 @@
-"""Plain-text tables for the terminal, the run's peak memory, and the one-line JSON result."""
+"""Plain-text tables for the terminal, the run's peak memory line, and the one-line JSON result."""
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from typing import Optional, Sequence
-
-import torch
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence], align: str = "") -> str:
@@ -42,16 +39,6 @@ def percent(value: Optional[float]) -> str:
 
 def rate(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1%}"
-
-
-def peak_memory() -> dict:
-    """Peak resident memory of this process (and peak GPU memory allocated), in MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    mib = rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
-    out = {"ram_mib": round(mib)}
-    if torch.cuda.is_available():
-        out["gpu_mib"] = round(torch.cuda.max_memory_allocated() / (1 << 20))
-    return out
 
 
 def memory_line(memory: dict) -> str:
