@@ -72,46 +72,49 @@ def demo():
 
 @pytest.fixture(scope="session")
 def measured(demo):
-    """Base, SRA (default config) and standard ablation on the test splits; shared by every real-model test
-    module, so the ~20-minute run happens once. The model is left unedited."""
-    import math
+    """Base, SRA (default `SRAConfig()`) and standard ablation on the test splits, through the one evaluation path
+    (`evaluation.evaluate_model` / `evaluate_edit`); shared by every real-model test module, so the run happens once.
+    The model is left unedited. ``SRA_RESULTS=path.json`` also writes the numbers as a results record (the README's
+    headline table is rendered from it). Returns ``(results, report)``: ``results[name]`` is that model's metrics."""
+    import dataclasses
+    import os
+    import time
 
-    from transformers_sra import SRAConfig, apply_surgical_ablation, bake_direction, load_prompts
-    from transformers_sra.judge import first_token_kl, first_token_logprobs, judged
-    from transformers_sra.metrics import clopper_pearson, token_nll
+    from transformers_sra import SRAConfig, apply_surgical_ablation, load_prompts
+    from transformers_sra.evaluation import EvalSets, evaluate_edit, evaluate_model, results_record, write_results
     from transformers_sra.prompts import load_corpus
 
     model, tokenizer = demo
-    harmful, harmless, text = load_prompts("harmful_test"), load_prompts("harmless_test"), load_corpus("general_test")
+    sets = EvalSets(harmful=load_prompts("harmful_test"), harmless=load_prompts("harmless_test"), over_refusal=[],
+                    text=load_corpus("general_test"), math=[], code=[])
+    # CI's budget: harmless replies are judged by the frontier benchmark, not here; standard ablation gets its
+    # collateral numbers (KLs, perplexity) but not its 200 replies
+    measure = dict(batch_size=32, judged_harmless=0)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def collateral():
-        total, count = token_nll(model, tokenizer, text)
-        kl = first_token_kl(base_logprobs, first_token_logprobs(model, tokenizer, harmless, batch_size=32))
-        return {"kl": kl, "ppl_change": math.exp(total / count - base_nll) - 1}
-
-    def refusal(max_new_tokens=128):
-        replies, refused = judged(model, tokenizer, harmful, max_new_tokens=max_new_tokens, batch_size=32)
-        k = sum(refused)
-        return {"refused": k, "n": len(harmful), "refusal": k / len(harmful), "ci95": clopper_pearson(k, len(harmful)),
-                "refused_replies": [r for r, v in zip(replies, refused) if v]}
-
-    base_logprobs = first_token_logprobs(model, tokenizer, harmless, batch_size=32)
-    total, count = token_nll(model, tokenizer, text)
-    base_nll = total / count
-    # Base refusals come in the first words ("I'm sorry, but I can't ..."); 48 tokens keep CI inside its budget.
-    results = {"base": refusal(max_new_tokens=48)}
+    base = evaluate_model(model, tokenizer, sets, **measure)
+    start = time.perf_counter()
     report = apply_surgical_ablation(model, tokenizer, SRAConfig())
-    results["sra"] = {**refusal(), **collateral()}
+    seconds = round(time.perf_counter() - start, 1)
+    evaluated = evaluate_edit(model, tokenizer, report, base, sets, baseline_sets=dataclasses.replace(sets, harmful=[]),
+                              **measure)
+    results = {name: e.metrics for name, e in evaluated.items()}
+    results["samples"] = {name: e.samples for name, e in evaluated.items()}
     report.undo()
     results["undo_max_abs_diff"] = max(float((v - original[k]).abs().max()) for k, v in model.state_dict().items())
-    standard = bake_direction(model, torch.tensor(report.dirty_direction), 1.0)
-    results["standard"] = collateral()
-    standard.undo()
+    if os.environ.get("SRA_RESULTS"):
+        write_results(os.environ["SRA_RESULTS"], results_record(
+            {k: evaluated[k] for k in ("base", "sra", "standard")}, sets, report=report,
+            command="SRA_RESULTS=benchmarks/results/headline.json python -m pytest -m real_model tests/test_real_model.py",
+            extra={"pipeline_seconds": seconds, "timings": report.timings, "direction_layer": report.direction_layer,
+                   "strength": report.strength, "mining": report.iterations}))
+    keys = ("refusal_rate", "refusal_rate_ci95", "degenerate_rate", "answered_rate", "first_token_kl", "multi_token_kl",
+            "perplexity_change")
     for name in ("base", "sra", "standard"):
-        row = {k: v for k, v in results[name].items() if k != "refused_replies"}
-        print(f"\n{name}: {row}")
-    print("SRA replies judged refusals:", *results["sra"]["refused_replies"], sep="\n  ")
+        print(f"\n{name}:", {k: results[name][k] for k in keys if k in results[name]})
+    for outcome in ("refused", "degenerate"):
+        print(f"SRA replies judged {outcome}:", *(s["reply"] for s in results["samples"]["sra"][f"refusal:{outcome}"]),
+              sep="\n  ")
     print("layer", report.direction_layer, "fluency rank", report.fluency_rank, "profile", report.strength,
-          "\nsearch", *report.search, "\nmining", report.iterations, "\ntimings", report.timings, sep="\n")
+          "\nsearch", *report.search, "\nmining", report.iterations, "\ntimings", report.timings,
+          f"\npipeline {seconds} s", sep="\n")
     return results, report

@@ -27,7 +27,6 @@ from transformers_sra.evaluation import (
     evaluate_edit,
     evaluate_model,
     evaluate_pair,
-    judge_summary,
     load_pairs,
     reapply_edit,
 )
@@ -403,19 +402,7 @@ def test_demo_model_card_and_folder_from_the_measured_run(measured, demo, tmp_pa
     """Costs one re-bake, one save and one reload (under a minute); no new generation."""
     results, report = measured
     model, tok = demo
-
-    def as_metrics(row: dict) -> dict:
-        out = {}
-        if "refusal" in row:
-            out.update(refusal_rate=row["refusal"], refusal_rate_ci95=list(row["ci95"]))
-        if "kl" in row:
-            out.update(first_token_kl=row["kl"], perplexity_change=row["ppl_change"])
-        return {"metrics": out}
-
-    report.metrics = {name: as_metrics(results[name]) for name in ("base", "standard", "sra")}
-    report.metrics.update(sets={"harmful": results["base"]["n"], "harmless": 200}, judge=judge_summary())
-    report.metrics["standard"]["description"] = ("Standard ablation here: the dirty direction at SRA's layer, "
-                                                 "flat strength 1 on every layer.")
+    assert report.metrics["sra"]["metrics"] == results["sra"]  # evaluate_edit filled the report the card reads
     reapply_edit(model, report)
     try:
         folder = save_cleaned(model, tok, report, tmp_path / "demo-sra", base_model=DEMO_MODEL_ID, license=DEMO_LICENSE)
@@ -432,7 +419,8 @@ def test_demo_model_card_and_folder_from_the_measured_run(measured, demo, tmp_pa
     text = card.text
     table = text[text.index("| metric |"):text.index("Refusals are counted")]
     print("\n" + table)
-    assert f"{results['sra']['refusal']:.1%} [" in table and f"{results['base']['refusal']:.1%} [" in table
+    assert f"{results['sra']['refusal_rate']:.1%} [" in table and f"{results['base']['refusal_rate']:.1%} [" in table
+    assert f"{results['sra']['degenerate_rate']:.1%} [" in table
     import matplotlib.image
 
     for name in FIGURES.values():

@@ -34,6 +34,7 @@ from .editing import bake_direction
 from .errors import PromptSetError
 from .judge import (
     JUDGE_TOKENS,
+    Outcome,
     VerdictStop,
     classify,
     degenerate_labelled,
@@ -45,6 +46,7 @@ from .judge import (
     labelled_replies,
     refusal_probability,
     refusal_token_ids,
+    resolve_classifier,
 )
 from .metrics import (
     AnswerPerplexity,
@@ -223,7 +225,14 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
             scores = refusal_probability(first_token_logprobs(model, tokenizer, prompts, **batching),
                                          refusal_token_ids(tokenizer))
             metrics["refusal_score"] = float(scores.mean())
-        return Evaluation(metrics, {name: [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies))[:5]]})
+        classify_reply = resolve_classifier(judge)
+        outcomes = [classify_reply(r) for r in replies]
+        # a few replies of each set, and up to 40 of every outcome that is not an answer: to be read, not counted
+        samples = {name: [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies))[:5]]}
+        for outcome in (Outcome.REFUSED, Outcome.DEGENERATE):
+            samples[f"{name}:{outcome.value}"] = [{"prompt": p, "reply": r} for p, r, o in zip(prompts, replies, outcomes)
+                                                  if o is outcome][:40]
+        return Evaluation(metrics, samples)
 
     for name, prompts, metric in (("refusal", sets.harmful, RefusalRate()),
                                   ("over_refusal", sets.over_refusal, OverRefusalRate()),
@@ -433,18 +442,19 @@ def judge_summary(judge=None) -> dict:
 
 
 def evaluate_edit(model: nn.Module, tokenizer, report, base: Evaluation, sets: Optional[EvalSets] = None, *,
-                  baselines: Sequence[str] = ("standard",), judge=None, progress: Optional[Progress] = None,
-                  **kwargs) -> dict:
+                  baselines: Sequence[str] = ("standard",), baseline_sets: Optional[EvalSets] = None, judge=None,
+                  progress: Optional[Progress] = None, **kwargs) -> dict:
     """Measure the edited model and each of ``baselines`` (names from `baselines.BASELINES`) against ``base``
-    through `evaluate_model`; store everything in ``report.metrics`` and return ``{"base", "sra", *baselines}``
-    `Evaluation` objects."""
+    through `evaluate_model` (the baselines on ``baseline_sets``, default ``sets``); store everything in
+    ``report.metrics`` and return ``{"base", "sra", *baselines}`` `Evaluation` objects."""
     sets = sets or EvalSets.default()
     stage = (lambda name: (lambda step, i, n: progress(f"{name}:{step}", i, n))) if progress else (lambda name: None)
     out = {"base": base, "sra": evaluate_model(model, tokenizer, sets, base=base, judge=judge,
                                                progress=stage("sra"), **kwargs)}
     for name in baselines:
         with swapped_edit(model, report, name):
-            out[name] = evaluate_model(model, tokenizer, sets, base=base, judge=judge, progress=stage(name), **kwargs)
+            out[name] = evaluate_model(model, tokenizer, baseline_sets or sets, base=base, judge=judge,
+                                       progress=stage(name), **kwargs)
     report.metrics = {**{k: {**v.to_dict(), "description": DESCRIPTIONS.get(k, "")} for k, v in out.items()},
                       "sets": sets.sizes(), "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
                       "max_new_tokens": kwargs.get("max_new_tokens", JUDGE_TOKENS)}
