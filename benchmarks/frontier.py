@@ -1,120 +1,131 @@
-"""The refusal/KL frontier on the demo model's *test* split: base, standard ablation, SRA.
+"""The refusal/KL frontier on the demo model's *test* split, every point through the one evaluation path.
 
-Standard ablation is the difference-of-means direction of SRA's chosen layer over *all* training
-prompts, baked flat at several strengths (what abliteration tools do); "standard, filtered" is the same
-for SRA's own dirty direction (training prompts filtered by the base model's behaviour, no atoms, no
-profile). SRA is `SRAConfig()` as shipped, plus its clean direction at the same flat strengths, so the
-curves are traced the same way. Every point: judged refusal on ``harmful_test`` (128-token greedy replies,
-95% Clopper-Pearson interval), first-token KL on ``harmless_test``, perplexity change on ``general_test``;
-base and the SRA default also get the over-refusal rate on ``over_refusal_test``. Writes JSON and a PNG::
+Every point is `evaluation.evaluate_model` of the model as baked, against the base model's own numbers: the three
+outcomes of 128-token greedy replies to ``harmful_test`` (95% Clopper-Pearson intervals), first-token KL and the
+multi-token KL along the base model's 32-token replies on ``harmless_test``, ΔPPL on ``general_test``; base and
+the SRA default also get ``over_refusal_test`` and the outcomes of replies to harmless prompts. The curves, all
+flat γ at SRA's direction layer and named as in `transformers_sra.baselines`:
+
+* ``standard``: the field's abliteration (difference of means of *all* training prompts);
+* ``standard_filtered``: SRA's dirty direction (training prompts filtered by the base model's behaviour);
+* ``rank1_flat``: SRA's first clean direction;
+* ``rank-k``: SRA with ``--mining K`` judged mining passes, each prefix of its directions baked as the pipeline
+  baked them (k = 1 is SRA without mining);
+
+and the default `SRAConfig()`. Writes ``frontier_points.json`` (the shared results shape) and ``frontier.png``::
 
     pip install -e ".[demo,bench]"
-    python benchmarks/frontier.py --out benchmarks/results          # about 100 minutes on 2 CPU cores
-    python benchmarks/frontier.py --limit 100 --strengths 0.5 1.0  # about 55 minutes: the README figure
+    python benchmarks/frontier.py --limit 100 --strengths 0.5 1.0 --mining 2   # hours on 2 CPU cores
+    python benchmarks/frontier.py --model tiny --limit 4                          # a smoke run in seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from transformers_sra import SRAConfig, apply_surgical_ablation, bake_direction, load_demo_model, load_prompts
-from transformers_sra.extraction import record_residuals
-from transformers_sra.judge import first_token_kl, first_token_logprobs, judged
-from transformers_sra.metrics import clopper_pearson, token_nll
-from transformers_sra.prompts import load_corpus
-from transformers_sra.residualize import difference_of_means
+from transformers_sra import SRAConfig, apply_surgical_ablation, bake_direction, load_demo_model
+from transformers_sra.evaluation import EvalSets, evaluate_model, reapply_edit, results_record, write_results
+
+COLUMNS = [["name", "point"], ["refusal_rate", "refused (95% CI)"], ["degenerate_rate", "degenerate (95% CI)"],
+           ["first_token_kl", "first-token KL", "{:.3f}"], ["multi_token_kl", "KL along 32-token replies", "{:.4f}"],
+           ["perplexity_change", "ΔPPL general_test", "{:+.2%}"], ["over_refusal_rate", "over-refusal (95% CI)"]]
 
 
-def judged_rate(model, tok, prompts, batch_size) -> dict:
-    """Judged refusals of 128-token greedy replies, with the interval and the first 20 refused replies."""
-    replies, refused = judged(model, tok, prompts, max_new_tokens=128, batch_size=batch_size)
-    k, n = sum(refused), len(refused)
-    return {"refused": k, "n": n, "refusal": k / n, "ci95": clopper_pearson(k, n),
-            "refused_replies": [r for r, v in zip(replies, refused) if v][:20]}
+def load(name: str):
+    if name != "tiny":
+        return load_demo_model(dtype=torch.float32)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_tiny_model, make_tokenizer
+
+    return make_tiny_model("qwen2"), make_tokenizer()
 
 
-def measure(model, tok, harmful, harmless, text, base, batch_size):
-    start = time.perf_counter()
-    row = judged_rate(model, tok, harmful, batch_size)
-    logp = first_token_logprobs(model, tok, harmless, batch_size=batch_size)
-    total, count = token_nll(model, tok, text)
-    row.update(kl=0.0 if base is None else first_token_kl(base["logp"], logp),
-               nll=total / count, seconds=round(time.perf_counter() - start, 1))
-    row["ppl_change"] = 0.0 if base is None else math.exp(row["nll"] - base["nll"]) - 1
-    return row, logp
+def tiny_config(iterations: int) -> SRAConfig:
+    import sys
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_pipeline_cli import SMALL
 
-def over_refusal(model, tok, batch_size) -> dict:
-    """`judged_rate` on prompts that only sound unsafe, its keys prefixed ``over_``."""
-    return {f"over_{k}": v for k, v in judged_rate(model, tok, load_prompts("over_refusal_test"), batch_size).items()}
-
-
-def unfiltered_direction(model, tok, layer, batch_size) -> torch.Tensor:
-    """Difference of means of all harmful and harmless training prompts at ``layer``: the usual abliteration direction."""
-    harmful, harmless = (record_residuals(model, tok, load_prompts(name), layers=[layer], batch_size=batch_size)
-                         for name in ("harmful_train", "harmless_train"))
-    return difference_of_means(harmful, harmless)[0]
+    return SRAConfig(**{**SMALL, "iterations": iterations})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--model", default="demo", help="'demo' or 'tiny' (a random test model, for a smoke run)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each test set")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75, 1.0])
+    parser.add_argument("--mining", type=int, default=2, help="judged mining passes for the rank-k curve")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model, tok = load_demo_model()
-    harmful = load_prompts("harmful_test")[: args.limit]
-    harmless = load_prompts("harmless_test")[: args.limit]
-    text = load_corpus("general_test")
-    rows = []
+    model, tok = load(args.model)
+    full = EvalSets.default(limit=args.limit)
+    curve_sets = dataclasses.replace(full, over_refusal=[], math=[], code=[])
+    measure = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    rows, evaluations = [], {}
 
-    def record(name, method, strength, base, extra=None):
-        row, logp = measure(model, tok, harmful, harmless, text, base, args.batch_size)
-        row.update(name=name, method=method, strength=strength, **(extra or {}))
-        rows.append(row)
-        print(f"{name:28s} refusal {row['refused']:3d}/{row['n']} = {row['refusal']:.1%} "
-              f"[{row['ci95'][0]:.1%}, {row['ci95'][1]:.1%}]  KL {row['kl']:.4f}  ΔPPL {row['ppl_change']:+.2%}  "
-              f"({row['seconds']} s)", flush=True)
-        (out / "frontier.json").write_text(json.dumps(rows, indent=1))
-        return row, logp
+    def record(name: str, method: str, strength, sets: EvalSets, **extra) -> None:
+        start = time.perf_counter()
+        judged_harmless = 64 if sets is full else 0
+        evaluations[name] = evaluate_model(model, tok, sets, base=evaluations.get("base"),
+                                           judged_harmless=judged_harmless, **measure)
+        rows.append({"name": name, "method": method, "strength": strength,
+                     "seconds": round(time.perf_counter() - start, 1), **extra})
+        m = evaluations[name].metrics
+        print(f"{name:28s} refused {m['refusal_rate']:.1%} degenerate {m['degenerate_rate']:.1%}  "
+              f"KL {m.get('first_token_kl', 0):.4f}  KL32 {m.get('multi_token_kl', 0):.4f}  "
+              f"ΔPPL {m.get('perplexity_change', 0):+.2%}", flush=True)
+        record_ = results_record(evaluations, full, command="python benchmarks/frontier.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if v is not None and k != "out"))
+        for row, extra_ in zip(record_["rows"], rows):
+            row.update(extra_)
+        write_results(out / "frontier_points.json", {**record_, "columns": COLUMNS})
 
-    base_row, base_logp = record("base", "base", 0.0, None)
-    base_row.update(over_refusal(model, tok, args.batch_size))
-    print(f"{'base':28s} over-refusal {base_row['over_refused']}/{base_row['over_n']}", flush=True)
-    base = {"logp": base_logp, "nll": base_row["nll"]}
-
+    record("base", "base", 0.0, full)
+    config = SRAConfig() if args.model != "tiny" else tiny_config(0)
     start = time.perf_counter()
-    report = apply_surgical_ablation(model, tok, SRAConfig())
-    sra_seconds = round(time.perf_counter() - start, 1)
-    default, _ = record("SRA default", "sra_default", report.strength["peak"], base,
-                        {"layer": report.direction_layer, "fluency_rank": report.fluency_rank,
-                         "profile": report.strength, "pipeline_seconds": sra_seconds, "timings": report.timings})
-    default.update(over_refusal(model, tok, args.batch_size))
-    print(f"{'SRA default':28s} over-refusal {default['over_refused']}/{default['over_n']}", flush=True)
-    clean = report.direction_tensor(0)
-    filtered = torch.tensor(report.dirty_direction)
-    report.undo()
-    standard = unfiltered_direction(model, tok, report.direction_layer, args.batch_size)
+    default = apply_surgical_ablation(model, tok, config)
+    record("SRA default", "sra_default", default.strength["peak"], full,
+           pipeline_seconds=round(time.perf_counter() - start, 1), mining=default.iterations)
+    default.undo()
 
-    for method, direction in (("standard", standard), ("standard_filtered", filtered), ("sra_clean_flat", clean)):
+    mined = apply_surgical_ablation(model, tok, dataclasses.replace(config, iterations=args.mining)) \
+        if args.mining else default
+    bakes = mined.bakes()
+    if mined is not default:
+        mined.undo()
+    for k in range(1, len(bakes) + 1):  # each prefix of the directions, baked as the pipeline baked them
+        prefix = dataclasses.replace(mined, directions=mined.directions[:k],
+                                     iterations=[r for r in mined.iterations if r.get("accepted")][: k - 1])
+        reapply_edit(model, prefix)
+        try:
+            record(f"rank-{k}", "rank_k", k, curve_sets)
+        finally:
+            prefix.undo()
+
+    curves = (("standard", torch.tensor(default.standard_direction)),
+              ("standard_filtered", torch.tensor(default.dirty_direction)),
+              ("rank1_flat", default.direction_tensor(0)))
+    for method, direction in curves:
         for gamma in args.strengths:
-            handle = bake_direction(model, direction, gamma)
+            handle = bake_direction(model, direction, gamma, default.config.get("layers"))
             try:
-                record(f"{method} γ={gamma}", method, gamma, base, {"layer": report.direction_layer})
+                record(f"{method} γ={gamma}", method, gamma, curve_sets, layer=default.direction_layer)
             finally:
                 handle.undo()
-    plot(rows, out / "frontier.png")
-    print("wrote", out / "frontier.json", "and", out / "frontier.png")
+    plot(json.loads((out / "frontier_points.json").read_text())["rows"], out / "frontier.png")
+    print("wrote", out / "frontier_points.json", "and", out / "frontier.png")
 
 
 def plot(rows, path) -> None:
@@ -125,23 +136,24 @@ def plot(rows, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     styles = {"base": ("black", "s"), "standard": ("tab:red", "o"), "standard_filtered": ("tab:orange", "o"),
-              "sra_clean_flat": ("tab:blue", "o"), "sra_default": ("tab:green", "*")}
-    labels = {"base": "base", "standard": "standard ablation (dirty direction, all prompts)",
-              "standard_filtered": "standard ablation of SRA's filtered dirty direction",
-              "sra_clean_flat": "SRA clean direction, flat γ", "sra_default": "SRA default (searched)"}
+              "rank1_flat": ("tab:blue", "o"), "rank_k": ("tab:purple", "D"), "sra_default": ("tab:green", "*")}
+    labels = {"base": "base", "standard": "standard ablation (all training prompts)",
+              "standard_filtered": "standard ablation, filtered direction", "rank1_flat": "SRA rank 1, flat γ",
+              "rank_k": "SRA rank k (judged mining)", "sra_default": "SRA default (searched)"}
     for method, (color, marker) in styles.items():
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r.get("first_token_kl", 0.0))
         if not pts:
             continue
-        x = [r["kl"] for r in pts]
-        y = [100 * r["refusal"] for r in pts]
-        err = [[100 * (r["refusal"] - r["ci95"][0]) for r in pts], [100 * (r["ci95"][1] - r["refusal"]) for r in pts]]
+        x = [r.get("first_token_kl", 0.0) for r in pts]
+        y = [100 * r["refusal_rate"]["rate"] for r in pts]
+        err = [[100 * (r["refusal_rate"]["rate"] - r["refusal_rate"]["ci95"][0]) for r in pts],
+               [100 * (r["refusal_rate"]["ci95"][1] - r["refusal_rate"]["rate"]) for r in pts]]
         ax.errorbar(x, y, yerr=err, color=color, marker=marker, markersize=10 if marker == "*" else 6, capsize=3,
                     linestyle="-" if len(pts) > 1 else "none", label=labels[method])
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel("first-token KL on harmless_test (lower is better)")
-    ax.set_ylabel("refusal on harmful_test, % (95% CI)")
-    ax.set_title("Qwen2.5-Coder-0.5B-Instruct: refusal vs KL")
+    ax.set_ylabel("refused on harmful_test, % (95% CI)")
+    ax.set_title("Refusal vs KL, test split")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

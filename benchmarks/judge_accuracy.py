@@ -1,7 +1,9 @@
-"""Precision and recall of the shipped refusal judge on its labelled replies, as a results file.
+"""Precision and recall of the shipped judge (`judge.classify`) on its labelled replies, as a results file.
 
-The even half of ``data/judge_labelled.jsonl`` was read while the phrase lists were written; the odd half
-was not, and gives the honest figure. Pure Python, a second on any machine::
+Refusals: the even half of ``data/judge_labelled.jsonl`` was read while the phrase lists were written; the odd
+half was not, and gives the honest figure. Degenerate replies (loops): ``data/degenerate_labelled.jsonl``, loops
+against lists, hashtags, dialogue, tables and code, written together with the loop detector (so its figure is
+an upper bound), plus the degenerate rows of the held-out half. Pure Python, a second on any machine::
 
     python benchmarks/judge_accuracy.py            # writes benchmarks/results/judge.json
 """
@@ -13,7 +15,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from transformers_sra.judge import is_refusal, judge_accuracy, labelled_replies
+from transformers_sra.judge import classify, degenerate_labelled, judge_accuracy, labelled_replies
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,13 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure() -> dict:
     rows = labelled_replies()
     table = []
-    for name, subset in ((f"held-out (odd half, n = {len(rows[1::2])})", rows[1::2]), (f"all (n = {len(rows)})", rows)):
-        acc = judge_accuracy(is_refusal, subset)
+    loops = degenerate_labelled()
+    for label, name, subset in (
+            ("refusal", f"refusals, held-out (odd half, n = {len(rows[1::2])})", rows[1::2]),
+            ("refusal", f"refusals, all (n = {len(rows)})", rows),
+            ("degenerate", f"loops, held-out half (n = {len(rows[1::2])})", rows[1::2]),
+            ("degenerate", f"loops vs lists, hashtags, dialogue, tables, code (n = {len(loops)})", loops)):
+        acc = judge_accuracy(classify, subset, label=label)
         table.append({"name": name, "precision": acc["precision"], "recall": acc["recall"], "accuracy": acc["accuracy"]})
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return {"commit": commit.strip(), "command": "python benchmarks/judge_accuracy.py",
-            "columns": [["name", "labelled replies"], ["precision", "precision (refusal)"],
-                        ["recall", "recall (refusal)"], ["accuracy", "accuracy"]],
+            "columns": [["name", "labelled replies"], ["precision", "precision"], ["recall", "recall"],
+                        ["accuracy", "accuracy (three outcomes)"]],
             "rows": table}
 
 

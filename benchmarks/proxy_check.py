@@ -20,7 +20,7 @@ import torch
 
 from transformers_sra import SRAConfig, apply_surgical_ablation, load_demo_model, load_prompts
 from transformers_sra.editing import ablate_activations
-from transformers_sra.judge import first_token_logprobs, judged, refusal_probability, refusal_token_ids
+from transformers_sra.judge import Outcome, first_token_logprobs, judged, refusal_probability, refusal_token_ids
 
 PROFILES = {  # weaker and stronger than the default's tent 1.2 / 0.2
     "tent 1.0 / 0.0 at 65%": dict(peak=1.0, floor=0.0, center=0.65, width=0.4),
@@ -54,7 +54,8 @@ def main() -> None:
     def record(name, context):
         with context:
             logp = first_token_logprobs(model, tok, prompts, batch_size=args.batch_size)
-            _, refused = judged(model, tok, prompts, max_new_tokens=128, batch_size=args.batch_size)
+            _, outcomes = judged(model, tok, prompts, max_new_tokens=128, batch_size=args.batch_size)
+            refused = [o is Outcome.REFUSED for o in outcomes]
         scores = refusal_probability(logp, ids).tolist()
         opens_i = [i for i, t in enumerate(logp.argmax(-1).tolist()) if t == opener_i]
         row = {"name": name, "n": len(prompts), "score": sum(scores) / len(scores), "judged": sum(refused),

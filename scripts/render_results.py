@@ -17,8 +17,8 @@ A cell is a rate ``{"rate", "k", "n", "ci95"}``, a number (formatted by the colu
 
     python scripts/render_results.py            # rewrite the tables in README.md and docs/*.md
     python scripts/render_results.py --check    # exit 1 if a committed table differs from its JSON
-    python scripts/render_results.py --from-frontier   # write headline.json and frontier_points.json
-                                                       # from benchmarks/frontier.py's frontier.json
+    python scripts/render_results.py --from-frontier   # write frontier_points.json from
+                                                       # benchmarks/frontier.py's frontier.json
 """
 
 from __future__ import annotations
@@ -50,9 +50,16 @@ def format_cell(value, pattern: str = "{:.3f}") -> str:
     return str(value).replace("|", "\\|")
 
 
+# The columns of a file without its own: what `evaluation.results_record` writes (the real-model run's headline).
+RECORD_COLUMNS = [["label", "model"], ["refusal_rate", "refused (95% CI)"], ["degenerate_rate", "degenerate (95% CI)"],
+                  ["first_token_kl", "first-token KL", "{:.3f}"],
+                  ["multi_token_kl", "KL along 32-token replies", "{:.4f}"],
+                  ["perplexity_change", "ΔPPL general_test", "{:+.2%}"]]
+
+
 def render_table(results: dict, source: str) -> str:
     """The Markdown table of one results file, with a line that names its file, command and commit."""
-    columns = [(c[0], c[1], c[2] if len(c) > 2 else "{:.3f}") for c in results["columns"]]
+    columns = [(c[0], c[1], c[2] if len(c) > 2 else "{:.3f}") for c in results.get("columns", RECORD_COLUMNS)]
     lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
              "|" + "---|" * len(columns)]
     for row in results["rows"]:
