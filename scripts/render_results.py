@@ -44,7 +44,7 @@ def format_cell(value, pattern: str = "{:.3f}") -> str:
         return "–"
     if isinstance(value, dict):  # a rate with its exact interval
         lo, hi = value["ci95"]
-        return f"{value['rate']:.0%} ({value['k']}/{value['n']}) [{lo:.0%}, {hi:.0%}]"
+        return f"{value['rate']:.1%} ({value['k']}/{value['n']}) [{lo:.1%}, {hi:.1%}]"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return pattern.format(value)
     return str(value).replace("|", "\\|")
@@ -88,10 +88,6 @@ _FRONTIER_COLUMNS = [["name", "point"], ["refusal", "refusal on harmful_test (95
                      ["kl", "first-token KL", "{:.3f}"], ["ppl_change", "ΔPPL general_test", "{:+.2%}"],
                      ["over_refusal", "over-refusal (95% CI)"]]
 FRONTIER_COMMAND = "python benchmarks/frontier.py --limit 100 --strengths 0.5 1.0"
-_HEADLINE = {"base": "base", "standard γ=1.0": "standard ablation (all training prompts, γ = 1)",
-             "standard_filtered γ=1.0": "standard ablation of the filtered direction (γ = 1)",
-             "SRA default": "**SRA, default config**"}
-
 
 def _rate(point: dict, prefix: str = ""):
     if f"{prefix}refusal" not in point:
@@ -101,15 +97,14 @@ def _rate(point: dict, prefix: str = ""):
 
 
 def from_frontier(points: list[dict], commit: str, command: str = FRONTIER_COMMAND) -> dict[str, dict]:
-    """``{"headline": ..., "frontier_points": ...}`` in the shared shape, from frontier.json's points."""
+    """``{"frontier_points": ...}`` in the shared shape, from the earlier frontier.json's points (the headline now
+    comes from the real-model run: `evaluation.results_record`)."""
     def row(point: dict, name: str) -> dict:
         return {"name": name, "refusal": _rate(point), "kl": point["kl"], "ppl_change": point["ppl_change"],
                 "over_refusal": _rate(point, "over_")}
 
-    by_name = {p["name"]: p for p in points}
     shared = {"commit": commit, "command": command, "columns": _FRONTIER_COLUMNS}
-    return {"headline": {**shared, "rows": [row(by_name[key], label) for key, label in _HEADLINE.items()]},
-            "frontier_points": {**shared, "rows": [row(p, p["name"]) for p in points]}}
+    return {"frontier_points": {**shared, "rows": [row(p, p["name"]) for p in points]}}
 
 
 def _last_commit(path: Path) -> str:

@@ -44,8 +44,8 @@ def test_a_table_is_rendered_between_its_markers_and_nowhere_else(render, tmp_pa
     assert out.startswith("intro\n") and out.endswith("<!-- results:toy:end -->\noutro\n") and "stale" not in out
     lines = body.splitlines()
     assert lines[0] == "| model | refusal | KL | ΔPPL | note |" and lines[1] == "|---|---|---|---|---|"
-    assert lines[2] == "| base | 50% (1/2) [1%, 99%] | 0.000 | +0.0% | – |"
-    assert lines[3] == "| edited | 0% (0/2) [0%, 84%] | 0.046 | -1.2% | a\\|b |"
+    assert lines[2] == "| base | 50.0% (1/2) [1.3%, 98.7%] | 0.000 | +0.0% | – |"
+    assert lines[3] == "| edited | 0.0% (0/2) [0.0%, 84.2%] | 0.046 | -1.2% | a\\|b |"
     assert "`python bench.py --n 2` at commit `0123456789ab`" in body
     assert render.render_document(out, tmp_path) == out  # rendering twice changes nothing
 
@@ -62,11 +62,12 @@ def test_frontier_points_convert_to_the_shared_shape(render):
               point("standard γ=0.5", 34, 0.020, 0.010)]
     out = render.from_frontier(points, "abc")
     assert [r["name"] for r in out["frontier_points"]["rows"]] == [p["name"] for p in points]
-    headline = out["headline"]["rows"]
-    assert len(headline) == 4 and headline[0]["refusal"] == {"rate": 0.55, "k": 55, "n": 100, "ci95": [0.1, 0.2]}
-    sra = next(r for r in headline if "SRA" in r["name"])
-    assert sra["kl"] == 0.029 and sra["over_refusal"]["k"] == 18 and headline[2]["over_refusal"] is None
-    assert out["headline"]["commit"] == "abc" and {c[0] for c in out["headline"]["columns"]} >= {"refusal", "kl"}
+    rows = out["frontier_points"]["rows"]
+    assert set(out) == {"frontier_points"}  # the headline comes from the real-model run's results record
+    assert rows[0]["refusal"] == {"rate": 0.55, "k": 55, "n": 100, "ci95": [0.1, 0.2]}
+    sra = next(r for r in rows if "SRA" in r["name"])
+    assert sra["kl"] == 0.029 and sra["over_refusal"]["k"] == 18 and rows[2]["over_refusal"] is None
+    assert out["frontier_points"]["commit"] == "abc" and {c[0] for c in out["frontier_points"]["columns"]} >= {"refusal", "kl"}
 
 
 def test_a_marker_without_its_json_is_a_clear_error(render, tmp_path):

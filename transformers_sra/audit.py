@@ -21,6 +21,7 @@ from .config import AUTO, SRAConfig
 from .inputs import resolve_inputs
 from .model_directions import build_directions
 from .progress import stage, with_progress_option
+from .prompts import chat_template_kwargs
 from .search import Validation, constrained_search, default_profiles
 
 
@@ -35,9 +36,14 @@ def audit_model(model: nn.Module, tokenizer, config: Optional[SRAConfig] = None,
     ``progress=True`` shows bars; a callable ``progress("sweep", row)`` gets each scored row.
     """
     config = config or SRAConfig()
+    with chat_template_kwargs(config.chat_template_kwargs):
+        return _audit(model, tokenizer, config, registry, sweep, progress)
+
+
+def _audit(model: nn.Module, tokenizer, config: SRAConfig, registry, sweep: bool, progress) -> dict:
     model.eval()
     with stage("validate"):
-        inputs = resolve_inputs(model, config, registry or AtomRegistry.default())
+        inputs = resolve_inputs(model, config, registry or AtomRegistry.default(), tokenizer)
     rank = config.fluency_ranks[0] if config.fluency_rank == AUTO else config.fluency_rank
     profile = default_profiles()[0] if config.strength == AUTO else config.profile()
     batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)

@@ -16,7 +16,7 @@ from ..distributed import is_main_process
 from ..errors import ConfigError
 from ..progress import _say as say
 from ..progress import stage, step_logger
-from ..prompts import load_corpus, load_prompts
+from ..prompts import chat_template_kwargs, load_corpus, load_prompts
 from ..report import SRAReport, peak_memory
 from . import summary
 from .args import config_from
@@ -60,10 +60,15 @@ def check_inputs(args: argparse.Namespace) -> SRAConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = check_inputs(args)
+    with chat_template_kwargs(config.chat_template_kwargs):  # the evaluation formats prompts like the pipeline
+        return _run(args, config)
+
+
+def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     from ..hub import save_cleaned
     from ..pipeline import apply_surgical_ablation
 
-    config = check_inputs(args)
     timings: dict = {}
     with timed(timings, "load", log=False):  # load_model logs its own stage
         model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype,
