@@ -197,6 +197,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
     sets = sets or EvalSets.default()
     stop_when = VerdictStop.refusal_settled if judge is None or judge is is_refusal or judge is classify else None
     batching = dict(batch_size=batch_size, system_prompt=system_prompt)
+    classify_reply = resolve_classifier(judge)
     judged_harmless_set = sets.harmless[:judged_harmless]
     reply_set = sets.harmless[:reply_kl_prompts] if base is None else []
     steps = [s for s, data in (("refusal", sets.harmful), ("over_refusal", sets.over_refusal),
@@ -220,13 +221,13 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
 
     def judged_rate(name: str, prompts: list, metric) -> Evaluation:
         replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_when=stop_when, **batching)
-        metrics = metric.compute(predictions=replies, judge=judge)
+        outcomes = [classify_reply(r) for r in replies]  # the judge reads each reply once
+        replay = iter(outcomes)
+        metrics = metric.compute(predictions=replies, judge=lambda reply: next(replay).value)
         if name == "refusal":  # the first-token score needs no generation: the same signal the search uses
             scores = refusal_probability(first_token_logprobs(model, tokenizer, prompts, **batching),
                                          refusal_token_ids(tokenizer))
             metrics["refusal_score"] = float(scores.mean())
-        classify_reply = resolve_classifier(judge)
-        outcomes = [classify_reply(r) for r in replies]
         # a few replies of each set, and up to 40 of every outcome that is not an answer: to be read, not counted
         samples = {name: [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies))[:5]]}
         for outcome in (Outcome.REFUSED, Outcome.DEGENERATE):
