@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
+from transformers_sra.evaluation import git_commit
 from transformers_sra.judge import classify, degenerate_labelled, judge_accuracy, labelled_replies
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +31,7 @@ def measure() -> dict:
             ("degenerate", f"loops vs lists, hashtags, dialogue, tables, code (n = {len(loops)})", loops)):
         acc = judge_accuracy(classify, subset, label=label)
         table.append({"name": name, "precision": acc["precision"], "recall": acc["recall"], "accuracy": acc["accuracy"]})
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return {"commit": commit.strip(), "command": "python benchmarks/judge_accuracy.py",
+    return {"commit": git_commit(), "command": "python benchmarks/judge_accuracy.py",
             "columns": [["name", "labelled replies"], ["precision", "precision"], ["recall", "recall"],
                         ["accuracy", "accuracy (three outcomes)"]],
             "rows": table}

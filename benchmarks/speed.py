@@ -36,6 +36,7 @@ from transformers_sra import load_corpus, load_prompts
 from transformers_sra.architectures import decoder_layers
 from transformers_sra.batching import _encode, _shared_prefix_length, id_batches, input_device, pad_id, sorted_batches
 from transformers_sra.editing import ablate_activations, bake_direction
+from transformers_sra.evaluation import git_commit
 from transformers_sra.extraction import record_residuals
 from transformers_sra.profile import StrengthProfile
 from transformers_sra.prompts import format_chat
@@ -207,7 +208,7 @@ def main() -> None:
                           "budget_gib": round(budget / GIB, 3), "ratio_to_budget": round(rss["peak_rss"] / budget, 3)}
 
     result["load_average"] = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
-    result["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result["commit"] = git_commit()
     print(report(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,7 @@ def main() -> None:
         equal = same_tensors(tmp / "in-memory-bake", tmp / "streaming-bake")
         largest = max(s.stat().st_size for s in shards)
     base = rows["imports only"]["peak_rss"]
+    from transformers_sra.evaluation import git_commit  # here: the parent's imports stay those of the runs
     result = {"model": args.model, "model_gib": round(model_bytes / GIB, 3), "shards": len(shards),
               "largest_shard_gib": round(largest / GIB, 3),
               "runs": {k: {"peak_rss_gib": round(v["peak_rss"] / GIB, 3), "seconds": round(v["seconds"], 1),
@@ -133,7 +134,7 @@ def main() -> None:
               "in_memory_over_streaming": round(rows["in-memory bake"]["peak_rss"] / rows["streaming bake"]["peak_rss"], 2),
               "bit_for_bit_equal": equal,
               "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
-              "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
+              "commit": git_commit()}
     print(f"{args.model}: {result['model_gib']} GiB in memory (fp32), {len(shards)} shards, largest "
           f"{result['largest_shard_gib']} GiB; load {result['load_average']}")
     for name, row in result["runs"].items():

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._version import __version__
 from .baselines import LABELS, swapped_edit
-from .batching import input_device, pad_id, sorted_batches
+from .batching import input_device, sorted_batches
 from .cache import default_cache_dir
 from .distributed import all_ranks, is_main_process
 from .editing import bake_direction
@@ -40,6 +40,7 @@ from .judge import (
     degenerate_labelled,
     first_token_logprobs,
     generate,
+    greedy_continuation,
     is_refusal,
     judge_accuracy,
     judge_name,
@@ -333,10 +334,8 @@ def measure_speed(model: nn.Module, tokenizer, prompts: Sequence[str], *, batch_
     seconds = []
     for n in (1, 1, 1 + steps):  # the first call warms up (kernel selection, allocations) and is not counted
         start = time.perf_counter()
-        model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
-                       pad_token_id=pad_id(tokenizer), temperature=None, top_p=None, top_k=None, max_new_tokens=n,
-                       min_new_tokens=n, stopping_criteria=StoppingCriteriaList([VerdictStop(
-                           tokenizer, batch.input_ids.shape[1], lambda text: False)]))
+        greedy_continuation(model, tokenizer, batch, n, min_new_tokens=n, stopping_criteria=StoppingCriteriaList(
+            [VerdictStop(tokenizer, batch.input_ids.shape[1], lambda text: False)]))
         seconds.append(time.perf_counter() - start)
     return float(batch.attention_mask.sum()) / seconds[1], max(seconds[2] - seconds[1], 1e-6) / steps
 
@@ -463,11 +462,12 @@ def evaluate_edit(model: nn.Module, tokenizer, report, base: Evaluation, sets: O
 
 
 # -- the one results file every published number comes from ----------------------------------------------------
-def _commit() -> str:
+def git_commit() -> str:
+    """The commit of the checkout this package runs from, recorded with every results file ("unknown" outside git)."""
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -488,7 +488,7 @@ def results_record(evaluations: dict, sets: EvalSets, *, report=None, judge=None
                 row[key] = value
         rows.append(row)
     config = report.config if report is not None else {}
-    return {"commit": _commit(), "command": command,
+    return {"commit": git_commit(), "command": command,
             "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
             "sets": sets.sizes(), "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
             "max_new_tokens": max_new_tokens, "rows": rows, **(extra or {})}

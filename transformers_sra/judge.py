@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .batching import NUMERICS_HINT, check_finite, input_device, prompt_batches, sorted_batches
+from .batching import NUMERICS_HINT, check_finite, input_device, pad_id, prompt_batches, sorted_batches
 from .distributed import Rows, gather_texts, shard
 from .errors import ConfigError, NumericsError
 from .progress import bar
@@ -335,6 +335,15 @@ class VerdictStop:
         return done
 
 
+def greedy_continuation(model: nn.Module, tokenizer, batch, max_new_tokens: int, **generate_kwargs) -> torch.Tensor:
+    """The greedy tokens ``model`` appends to a left-padded `batching.Batch`, ``(rows, new tokens)``; sampling
+    settings of the model's generation config are switched off."""
+    generated = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer),
+                               temperature=None, top_p=None, top_k=None, **generate_kwargs)
+    return generated[:, batch.input_ids.shape[1]:]
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -352,23 +361,12 @@ def generate(
     from transformers import StoppingCriteriaList
 
     texts = format_chat(tokenizer, prompts, system_prompt)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: dict[int, str] = {}
     for batch in bar(shard(sorted_batches(tokenizer, texts, batch_size, input_device(model))),
                      total=-(-len(texts) // batch_size), desc=f"generate {len(texts)} replies", unit="batch"):
         stop = VerdictStop(tokenizer, batch.input_ids.shape[1], stop_when) if stop_when is not None else None
-        generated = model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            stopping_criteria=StoppingCriteriaList([stop]) if stop is not None else None,
-        )
-        new = generated[:, batch.input_ids.shape[1] :]
+        new = greedy_continuation(model, tokenizer, batch, max_new_tokens,
+                                  stopping_criteria=StoppingCriteriaList([stop]) if stop is not None else None)
         for row, i in enumerate(batch.indices):
             # a stopped row is padded afterwards; cut it where it stopped, whatever the pad token decodes to
             out[i] = tokenizer.decode(new[row, : stop.lengths.get(row) if stop else None], skip_special_tokens=True)

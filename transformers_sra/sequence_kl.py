@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .batching import _encode, id_batches, input_device, pad_id, sorted_batches
+from .judge import greedy_continuation
 from .prompts import format_chat
 
 REPLY_TOKENS = 32
@@ -62,11 +63,9 @@ def _greedy_replies(model: nn.Module, tokenizer, texts: Sequence[str], n_tokens:
     eos = tokenizer.eos_token_id
     out: list[list[int]] = [[] for _ in texts]
     for batch in sorted_batches(tokenizer, texts, batch_size, input_device(model)):
-        generated = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   max_new_tokens=n_tokens, do_sample=False, pad_token_id=pad_id(tokenizer),
-                                   temperature=None, top_p=None, top_k=None)
+        new = greedy_continuation(model, tokenizer, batch, n_tokens)
         for row, i in enumerate(batch.indices):
-            ids = generated[row, batch.input_ids.shape[1]:].tolist()
+            ids = new[row].tolist()
             out[i] = ids[: ids.index(eos) + 1] if eos in ids else ids  # the EOS is a prediction too
     return out
 
