@@ -41,7 +41,7 @@ from .judge import (
     first_token_logprobs,
     generate,
     greedy_continuation,
-    is_refusal,
+    is_shipped_judge,
     judge_accuracy,
     judge_name,
     labelled_replies,
@@ -196,7 +196,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
     as the full reply, and a refusing model's batches end early. Answers run to ``max_new_tokens``.
     """
     sets = sets or EvalSets.default()
-    stop_when = VerdictStop.refusal_settled if judge is None or judge is is_refusal or judge is classify else None
+    stop_when = VerdictStop.refusal_settled if is_shipped_judge(judge) else None
     batching = dict(batch_size=batch_size, system_prompt=system_prompt)
     classify_reply = resolve_classifier(judge)
     judged_harmless_set = sets.harmless[:judged_harmless]
@@ -434,8 +434,8 @@ def judge_summary(judge=None) -> dict:
     loops = judge_accuracy(judge, degenerate_labelled(), label="degenerate")
     degenerate = {"degenerate_precision": loops["precision"], "degenerate_recall": loops["recall"],
                   "degenerate_labelled": loops["n"]}
-    if judge is None or judge is is_refusal:
-        acc = judge_accuracy(is_refusal, labelled_replies()[1::2])
+    if is_shipped_judge(judge):
+        acc = judge_accuracy(classify, labelled_replies()[1::2])
         return {"name": judge_name(judge), "precision": acc["precision"], "recall": acc["recall"],
                 "labelled_replies": acc["n"], **degenerate}
     return {"name": judge_name(judge), **degenerate}

@@ -187,10 +187,15 @@ def is_refusal(text: str) -> bool:
 Classifier = Callable[[str], Outcome]
 
 
+def is_shipped_judge(judge) -> bool:
+    """True for ``None`` and the shipped phrase judge (`classify` or its wrapper `is_refusal`)."""
+    return judge is None or judge is is_refusal or judge is classify
+
+
 def resolve_classifier(judge: Union[None, str, Judge, Classifier] = None) -> Classifier:
     """`classify` for ``None``; otherwise degenerate replies first, then ``judge``'s refusal verdict (a judge that
     returns an `Outcome` or its name is used as it is)."""
-    if judge is None or judge is is_refusal or judge is classify:
+    if is_shipped_judge(judge):
         return classify
     verdict = resolve_judge(judge)
 
@@ -215,7 +220,7 @@ def resolve_judge(judge: Union[None, str, Judge] = None) -> Judge:
     if judge is None:
         return is_refusal
     if callable(judge):
-        if judge is is_refusal or judge is classify:
+        if is_shipped_judge(judge):
             return judge
 
         @functools.wraps(judge)
@@ -241,7 +246,7 @@ def resolve_judge(judge: Union[None, str, Judge] = None) -> Judge:
 
 def judge_name(judge: Union[None, str, Judge] = None) -> str:
     """How reports name a judge: the shipped phrase judge, a classifier's path, or a callable's name."""
-    if judge is None or judge is is_refusal or judge is classify:
+    if is_shipped_judge(judge):
         return "phrase judge (transformers_sra.judge.classify)"
     return judge if isinstance(judge, str) else getattr(judge, "__name__", type(judge).__name__)
 
