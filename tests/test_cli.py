@@ -404,3 +404,40 @@ def test_push_to_hub_uploads_the_finished_folder_and_an_offline_push_fails_in_on
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: could not push") and "local folder is unchanged" in err
     assert (out2 / "model.safetensors").is_file() and (out2 / "README.md").is_file()  # saved before the push
+
+
+THINKING_TEMPLATE = ("[BOS]{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}"
+                     "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and not enable_thinking %}"
+                     " think {% endif %}{% endif %}")
+
+
+def test_chat_and_evaluate_pass_chat_template_kwargs_to_the_template(tmp_path, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from transformers_sra import prompts
+
+    monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
+    path = _save_tiny(tmp_path / "tiny")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = THINKING_TEMPLATE
+    tok.save_pretrained(path)
+    rendered = []
+    real = prompts.format_messages
+    monkeypatch.setattr(prompts, "format_messages", lambda *a: rendered.append(real(*a)) or rendered[-1])
+    monkeypatch.setattr("transformers_sra.cli.chat.format_messages", prompts.format_messages)
+    kwargs = ["--chat-template-kwargs", '{"enable_thinking": false}']
+    chat = ["chat", str(path), "--prompt", "hi", "--max-new-tokens", "2", "--quiet"]
+    assert main(chat) == 0 and main(chat + kwargs) == 0, capsys.readouterr().err
+    assert [" think " in r for r in rendered] == [False, True]
+    # evaluate formats both models' prompts with them, and the base's cached numbers are kept apart by them
+    evaluate = ["evaluate", "--base", str(path), "--edited", str(path), "--limit", "1", "--max-new-tokens", "2", "--quiet",
+                "--output", str(tmp_path / "eval.json")]
+    rendered.clear()
+    assert main(evaluate + kwargs) == 0, capsys.readouterr().err
+    assert rendered and all(" think " in r for r in rendered)
+    assert main(evaluate) == 0
+    assert len(list((tmp_path / "cache" / "evaluations").iterdir())) == 2
+    capsys.readouterr()
+    assert main(chat + ["--chat-template-kwargs", "[1]"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--chat-template-kwargs must be a JSON object" in err

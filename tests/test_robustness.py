@@ -117,6 +117,30 @@ def test_inf_in_a_layer_is_reported_where_it_first_appears_with_the_prompt_and_a
     assert torch.isfinite(record_residuals(model, tok, prompts, layers=[0, 1, 2])).all()
 
 
+def test_a_nan_perplexity_is_reported_with_its_text_never_returned():
+    from transformers_sra.nll import answer_nll, token_nll
+
+    model, tok = make_tiny_model("qwen2"), make_tokenizer()
+    texts = ["how do i bake bread", "tell me about the history of rome please"]
+
+    def hook(_module, _args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        hidden[0, :, 3] = float("nan")  # every position of the batch's first row
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    before = token_nll(model, tok, texts, batch_size=1)
+    handle = model.model.layers[1].register_forward_hook(hook)
+    try:
+        with pytest.raises(NumericsError, match="log-likelihood of 'tell me about the history") as err:
+            token_nll(model, tok, texts, batch_size=1)
+        assert "--dtype float32" in str(err.value)
+        with pytest.raises(NumericsError, match="log-likelihood of 'tell me about"):
+            answer_nll(model, tok, [("tell me about rome", "it is old")], batch_size=1)
+    finally:
+        handle.remove()
+    assert token_nll(model, tok, texts, batch_size=1) == before
+
+
 def test_a_run_that_meets_inf_raises_numerics_error_and_leaves_the_model_as_it_was():
     model, tok = make_tiny_model("llama"), make_tokenizer()
     original = _weights(model)

@@ -59,7 +59,7 @@ from .metrics import (
     chunk_token_ids,
     clopper_pearson,
 )
-from .prompts import format_chat, load_corpus, load_prompts
+from .prompts import current_template_kwargs, format_chat, load_corpus, load_prompts
 from .sequence_kl import REPLY_TOKENS, ReplyDistribution, base_reply_distribution, multi_token_kl
 
 Progress = Callable[[str, int, int], None]
@@ -395,13 +395,15 @@ def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = No
                       **kwargs) -> Evaluation:
     """`evaluate_model` of the unedited model, each step (replies, log-probabilities, NLLs of one set) read from
     ``cache_dir`` when this model measured that set before: a folder per model fingerprint, judge, reply length,
-    system prompt and version, a file per step and set hash (default ``~/.cache/transformers_sra/evaluations``).
+    system prompt, chat-template arguments and version, a file per step and set hash (default
+    ``~/.cache/transformers_sra/evaluations``).
     `sra ablate` and `sra evaluate` share it; a custom judge callable is never cached."""
     sets = sets or EvalSets.default()
     if judge is not None and not isinstance(judge, str):
         return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
     key = hashlib.sha256(json.dumps([model_fingerprint(model), judge, max_new_tokens, kwargs.get("system_prompt"),
-                                     __version__]).encode()).hexdigest()[:32]
+                                     __version__] + ([current_template_kwargs()] if current_template_kwargs() else []),
+                                    sort_keys=True, default=str).encode()).hexdigest()[:32]
     folder = Path(cache_dir or default_cache_dir() / "evaluations") / key
     return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, cache_dir=folder, **kwargs)
 

@@ -8,14 +8,15 @@ The low-level numbers behind perplexity; the search, mining and the metrics all 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ._torch_utils import adds_special_tokens
-from .batching import id_batches, input_device, pad_id
+from .batching import NUMERICS_HINT, id_batches, input_device, pad_id
 from .distributed import gather, shard
+from .errors import NumericsError
 from .prompts import format_chat
 
 
@@ -35,13 +36,17 @@ def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: 
     def scored(batch) -> torch.Tensor:
         return batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
 
-    return _summed_nll(model, id_batches(chunk_token_ids(tokenizer, texts, max_length), batch_size,
-                                         input_device(model), pad_id(tokenizer)), scored)
+    chunks = chunk_token_ids(tokenizer, texts, max_length)
+    return _summed_nll(model, id_batches(chunks, batch_size, input_device(model), pad_id(tokenizer)), scored,
+                       lambda i: tokenizer.decode(chunks[i][:24]))
 
 
 @torch.no_grad()
-def _summed_nll(model: nn.Module, batches, scored) -> tuple[float, int]:
+def _summed_nll(model: nn.Module, batches, scored, describe: Callable[[int], str]) -> tuple[float, int]:
     """Next-token NLL summed over the positions ``scored(batch)`` marks (target j predicts token j + 1).
+
+    A NaN or Inf NLL raises `NumericsError` naming the text (``describe(row index)``): a NaN perplexity never
+    reaches a budget check or a report.
 
     Under `torch.distributed` each rank runs its share of the batches; the per-batch sums are gathered and
     added in batch order, so the total is the same float whatever the number of ranks.
@@ -52,8 +57,12 @@ def _summed_nll(model: nn.Module, batches, scored) -> tuple[float, int]:
         targets = batch.input_ids[:, 1:].to(logits.device)
         keep = scored(batch).to(logits.device)
         # Row by row: a batch's full-vocabulary log-softmax (and a transposed copy) would double the logits' memory.
-        total = sum(float(torch.nn.functional.cross_entropy(logits[row], targets[row], reduction="none")[keep[row]].sum())
-                    for row in range(len(logits)))
+        total = 0.0
+        for row, i in enumerate(batch.indices):
+            nll = torch.nn.functional.cross_entropy(logits[row], targets[row], reduction="none")[keep[row]].sum()
+            if not bool(torch.isfinite(nll)):
+                raise NumericsError(f"NaN or Inf in the next-token log-likelihood of {describe(i)[:80]!r}; {NUMERICS_HINT}")
+            total += float(nll)
         parts[k] = torch.tensor([[total, int(keep.sum())]], dtype=torch.float64)
     total, count = 0.0, 0
     for part in gather(parts).values():
@@ -84,4 +93,5 @@ def answer_nll(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *,
         starts = torch.tensor([width - answer_lengths[i] for i in batch.indices], device=batch.input_ids.device)
         return torch.arange(1, width, device=starts.device)[None, :] >= starts[:, None]
 
-    return _summed_nll(model, id_batches(rows, batch_size, input_device(model), pad_id(tokenizer)), scored)
+    return _summed_nll(model, id_batches(rows, batch_size, input_device(model), pad_id(tokenizer)), scored,
+                       lambda i: pairs[i][0])

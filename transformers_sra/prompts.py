@@ -172,6 +172,24 @@ def chat_template_kwargs(kwargs: Mapping[str, Any]) -> Iterator[None]:
         _TEMPLATE_KWARGS.reset(token)
 
 
+def current_template_kwargs() -> dict:
+    """The template arguments `chat_template_kwargs` set for this block (a cache key must include them)."""
+    return dict(_TEMPLATE_KWARGS.get())
+
+
+def format_messages(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:
+    """A whole conversation through the chat template, generation prompt added, with the `chat_template_kwargs`
+    in force; without a template (a base model), the last turn as plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return messages[-1]["content"]
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
+                                             **_TEMPLATE_KWARGS.get())
+    except Exception as err:  # jinja raises its own types, and templates raise on purpose (no system role...)
+        raise ConfigError(f"the chat template rejected a prompt ({type(err).__name__}: {err}); check "
+                          "system_prompt and chat_template_kwargs") from None
+
+
 def format_chat(tokenizer, prompts: Sequence[str], system_prompt: str | None = None) -> list[str]:
     """Wrap each prompt as a user turn with the tokenizer's chat template (generation prompt added).
 
@@ -183,18 +201,8 @@ def format_chat(tokenizer, prompts: Sequence[str], system_prompt: str | None = N
         warnings.warn(f"{type(tokenizer).__name__} has no chat template: prompts are used as plain text "
                       "(system prompt, blank line, prompt); set tokenizer.chat_template for an instruct model")
         return [p if system_prompt is None else f"{system_prompt}\n\n{p}" for p in prompts]
-    extra = _TEMPLATE_KWARGS.get()
-    out = []
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt}]
-        if system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        try:
-            out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra))
-        except Exception as err:  # jinja raises its own types, and templates raise on purpose (no system role...)
-            raise ConfigError(f"the chat template rejected a prompt ({type(err).__name__}: {err}); check "
-                              "system_prompt and chat_template_kwargs") from None
-    return out
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [format_messages(tokenizer, system + [{"role": "user", "content": prompt}]) for prompt in prompts]
 
 
 def truncate_prompts(tokenizer, prompts: Sequence[str], max_tokens: int) -> list[str]:

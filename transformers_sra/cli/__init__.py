@@ -27,7 +27,16 @@ from tqdm.auto import tqdm
 from ..distributed import init_distributed, is_main_process, world
 from ..errors import ConfigError, SRAError
 from ..progress import logger, show_progress
-from .args import AblateArguments, ArgumentParser, LoadArguments, ModelArguments, RunArguments, add_subcommand, config_arguments
+from .args import (
+    AblateArguments,
+    ArgumentParser,
+    LoadArguments,
+    ModelArguments,
+    RunArguments,
+    TemplateArguments,
+    add_subcommand,
+    config_arguments,
+)
 from .audit import AuditArguments
 from .bake import BakeArguments
 from .chat import ChatArguments
@@ -39,13 +48,13 @@ _COMMANDS = {
                [AblateArguments, ModelArguments, LoadArguments, RunArguments],
                "sra ablate [--model ID_OR_DIR] --output DIR [--config FILE] [--SRAConfig-field VALUE ...]"),
     "evaluate": ("score an edited model against its base: refusal, over-refusal, KL, perplexity",
-                 [EvaluateArguments, LoadArguments, RunArguments],
+                 [EvaluateArguments, TemplateArguments, LoadArguments, RunArguments],
                  "sra evaluate --base ID_OR_DIR --edited ID_OR_DIR [--output FILE] [--limit N]"),
     "audit": ("atom orthogonality and the per-layer sweep, with figures; no edit",
               [AuditArguments, ModelArguments, LoadArguments, RunArguments],
               "sra audit [--model ID_OR_DIR] [--output DIR] [--no-sweep] [--SRAConfig-field VALUE ...]"),
     "chat": ("try a model by hand, streaming; --compare shows the base model's reply too",
-             [ChatArguments, LoadArguments, RunArguments],
+             [ChatArguments, TemplateArguments, LoadArguments, RunArguments],
              "sra chat ID_OR_DIR [--compare BASE] [--prompt TEXT ...]"),
     "export-adapter": ("write an sra ablate folder's edit as a PEFT LoRA adapter (a few MB; switch off or scale it)",
                        [ExportAdapterArguments, LoadArguments, RunArguments],

@@ -82,6 +82,24 @@ class LoadArguments:
 
 
 @dataclass
+class TemplateArguments:
+    _argument_group_name = "chat template"
+    chat_template_kwargs: Optional[str] = _arg(
+        None, 'Extra chat-template arguments as a JSON object, e.g. \'{"enable_thinking": false}\' for Qwen3.', metavar="JSON")
+
+
+def template_kwargs(namespace: argparse.Namespace) -> dict:
+    """The ``--chat-template-kwargs`` JSON object of a command ({} when not given)."""
+    text = getattr(namespace, "chat_template_kwargs", None)
+    if text is None:
+        return {}
+    value = _json(text, "--chat-template-kwargs")
+    if not isinstance(value, dict):
+        raise ConfigError(f"--chat-template-kwargs must be a JSON object such as '{{\"enable_thinking\": false}}', got {text}")
+    return value
+
+
+@dataclass
 class AblateArguments:
     _argument_group_name = "ablate"
     output: str = field(metadata={"help": "Folder for the ablated checkpoint, sra_config.json and the report "

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from threading import Thread
 from typing import Iterator, Optional
 
+from ..prompts import chat_template_kwargs, format_messages
 from . import summary
+from .args import template_kwargs
 from .loading import load_model
 
 
@@ -35,10 +37,7 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) ->
 
     from ..batching import input_device
 
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # a base model without a template: the last turn as plain text, as format_chat does
-        text = messages[-1]["content"]
+    text = format_messages(tokenizer, messages)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(input_device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -68,6 +67,11 @@ def _turns(args: argparse.Namespace) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    with chat_template_kwargs(template_kwargs(args)):
+        return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
     load = dict(dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code)
     chats = {}
     if args.compare:

@@ -17,7 +17,9 @@ from typing import Optional
 from ..distributed import is_main_process
 from ..errors import ConfigError
 from ..progress import stage, step_logger
+from ..prompts import chat_template_kwargs
 from . import summary
+from .args import template_kwargs
 from .loading import load_model
 
 
@@ -71,6 +73,11 @@ def _value(key: str, metrics: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    with chat_template_kwargs(template_kwargs(args)):  # both models' prompts, and the base cache's key
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from ..evaluation import EvalSets, cached_evaluation, evaluate_model, judge_summary
 
     if args.limit is not None and args.limit < 1:
