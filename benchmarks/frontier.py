@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -66,9 +67,14 @@ def main() -> None:
     parser.add_argument("--mining", type=int, default=2, help="judged mining passes for the rank-k curve")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="where the model runs (fp32 everywhere; TF32 off on CUDA)")
     args = parser.parse_args()
     out = Path(args.out)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     model, tok = load(args.model)
+    model.to(args.device)
+    machine = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
+               "torch": torch.__version__, "dtype": "float32"}
     full = EvalSets.default(limit=args.limit)
     curve_sets = dataclasses.replace(full, over_refusal=[], math=[], code=[])
     measure = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
@@ -87,7 +93,7 @@ def main() -> None:
               f"ΔPPL {m.get('perplexity_change', 0):+.2%}", flush=True)
         record_ = results_record(evaluations, full, command="python benchmarks/frontier.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if v is not None and k != "out"))
+            for k, v in vars(args).items() if v is not None and k != "out"), extra={"machine": machine})
         for row, extra_ in zip(record_["rows"], rows):
             row.update(extra_)
         write_results(out / "frontier_points.json", {**record_, "columns": COLUMNS})

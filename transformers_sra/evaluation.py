@@ -465,9 +465,12 @@ def evaluate_edit(model: nn.Module, tokenizer, report, base: Evaluation, sets: O
 
 # -- the one results file every published number comes from ----------------------------------------------------
 def git_commit() -> str:
-    """The commit of the checkout this package runs from, recorded with every results file ("unknown" outside git)."""
+    """The commit of the checkout this package runs from, recorded with every results file; ``SRA_COMMIT`` names
+    it for a copy without its .git (a tree copied to another machine), else "unknown" outside git."""
     import subprocess
 
+    if os.environ.get("SRA_COMMIT"):
+        return os.environ["SRA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"

@@ -1,0 +1,129 @@
+"""Choosing on validation: the judged refusal of many candidate edits, to see what the search's knobs can buy.
+
+The pipeline's search scores candidates by a first-token refusal score. This benchmark asks the question that
+score stands in for: on the *validation* split, which edit leaves the fewest judged refusals in 128-token replies
+within the budgets? Candidates are the search's own space made wider: every default candidate layer, the
+difference of means with and without projection onto the harmless mean (``projected``), the default tent profile
+scaled from 0.8× to 1.6×, and three attention/MLP splits. Each is applied with hooks (`ablate_activations`,
+numerically the bake). A cheap pass (`Validation.measure`: refusal score, first-token KL) screens them; those within
+``--screen-kl`` get the full evaluation through the one evaluation path (`evaluate_model` on ``harmful_val``,
+``harmless_val`` and the budget passages of ``general_val``). Test splits are never read::
+
+    python benchmarks/validation_sweep.py --device cuda --batch-size 256      # minutes on a GPU, hours on 2 cores
+    python benchmarks/validation_sweep.py --model tiny --limit 4              # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from transformers_sra import SRAConfig, load_demo_model
+from transformers_sra.atoms import AtomRegistry
+from transformers_sra.editing import ablate_activations
+from transformers_sra.evaluation import EvalSets, evaluate_model, results_record, write_results
+from transformers_sra.inputs import resolve_inputs
+from transformers_sra.model_directions import build_directions
+from transformers_sra.profile import StrengthProfile
+from transformers_sra.search import Validation, default_profiles
+
+SCALES = (0.8, 1.0, 1.2, 1.4, 1.6)
+SPLITS = ((1.0, 1.0), (1.0, 0.5), (0.5, 1.0))  # (attention-out, MLP-down) factors
+
+
+def load(name: str):
+    if name != "tiny":
+        return load_demo_model(dtype=torch.float32)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_tiny_model, make_tokenizer
+
+    return make_tiny_model("qwen2"), make_tokenizer()
+
+
+def profile(scale: float, attn: float, mlp: float) -> StrengthProfile:
+    tent = default_profiles()[0]
+    return dataclasses.replace(tent, peak=min(tent.peak * scale, 2.0), floor=tent.floor * scale, attn=attn, mlp=mlp)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--model", default="demo", help="'demo' or 'tiny' (a random test model, for a smoke run)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--limit", type=int, default=None, help="first N prompts of each validation set")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--screen-kl", type=float, default=0.065, help="full evaluation only below this first-token KL")
+    parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop judging after this long")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model, tok = load(args.model)
+    model.to(args.device)
+    machine = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
+               "torch": torch.__version__, "dtype": "float32"}
+    config = SRAConfig()
+    if args.model == "tiny":
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from test_pipeline_cli import SMALL
+
+        config = SRAConfig(**{**SMALL, "fluency_rank": 2})
+    rank = config.fluency_ranks[0] if config.fluency_rank == "auto" else config.fluency_rank
+    inputs = resolve_inputs(model, config, AtomRegistry.default(), tok)
+    cut = (lambda xs: xs[: args.limit]) if args.limit else (lambda xs: xs)
+    sets = EvalSets(harmful=cut(inputs.prompts("harmful_val")), harmless=cut(inputs.prompts("harmless_val")),
+                    over_refusal=[], text=cut(inputs.budget_text), math=[], code=[])
+    batching = dict(batch_size=args.batch_size, system_prompt=config.system_prompt)
+    extract = dict(layers=inputs.layers, positions=config.positions, **batching)
+    directions = {}
+    for projected in (False, True):
+        dirs, _ = build_directions(model, tok, inputs, dataclasses.replace(config, projected=projected), extract, [rank])
+        directions.update({(layer, projected): dirs.clean(layer, rank) for layer in inputs.layers})
+    val = Validation.measure_base(model, tok, sets.harmful, sets.harmless, sets.text, **batching)
+    measure = dict(batch_size=args.batch_size, judged_harmless=0)
+    evaluations = {"base": evaluate_model(model, tok, sets, **measure)}
+    rows = [{"name": "base", "seconds": round(time.perf_counter() - start, 1)}]
+    screened = []
+    for (layer, projected), scale, (attn, mlp) in itertools.product(directions, SCALES, SPLITS):
+        p = profile(scale, attn, mlp)
+        with ablate_activations(model, directions[(layer, projected)], p):
+            row = val.measure(model, tok, text_if=lambda r: False)
+        screened.append({"layer": layer, "projected": projected, "scale": scale, "attn": attn, "mlp": mlp, **row})
+    screened.sort(key=lambda r: r["refusal_score"])
+    (Path(args.out)).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "validation_screen.json").write_text(json.dumps(screened, indent=1))
+    print(f"screened {len(screened)} candidates in {time.perf_counter() - start:.0f} s", flush=True)
+    for cand in (r for r in screened if r["kl"] <= args.screen_kl):
+        if time.perf_counter() - start > args.max_seconds:
+            break
+        name = (f"L{cand['layer']}{' proj' if cand['projected'] else ''} x{cand['scale']} "
+                f"attn{cand['attn']} mlp{cand['mlp']}")
+        t0 = time.perf_counter()
+        with ablate_activations(model, directions[(cand["layer"], cand["projected"])],
+                                profile(cand["scale"], cand["attn"], cand["mlp"])):
+            evaluations[name] = evaluate_model(model, tok, sets, base=evaluations["base"], **measure)
+        rows.append({"name": name, **cand, "seconds": round(time.perf_counter() - t0, 1)})
+        m = evaluations[name].metrics
+        print(f"{name:34s} refused {m['refusal_rate']:.1%} degenerate {m['degenerate_rate']:.1%}  "
+              f"KL {m['first_token_kl']:.4f}  KL32 {m['multi_token_kl']:.4f}  ΔPPL {m['perplexity_change']:+.2%}",
+              flush=True)
+        record = results_record(evaluations, sets, command="python benchmarks/validation_sweep.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+            extra={"machine": machine, "split": "validation"})
+        for r, extra in zip(record["rows"], rows):
+            r.update(extra)
+        write_results(Path(args.out) / "validation_sweep.json", record)
+
+
+if __name__ == "__main__":
+    main()
