@@ -8,19 +8,28 @@ Prints, and writes to ``benchmarks/results/speed-<model>.json`` with the git com
 * padding waste of the batches extraction and scoring run (share of token slots that are padding); target ≤ 10%;
 * one search candidate (hook ablation + `Validation.measure`) against the same passes without hooks; target ≤ 1.1×;
 * peak RSS of a child process that runs the pipeline's steps (extraction, base scoring, one candidate, one bake)
-  against the model's in-memory size; target ≤ 1.3× size + 1 GiB;
+  against the model's in-memory size; target ≤ 1.3× size + 1 GiB (``--device cuda``: the child's peak
+  ``torch.cuda.max_memory_allocated()`` instead, against the same budget);
 * extraction time against prompt count and against depth (the deepest recorded layer), with a line fit.
 
 Timings are CPU seconds of the benchmark process at one thread (wall time on a shared machine mostly measures the
-other processes); the compared functions alternate round by round and each keeps its best round::
+other processes); the compared functions alternate round by round and each keeps its best round. With
+``--device cuda`` the model runs on the GPU and timings are wall seconds between two ``torch.cuda.synchronize()``
+calls (CPU time would miss the GPU's work); the JSON is then ``speed-<model>-cuda.json``.
+
+``--model`` is ``demo``, a Hub id, or a folder. A folder that holds only ``config.json`` and the tokenizer files (no
+weights) gets a model built from the config with random weights (speed does not depend on weight values); the
+output and the JSON say "random weights"::
 
     python benchmarks/speed.py                                   # the demo model (0.5B), 1 thread
     python benchmarks/speed.py --model ~/.cache/transformers_sra/qwen2.5-coder-1.5b-instruct
+    python benchmarks/speed.py --device cuda --model path/to/config-and-tokenizer-folder
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -43,28 +52,52 @@ from transformers_sra.prompts import format_chat
 from transformers_sra.search import Validation, default_candidates
 
 GIB = 1 << 30
+RANDOM_WEIGHTS = "random weights"
+# files that hold a checkpoint's weights; a folder with none of them is a config (and tokenizer) only
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.msgpack", "*.h5", "*.safetensors.index.json")
 
 
-def load(name: str):
+def has_weights(folder: Path) -> bool:
+    return any(next(folder.glob(pattern), None) is not None for pattern in WEIGHT_FILES)
+
+
+def load(name: str, device: str = "cpu"):
+    """``(model, tokenizer, weights)`` in fp32 on ``device``; ``weights`` is "checkpoint" or `RANDOM_WEIGHTS` (a
+    folder without weight files: the model is built from its config.json, seeded, random)."""
     if name == "demo":
         from transformers_sra import load_demo_model
 
-        return load_demo_model(dtype=torch.float32)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        model, tok = load_demo_model(dtype=torch.float32)
+        return model.to(device).eval(), tok, "checkpoint"
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
+    folder = Path(name).expanduser()
+    tok = AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name)
+    if folder.is_dir() and not has_weights(folder):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=torch.float32)
+        return model.to(device).eval(), tok, RANDOM_WEIGHTS
+    model = AutoModelForCausalLM.from_pretrained(str(folder) if folder.is_dir() else name, dtype=torch.float32)
+    return model.to(device).eval(), tok, "checkpoint"
 
 
-def best_of(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Each function's fastest round in CPU seconds of this process (one thread: what other processes on a shared
-    machine take from wall time is not counted); the functions alternate within every round."""
+def best_of(fns: dict[str, Callable[[], object]], rounds: int, device: str = "cpu") -> dict[str, float]:
+    """Each function's fastest round; the functions alternate within every round. On the CPU in CPU seconds of this
+    process (one thread: what other processes on a shared machine take from wall time is not counted); on CUDA in
+    wall seconds between two ``torch.cuda.synchronize()`` (the GPU's work is not CPU time of this process)."""
+    cuda = device == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.process_time()
+            if cuda:
+                torch.cuda.synchronize()
+            start = clock()
             with torch.no_grad():
                 fn()
-            best[name] = min(best[name], time.process_time() - start)
+            if cuda:
+                torch.cuda.synchronize()
+            best[name] = min(best[name], clock() - start)
     return best
 
 
@@ -107,9 +140,10 @@ def peak_rss() -> int:
 
 
 def rss_child(args) -> None:
-    """The pipeline's memory-heavy steps in this process; prints its peak RSS as JSON."""
+    """The pipeline's memory-heavy steps in this process; prints its peak RSS (and on CUDA its peak
+    ``torch.cuda.max_memory_allocated()``, the model's weights included) as JSON."""
     torch.set_num_threads(1)
-    model, tok = load(args.model)
+    model, tok, _ = load(args.model, args.device)
     n_layers = len(decoder_layers(model))
     layers = default_candidates(n_layers)
     harmful, harmless = load_prompts("harmful_train")[: args.prompts], load_prompts("harmless_train")[: args.prompts]
@@ -121,12 +155,19 @@ def rss_child(args) -> None:
     with ablate_activations(model, direction, StrengthProfile(peak=1.2, floor=0.2, center=0.6, width=0.4)):
         val.measure(model, tok)
     bake_direction(model, direction).undo()
-    print(json.dumps({"peak_rss": peak_rss(), "model_bytes": model_bytes(model)}))
+    peaks = {"peak_rss": peak_rss(), "model_bytes": model_bytes(model)}
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        peaks["peak_cuda_allocated"] = torch.cuda.max_memory_allocated()
+    print(json.dumps(peaks))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo", help="'demo' or a model folder")
+    parser.add_argument("--model", default="demo", help="'demo', a Hub id, or a model folder (a folder with only "
+                        "config.json and tokenizer files: random weights)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="run the model on the CPU (CPU seconds) or on the GPU (synchronized wall seconds)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per extraction (half harmful, half harmless)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
@@ -134,11 +175,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU")
     if args.rss_child:
         return rss_child(args)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    model, tok = load(args.model)
+    model, tok, weights = load(args.model, args.device)
     n_layers = len(decoder_layers(model))
     layers = default_candidates(n_layers)
     prompts = load_prompts("harmful_train")[: args.prompts // 2] + load_prompts("harmless_train")[: args.prompts // 2]
@@ -147,16 +190,22 @@ def main() -> None:
     decoder = model.get_decoder()
     with torch.no_grad():  # one-time costs (allocator, kernels) out of the first timed call
         model(**batches[-1].model_inputs(model), use_cache=False)
-    result = {"model": args.model, "parameters": sum(p.numel() for p in model.parameters()), "layers": n_layers,
+    cuda = args.device == "cuda"
+    result = {"model": args.model, "weights": weights, "random_weights": weights == RANDOM_WEIGHTS,
+              "parameters": sum(p.numel() for p in model.parameters()), "layers": n_layers, "dtype": "float32",
+              "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "clock": "wall seconds between torch.cuda.synchronize() calls" if cuda else "CPU seconds of this process",
               "threads": args.threads, "prompts": len(prompts), "batch_size": args.batch_size,
               "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)), "torch": torch.__version__}
+    if cuda:
+        result["cuda"] = torch.version.cuda
 
     # -- extraction against bare forwards over the same batches ---------------------------------------------------
     t = best_of({
         "extraction": lambda: record_residuals(model, tok, prompts, layers=layers, batch_size=args.batch_size),
         "bare decoder forward": lambda: [decoder(**b.model_inputs(decoder), use_cache=False) for b in batches],
         "full model forward": lambda: [model(**b.model_inputs(model), use_cache=False) for b in batches],
-    }, args.rounds)
+    }, args.rounds, args.device)
     result["extraction"] = {"seconds": {k: round(v, 3) for k, v in t.items()}, "deepest_layer": max(layers),
                             "vs_bare_decoder": round(t["extraction"] / t["bare decoder forward"], 3),
                             "vs_full_model": round(t["extraction"] / t["full model forward"], 3),
@@ -180,7 +229,7 @@ def main() -> None:
         with ablate_activations(model, direction, profile):
             val.measure(model, tok)
 
-    t = best_of({"candidate": candidate, "unhooked passes": lambda: val.measure(model, tok)}, args.rounds)
+    t = best_of({"candidate": candidate, "unhooked passes": lambda: val.measure(model, tok)}, args.rounds, args.device)
     result["search_candidate"] = {"seconds": {k: round(v, 3) for k, v in t.items()},
                                   "ratio": round(t["candidate"] / t["unhooked passes"], 3), "target": 1.1,
                                   "passes": {"harmful": n_val, "harmless": n_val, "text passages": 4}}
@@ -189,23 +238,41 @@ def main() -> None:
     counts = [max(2, args.prompts // 4), max(4, args.prompts // 2), args.prompts, 2 * args.prompts]
     pool = load_prompts("harmful_train") + load_prompts("harmless_train")
     by_count = [best_of({"x": lambda n=n: record_residuals(model, tok, pool[::2][:n], layers=layers,
-                                                           batch_size=args.batch_size)}, 1)["x"] for n in counts]
+                                                           batch_size=args.batch_size)}, 1, args.device)["x"]
+                for n in counts]
     depths = sorted({max(1, n_layers * k // 4) for k in (1, 2, 3, 4)})
     by_depth = [best_of({"x": lambda d=d: record_residuals(model, tok, prompts, layers=[d - 1],
-                                                           batch_size=args.batch_size)}, 1)["x"] for d in depths]
+                                                           batch_size=args.batch_size)}, 1, args.device)["x"]
+                for d in depths]
     result["growth"] = {"prompts": counts, "seconds_by_prompts": [round(x, 3) for x in by_count],
                         "fit_prompts": line_fit(counts, by_count),
                         "depth": depths, "seconds_by_depth": [round(x, 3) for x in by_depth],
                         "fit_depth": line_fit(depths, by_depth)}
-    model = decoder = batches = None  # free them; the names stay bound for the timed lambdas above
+    model = decoder = batches = val = None  # free them; the names stay bound for the timed lambdas above
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()  # the child gets the GPU's memory
 
-    # -- peak RSS of the pipeline's steps, in a fresh process -------------------------------------------------------
+    # -- peak memory of the pipeline's steps, in a fresh process ----------------------------------------------------
     child = subprocess.run([sys.executable, __file__, "--rss-child", "--model", args.model, "--prompts", str(args.prompts),
-                            "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
-    rss = json.loads(child.stdout.strip().splitlines()[-1])
-    budget = 1.3 * rss["model_bytes"] + GIB
-    result["peak_rss"] = {"peak_rss_gib": round(rss["peak_rss"] / GIB, 3), "model_gib": round(rss["model_bytes"] / GIB, 3),
-                          "budget_gib": round(budget / GIB, 3), "ratio_to_budget": round(rss["peak_rss"] / budget, 3)}
+                            "--batch-size", str(args.batch_size), "--device", args.device],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        sys.exit(f"the memory child failed ({child.returncode}):\n{child.stderr[-4000:]}")
+    peaks = json.loads(child.stdout.strip().splitlines()[-1])
+    budget = 1.3 * peaks["model_bytes"] + GIB
+    if cuda:
+        result["peak_cuda_memory"] = {
+            "measure": "torch.cuda.max_memory_allocated() of a fresh process (model weights included) against the "
+                       "model's size; replaces peak RSS on CUDA",
+            "peak_allocated_gib": round(peaks["peak_cuda_allocated"] / GIB, 3),
+            "model_gib": round(peaks["model_bytes"] / GIB, 3), "budget_gib": round(budget / GIB, 3),
+            "ratio_to_budget": round(peaks["peak_cuda_allocated"] / budget, 3),
+            "host_peak_rss_gib": round(peaks["peak_rss"] / GIB, 3)}
+    else:
+        result["peak_rss"] = {"peak_rss_gib": round(peaks["peak_rss"] / GIB, 3),
+                              "model_gib": round(peaks["model_bytes"] / GIB, 3),
+                              "budget_gib": round(budget / GIB, 3), "ratio_to_budget": round(peaks["peak_rss"] / budget, 3)}
 
     result["load_average"] = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     result["commit"] = git_commit()
@@ -213,23 +280,33 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "demo" if args.model == "demo" else Path(args.model).name
-    (out / f"speed-{name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    (out / f"speed-{name}{'-cuda' if cuda else ''}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
 
 
 def report(r: dict) -> str:
-    e, c, g, m = r["extraction"], r["search_candidate"], r["growth"], r["peak_rss"]
+    e, c, g = r["extraction"], r["search_candidate"], r["growth"]
     pad = max(v["sorted, shared prefix cached"] for k, v in r["padding_waste"].items() if k != "target")
     ok = lambda x, target: "ok" if x <= target else "MISSED"  # noqa: E731
-    lines = [f"{r['model']}: {r['parameters'] / 1e9:.2f}B parameters, {r['layers']} layers, {r['prompts']} prompts "
+    if "peak_cuda_memory" in r:
+        m = r["peak_cuda_memory"]
+        memory = (f"  peak CUDA memory (torch.cuda.max_memory_allocated) {m['peak_allocated_gib']:.2f} GiB / "
+                  f"(1.3 × {m['model_gib']:.2f} GiB + 1 GiB) = {m['ratio_to_budget']:.3f}  (target ≤ 1)  "
+                  f"{ok(m['ratio_to_budget'], 1.0)}")
+    else:
+        m = r["peak_rss"]
+        memory = (f"  peak RSS {m['peak_rss_gib']:.2f} GiB / (1.3 × {m['model_gib']:.2f} GiB + 1 GiB) = "
+                  f"{m['ratio_to_budget']:.3f}  (target ≤ 1)  {ok(m['ratio_to_budget'], 1.0)}")
+    weights = f" ({r['weights']})" if r.get("random_weights") else ""
+    lines = [f"{r['model']}{weights}: {r['parameters'] / 1e9:.2f}B parameters, {r['layers']} layers, {r['prompts']} prompts "
              f"({r['tokens']} tokens), batch {r['batch_size']}, {r['threads']} thread(s); load {r['load_average']}",
+             f"  on {r.get('device', 'cpu')}, {r.get('dtype', 'float32')}; times in {r.get('clock', 'CPU seconds')}",
              f"  extraction {e['seconds']['extraction']:.2f} s | bare decoder {e['seconds']['bare decoder forward']:.2f} s | "
              f"full model {e['seconds']['full model forward']:.2f} s",
              f"  extraction / bare decoder  {e['vs_bare_decoder']:.3f}  (target ≤ 1.05)  {ok(e['vs_bare_decoder'], 1.05)}",
              f"  extraction / full model    {e['vs_full_model']:.3f}  (target ≤ 0.8)   {ok(e['vs_full_model'], 0.8)}",
              f"  padding waste (worst set)  {pad:.3f}  (target ≤ 0.10)  {ok(pad, 0.10)}",
              f"  search candidate / passes  {c['ratio']:.3f}  (target ≤ 1.1)   {ok(c['ratio'], 1.1)}",
-             f"  peak RSS {m['peak_rss_gib']:.2f} GiB / (1.3 × {m['model_gib']:.2f} GiB + 1 GiB) = {m['ratio_to_budget']:.3f}"
-             f"  (target ≤ 1)  {ok(m['ratio_to_budget'], 1.0)}",
+             memory,
              f"  time vs prompts {g['prompts']}: {g['seconds_by_prompts']} s, line fit R² {g['fit_prompts']['r2']}",
              f"  time vs depth {g['depth']}: {g['seconds_by_depth']} s, line fit R² {g['fit_depth']['r2']}"]
     return "\n".join(lines)
