@@ -7,9 +7,13 @@ difference of means with and without projection onto the harmless mean (``projec
 scaled from 0.8× to 1.6×, and three attention/MLP splits. Each is applied with hooks (`ablate_activations`,
 numerically the bake). A cheap pass (`Validation.measure`: refusal score, first-token KL) screens them; those within
 ``--screen-kl`` get the full evaluation through the one evaluation path (`evaluate_model` on ``harmful_val``,
-``harmless_val`` and the budget passages of ``general_val``). Test splits are never read::
+``harmless_val`` and the budget passages of ``general_val``). With ``--rank2 γ…``, the default edit (the search's
+first profile at ``--layers[0]``) is baked, the harmful training prompts it still refuses in judged 32-token replies
+give a second direction (`mining.next_direction`: against the answered ones and against the harmless set, cleaned
+and orthogonal to the first), and each is evaluated on top at the tent scaled by each γ. Test splits are never read::
 
     python benchmarks/validation_sweep.py --device cuda --batch-size 256      # minutes on a GPU, hours on 2 cores
+    python benchmarks/validation_sweep.py --layers 14 --scales 1.0 1.1 1.25 --splits 1,1 --no-projected --rank2 0.5 1
     python benchmarks/validation_sweep.py --model tiny --limit 4              # a smoke run
 """
 
@@ -27,9 +31,12 @@ import torch
 
 from transformers_sra import SRAConfig, load_demo_model
 from transformers_sra.atoms import AtomRegistry
-from transformers_sra.editing import ablate_activations
+from transformers_sra.config import Budgets
+from transformers_sra.editing import BakeStack, ablate_activations
 from transformers_sra.evaluation import EvalSets, evaluate_model, results_record, write_results
 from transformers_sra.inputs import resolve_inputs
+from transformers_sra.judge import Outcome
+from transformers_sra.mining import MiningSetup, judge_replies, next_direction
 from transformers_sra.model_directions import build_directions
 from transformers_sra.profile import StrengthProfile
 from transformers_sra.search import Validation, default_profiles
@@ -63,7 +70,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--screen-kl", type=float, default=0.065, help="full evaluation only below this first-token KL")
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop judging after this long")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="direction layers (default: the search's)")
+    parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
+    parser.add_argument("--splits", nargs="+", default=[f"{a},{m}" for a, m in SPLITS], help="attn,mlp factor pairs")
+    parser.add_argument("--no-projected", action="store_true", help="only the unprojected difference of means")
+    parser.add_argument("--rank2", type=float, nargs="*", default=[], help="strengths of a mined second direction")
     args = parser.parse_args()
+    splits = [tuple(float(x) for x in s.split(",")) for s in args.splits]
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, list) else str(v)))
+             for k, v in vars(args).items() if v not in (None, False, []) and k != "out" and v != float("inf")]
+    command = "python benchmarks/validation_sweep.py " + " ".join(flags)
     start = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model, tok = load(args.model)
@@ -79,22 +95,25 @@ def main() -> None:
 
         config = SRAConfig(**{**SMALL, "fluency_rank": 2})
     rank = config.fluency_ranks[0] if config.fluency_rank == "auto" else config.fluency_rank
+    if args.layers:
+        config = dataclasses.replace(config, candidate_layers=args.layers)
     inputs = resolve_inputs(model, config, AtomRegistry.default(), tok)
     cut = (lambda xs: xs[: args.limit]) if args.limit else (lambda xs: xs)
     sets = EvalSets(harmful=cut(inputs.prompts("harmful_val")), harmless=cut(inputs.prompts("harmless_val")),
                     over_refusal=[], text=cut(inputs.budget_text), math=[], code=[])
     batching = dict(batch_size=args.batch_size, system_prompt=config.system_prompt)
     extract = dict(layers=inputs.layers, positions=config.positions, **batching)
-    directions = {}
-    for projected in (False, True):
+    directions, atoms = {}, {}
+    for projected in (False,) if args.no_projected else (False, True):
         dirs, _ = build_directions(model, tok, inputs, dataclasses.replace(config, projected=projected), extract, [rank])
         directions.update({(layer, projected): dirs.clean(layer, rank) for layer in inputs.layers})
+        atoms.update({(layer, projected): dirs.atom_matrix(layer, rank) for layer in inputs.layers})
     val = Validation.measure_base(model, tok, sets.harmful, sets.harmless, sets.text, **batching)
     measure = dict(batch_size=args.batch_size, judged_harmless=0)
     evaluations = {"base": evaluate_model(model, tok, sets, **measure)}
     rows = [{"name": "base", "seconds": round(time.perf_counter() - start, 1)}]
     screened = []
-    for (layer, projected), scale, (attn, mlp) in itertools.product(directions, SCALES, SPLITS):
+    for (layer, projected), scale, (attn, mlp) in itertools.product(directions, args.scales, splits):
         p = profile(scale, attn, mlp)
         with ablate_activations(model, directions[(layer, projected)], p):
             row = val.measure(model, tok, text_if=lambda r: False)
@@ -103,26 +122,51 @@ def main() -> None:
     (Path(args.out)).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "validation_screen.json").write_text(json.dumps(screened, indent=1))
     print(f"screened {len(screened)} candidates in {time.perf_counter() - start:.0f} s", flush=True)
-    for cand in (r for r in screened if r["kl"] <= args.screen_kl):
-        if time.perf_counter() - start > args.max_seconds:
-            break
-        name = (f"L{cand['layer']}{' proj' if cand['projected'] else ''} x{cand['scale']} "
-                f"attn{cand['attn']} mlp{cand['mlp']}")
+
+    def evaluate(name: str, row: dict) -> None:
         t0 = time.perf_counter()
-        with ablate_activations(model, directions[(cand["layer"], cand["projected"])],
-                                profile(cand["scale"], cand["attn"], cand["mlp"])):
-            evaluations[name] = evaluate_model(model, tok, sets, base=evaluations["base"], **measure)
-        rows.append({"name": name, **cand, "seconds": round(time.perf_counter() - t0, 1)})
+        evaluations[name] = evaluate_model(model, tok, sets, base=evaluations["base"], **measure)
+        rows.append({"name": name, **row, "seconds": round(time.perf_counter() - t0, 1)})
         m = evaluations[name].metrics
         print(f"{name:34s} refused {m['refusal_rate']:.1%} degenerate {m['degenerate_rate']:.1%}  "
               f"KL {m['first_token_kl']:.4f}  KL32 {m['multi_token_kl']:.4f}  ΔPPL {m['perplexity_change']:+.2%}",
               flush=True)
-        record = results_record(evaluations, sets, command="python benchmarks/validation_sweep.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
-            extra={"machine": machine, "split": "validation"})
+        record = results_record(evaluations, sets, command=command, extra={"machine": machine, "split": "validation"})
         for r, extra in zip(record["rows"], rows):
             r.update(extra)
         write_results(Path(args.out) / "validation_sweep.json", record)
+
+    for cand in (r for r in screened if r["kl"] <= args.screen_kl):
+        if time.perf_counter() - start > args.max_seconds:
+            break
+        with ablate_activations(model, directions[(cand["layer"], cand["projected"])],
+                                profile(cand["scale"], cand["attn"], cand["mlp"])):
+            evaluate(f"L{cand['layer']}{' proj' if cand['projected'] else ''} x{cand['scale']} "
+                     f"attn{cand['attn']} mlp{cand['mlp']}", cand)
+    if not args.rank2:
+        return
+    layer = inputs.layers[0]
+    first, tent = directions[(layer, False)], default_profiles()[0]
+    setup = MiningSetup(inputs.prompts("harmful"), inputs.prompts("harmless"), [], val, layer, atoms[(layer, False)],
+                        Budgets(config.max_kl, config.max_ppl_increase), config.ridge_lambda, batching=batching)
+    with BakeStack(model) as bakes:
+        bakes.bake(first, tent)
+        outcomes = judge_replies(model, tok, setup.harmful, setup)
+        refused = [p for p, o in zip(setup.harmful, outcomes) if o is Outcome.REFUSED]
+        answered = [p for p, o in zip(setup.harmful, outcomes) if o is Outcome.ANSWERED]
+        print(f"mining: {len(refused)} of {len(outcomes)} training prompts still refused", flush=True)
+        if len(refused) < setup.min_refused or len(answered) < setup.min_refused:
+            print("too few refused or answered training prompts for a second direction", flush=True)
+            return
+        for contrast, others in (("answered", answered), ("harmless", setup.harmless)):
+            second = next_direction(model, tok, refused, others, setup, [first])
+            for gamma in args.rank2:
+                scaled = dataclasses.replace(tent, peak=min(tent.peak * gamma, 2.0), floor=tent.floor * gamma)
+                with ablate_activations(model, second, scaled):
+                    evaluate(f"L{layer} x1.0 + mined vs {contrast} x{gamma}",
+                             {"layer": layer, "rank": 2, "contrast": contrast, "scale2": gamma,
+                              "still_refused_train": len(refused)})
+        bakes.undo_all()
 
 
 if __name__ == "__main__":
