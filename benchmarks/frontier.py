@@ -134,20 +134,27 @@ def main() -> None:
     print("wrote", out / "frontier_points.json", "and", out / "frontier.png")
 
 
-def plot(rows, path) -> None:
+STYLES = {"base": ("black", "s", "base"),
+          "standard": ("tab:red", "o", "standard ablation (all training prompts)"),
+          "standard_filtered": ("tab:orange", "o", "standard ablation, filtered direction"),
+          "rank1_flat": ("tab:blue", "o", "SRA rank 1, flat γ"),
+          "rank1_tent": ("tab:blue", "o", "SRA rank 1, the default tent scaled"),
+          "rank_k": ("tab:purple", "D", "SRA rank k (judged mining)"),
+          "rank2_answered": ("tab:purple", "D", "SRA rank 2: + mined direction vs answered prompts"),
+          "rank2_harmless": ("tab:pink", "D", "SRA rank 2: + mined direction vs harmless prompts"),
+          "sra_default": ("tab:green", "*", "SRA default (searched)")}
+
+
+def plot(rows, path, title: str = "Refusal vs KL, test split", sets: tuple = ("harmful_test", "harmless_test")) -> None:
+    """Refused share (95% CI) against first-token KL, one line per ``row["method"]`` (see `STYLES`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    styles = {"base": ("black", "s"), "standard": ("tab:red", "o"), "standard_filtered": ("tab:orange", "o"),
-              "rank1_flat": ("tab:blue", "o"), "rank_k": ("tab:purple", "D"), "sra_default": ("tab:green", "*")}
-    labels = {"base": "base", "standard": "standard ablation (all training prompts)",
-              "standard_filtered": "standard ablation, filtered direction", "rank1_flat": "SRA rank 1, flat γ",
-              "rank_k": "SRA rank k (judged mining)", "sra_default": "SRA default (searched)"}
-    for method, (color, marker) in styles.items():
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r.get("first_token_kl", 0.0))
+    for method, (color, marker, label) in STYLES.items():
+        pts = sorted((r for r in rows if r.get("method") == method), key=lambda r: r.get("first_token_kl", 0.0))
         if not pts:
             continue
         x = [r.get("first_token_kl", 0.0) for r in pts]
@@ -155,11 +162,11 @@ def plot(rows, path) -> None:
         err = [[100 * (r["refusal_rate"]["rate"] - r["refusal_rate"]["ci95"][0]) for r in pts],
                [100 * (r["refusal_rate"]["ci95"][1] - r["refusal_rate"]["rate"]) for r in pts]]
         ax.errorbar(x, y, yerr=err, color=color, marker=marker, markersize=10 if marker == "*" else 6, capsize=3,
-                    linestyle="-" if len(pts) > 1 else "none", label=labels[method])
+                    linestyle="-" if len(pts) > 1 else "none", label=label)
     ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("first-token KL on harmless_test (lower is better)")
-    ax.set_ylabel("refused on harmful_test, % (95% CI)")
-    ax.set_title("Refusal vs KL, test split")
+    ax.set_xlabel(f"first-token KL on {sets[1]} (lower is better)")
+    ax.set_ylabel(f"refused on {sets[0]}, % (95% CI)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

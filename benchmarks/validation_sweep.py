@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from frontier import plot
 
 from transformers_sra import SRAConfig, load_demo_model
 from transformers_sra.atoms import AtomRegistry
@@ -111,7 +112,7 @@ def main() -> None:
     val = Validation.measure_base(model, tok, sets.harmful, sets.harmless, sets.text, **batching)
     measure = dict(batch_size=args.batch_size, judged_harmless=0)
     evaluations = {"base": evaluate_model(model, tok, sets, **measure)}
-    rows = [{"name": "base", "seconds": round(time.perf_counter() - start, 1)}]
+    rows = [{"name": "base", "method": "base", "seconds": round(time.perf_counter() - start, 1)}]
     screened = []
     for (layer, projected), scale, (attn, mlp) in itertools.product(directions, args.scales, splits):
         p = profile(scale, attn, mlp)
@@ -135,6 +136,8 @@ def main() -> None:
         for r, extra in zip(record["rows"], rows):
             r.update(extra)
         write_results(Path(args.out) / "validation_sweep.json", record)
+        plot(record["rows"], Path(args.out) / "validation_sweep.png", "Refusal vs KL, validation split",
+             ("harmful_val", "harmless_val"))
 
     for cand in (r for r in screened if r["kl"] <= args.screen_kl):
         if time.perf_counter() - start > args.max_seconds:
@@ -142,7 +145,7 @@ def main() -> None:
         with ablate_activations(model, directions[(cand["layer"], cand["projected"])],
                                 profile(cand["scale"], cand["attn"], cand["mlp"])):
             evaluate(f"L{cand['layer']}{' proj' if cand['projected'] else ''} x{cand['scale']} "
-                     f"attn{cand['attn']} mlp{cand['mlp']}", cand)
+                     f"attn{cand['attn']} mlp{cand['mlp']}", {"method": "rank1_tent", **cand})
     if not args.rank2:
         return
     layer = inputs.layers[0]
@@ -164,7 +167,7 @@ def main() -> None:
                 scaled = dataclasses.replace(tent, peak=min(tent.peak * gamma, 2.0), floor=tent.floor * gamma)
                 with ablate_activations(model, second, scaled):
                     evaluate(f"L{layer} x1.0 + mined vs {contrast} x{gamma}",
-                             {"layer": layer, "rank": 2, "contrast": contrast, "scale2": gamma,
+                             {"method": f"rank2_{contrast}", "layer": layer, "rank": 2, "scale2": gamma,
                               "still_refused_train": len(refused)})
         bakes.undo_all()
 
