@@ -43,6 +43,10 @@ from transformers_sra.profile import StrengthProfile
 from transformers_sra.search import Validation, default_profiles
 
 SCALES = (0.8, 1.0, 1.2, 1.4, 1.6)
+COLUMNS = [["name", "candidate"], ["refusal_rate", "refused harmful_val (95% CI)"],
+           ["degenerate_rate", "degenerate (95% CI)"], ["first_token_kl", "first-token KL harmless_val", "{:.3f}"],
+           ["multi_token_kl", "KL along 32-token replies", "{:.4f}"],
+           ["perplexity_change", "ΔPPL budget passages", "{:+.2%}"], ["refusal_score", "refusal score", "{:.3f}"]]
 SPLITS = ((1.0, 1.0), (1.0, 0.5), (0.5, 1.0))  # (attention-out, MLP-down) factors
 
 
@@ -132,7 +136,8 @@ def main() -> None:
         print(f"{name:34s} refused {m['refusal_rate']:.1%} degenerate {m['degenerate_rate']:.1%}  "
               f"KL {m['first_token_kl']:.4f}  KL32 {m['multi_token_kl']:.4f}  ΔPPL {m['perplexity_change']:+.2%}",
               flush=True)
-        record = results_record(evaluations, sets, command=command, extra={"machine": machine, "split": "validation"})
+        record = results_record(evaluations, sets, command=command,
+                                extra={"machine": machine, "split": "validation", "columns": COLUMNS})
         for r, extra in zip(record["rows"], rows):
             r.update(extra)
         write_results(Path(args.out) / "validation_sweep.json", record)
