@@ -229,20 +229,27 @@ def test_the_plan_keeps_64_harmful_and_harmless_prompts_and_gives_way_elsewhere_
             assert s["judged_harmless"] == 0, s  # 3. the judged harmless replies
         if s["reply_kl_prompts"] < 64:
             assert all(s[k] <= 4 for k in ("text", "math", "code")), s  # 4. the perplexity sets
+        if s["math"] == 0 or s["code"] == 0:
+            assert s["math"] == s["code"] == 0 and s["reply_kl_prompts"] <= 8, s  # 5. the multi-token KL prompts
+        if s["text"] == 0:
+            assert s["math"] == 0, s  # 6. math and code perplexities
+        if s["reply_kl_prompts"] == 0:
+            assert s["text"] == 0, s  # 7. the text perplexity
         if s["harmful"] < 64:
-            assert s["reply_kl_prompts"] <= 8, s  # 5. the multi-token KL prompts; only then harmful and harmless
+            assert s["reply_kl_prompts"] == 0, s  # 8. the multi-token KL; only then harmful and harmless
     for poorer, richer in zip(plans, plans[1:]):  # a larger budget never buys a smaller set
         assert all(_sizes(richer)[k] >= v for k, v in _sizes(poorer).items()), (_sizes(poorer), _sizes(richer))
     assert plans[0].sizes["harmful"] < 64 and _sizes(plans[-1]) == {**full, "judged_harmless": 64,
                                                                    "reply_kl_prompts": 64, "baseline_replies": True}
     floor = next(plan for plan in plans if plan.sizes["harmful"] >= 64)
     assert floor.sizes["harmless"] >= 64 and floor.sizes["over_refusal"] == floor.judged_harmless == 0
-    assert not floor.baseline_replies and all(floor.sizes[k] <= 4 for k in ("text", "math", "code"))
+    assert not floor.baseline_replies and floor.reply_kl_prompts == 0
+    assert not any(floor.sizes[k] for k in ("text", "math", "code"))
     # the worst-case estimate is what bounds the size: a second less of budget, below the floor
     assert _plans(monkeypatch, [floor.estimate_s - 1])[0].sizes["harmful"] < 64
     # a faster machine buys as much or more with the same budget
     faster = _plans(monkeypatch, [floor.estimate_s], speed=Speed(400.0, 300.0, 0.3, 0.125))[0]
-    assert all(_sizes(faster)[k] >= v for k, v in _sizes(floor).items()) and faster.reply_kl_prompts > 8
+    assert all(_sizes(faster)[k] >= v for k, v in _sizes(floor).items()) and faster.reply_kl_prompts > 0
     widths = floor.interval_widths()
     assert set(widths) == {"harmful"} and 0 < widths["harmful"] < 0.3  # 64 prompts: within ±15 points
     assert widths["harmful"] > plans[-1].interval_widths()["harmful"]  # fewer prompts, wider intervals
@@ -263,7 +270,8 @@ def test_sra_ablate_with_a_small_budget_keeps_the_floor_and_prints_each_sets_siz
                    max_new_tokens=SMALL["max_new_tokens"], model=tiny)
     # a budget inside a stretch where the plan stays the same, so the run's own planning lands on it too
     budget, plan = next((b, p) for b, p, before, after in zip(budgets[1:], plans[1:], plans, plans[2:])
-                        if p.sizes["harmful"] == 64 and not p.baseline_replies and _sizes(p) == _sizes(before) == _sizes(after))
+                        if p.sizes["harmful"] == 64 and not p.baseline_replies and p.reply_kl_prompts and p.sizes["text"]
+                        and _sizes(p) == _sizes(before) == _sizes(after))
     assert main(["ablate", "--model", str(tiny), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "cfg"),
                  "--direction-layer", "1", "--eval-budget", str(budget)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out

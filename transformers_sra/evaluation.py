@@ -418,8 +418,9 @@ def _size_ladder(longest: int, batch_size: int, judged_harmless: int, reply_kl_p
     """Candidate sizes, richest first; `plan_evaluation` takes the first that fits. Down to the floor (64) every set
     is cut at one limit, as ``--eval-limit`` cuts them; at the floor the rest gives way first, in this order:
     standard ablation's own judged replies (it keeps its KLs and perplexities), the over-refusal replies (to 0),
-    the judged harmless replies (to 0), the perplexity sets (to 4 each), the multi-token KL prompts (to 8); only
-    then do harmful and harmless prompts go below 64, together."""
+    the judged harmless replies (to 0), the perplexity sets (to 4 each), the multi-token KL prompts (to 8), then
+    the math and code perplexities, the text perplexity and the multi-token KL altogether; only then do harmful and
+    harmless prompts go below 64, together (the first-token KL stays on every harmless prompt)."""
     def cut(n: int) -> dict:
         return {"harmful": n, "harmless": n, "over_refusal": n, **{k: n for k in _PERPLEXITY_SETS},
                 "judged_harmless": min(n, judged_harmless), "reply_kl_prompts": min(n, reply_kl_prompts),
@@ -429,7 +430,8 @@ def _size_ladder(longest: int, batch_size: int, judged_harmless: int, reply_kl_p
     plan = {**cut(PLAN_FLOOR), "baseline_replies": False}
     ladder.append(plan)
     for keys, sizes in ((("over_refusal",), (48, 32, 16, 0)), (("judged_harmless",), (48, 32, 16, 0)),
-                        (_PERPLEXITY_SETS, (32, 16, 8, 4)), (("reply_kl_prompts",), (48, 32, 16, 8))):
+                        (_PERPLEXITY_SETS, (32, 16, 8, 4)), (("reply_kl_prompts",), (48, 32, 16, 8)),
+                        (("math", "code"), (0,)), (("text",), (0,)), (("reply_kl_prompts",), (0,))):
         for n in sizes:
             plan = {**plan, **{k: min(plan[k], n) for k in keys}}
             ladder.append(plan)
