@@ -284,6 +284,8 @@ def test_sra_ablate_with_a_small_budget_keeps_the_floor_and_prints_each_sets_siz
     assert line in out and f"harmful 64 (95% CI at most ±{plan.interval_widths()['harmful'] / 2:.0%})" in line
     assert "replies to 64 harmful_test prompts" in out and f"on {plan.sizes['harmless']} harmless_test prompts" in out
     assert "standard ablation: KLs and perplexity only" in out
+    card = (tmp_path / "out" / "README.md").read_text()  # the card gives each row its own n
+    assert any("Multi-token KL" in row and f"n={plan.reply_kl_prompts})" in row for row in card.splitlines())
     assert report.timings["plan evaluation"] < budget
 
 

@@ -305,13 +305,14 @@ def evaluate_pair(base_model: nn.Module, edited_model: nn.Module, tokenizer, set
 #: Harmful and harmless prompts a plan keeps while anything else can still give way (issue #19: at least 64 each).
 PLAN_FLOOR = 64
 #: Rows per batch of generated replies in `sra ablate`'s evaluation. A decode step reads every weight once for the
-#: whole batch: on the demo model (CPU, bf16, one thread) a step of 64 rows cost 0.006 CPU-seconds per row, one of
-#: 16 rows 0.015 (docs/performance.md). Forward passes that keep every position's logits stay at ``batch_size``.
+#: whole batch: on the demo model (CPU, bf16, one thread) a step of 64 rows took 0.596 s, one of 16 rows 0.241 s,
+#: 0.0093 against 0.0150 s per row (docs/performance.md). Passes that keep every position's logits stay at
+#: ``batch_size``.
 REPLY_BATCH_SIZE = 64
 #: The plan charges every pass this many times what the measured speed predicts. A decode step late in a 128-token
 #: reply reads a longer KV cache than the early steps `measure_speed` times (over 127 steps of 64 demo-model replies
-#: the mean step was 1.06 times the first eight's), and the passes of the evaluation took up to 1.05 times their
-#: prediction on the demo model (docs/performance.md, "Checked against a measurement").
+#: the mean step was 1.02 to 1.04 times the first eight's), and the passes took 0.79 to 1.03 times their prediction
+#: on the demo model (docs/performance.md, "Checked against a measurement").
 COST_MARGIN = 1.1
 _PERPLEXITY_SETS = ("text", "math", "code")
 
