@@ -16,7 +16,7 @@ from conftest import make_tiny_model, make_tokenizer
 from test_cli import SMALL, _save_tiny, one_thread  # noqa: F401 (autouse: one thread, as in test_cli)
 from transformers_sra import SRAConfig, SRAReport
 from transformers_sra.cli import loading, main
-from transformers_sra.evaluation import EvalSets, plan_evaluation
+from transformers_sra.evaluation import REPLY_BATCH_SIZE, EvalSets, Speed, plan_evaluation
 from transformers_sra.judge import VerdictStop, generate, is_refusal, labelled_replies
 
 
@@ -191,21 +191,102 @@ def test_sra_evaluate_reads_the_base_numbers_sra_ablate_cached(tmp_path, capsys,
     capsys.readouterr()
 
 
-def test_the_plan_fits_its_budget_from_the_measured_speed(monkeypatch):
+SLOW = Speed(tokens_per_s=200.0, logits_tokens_per_s=150.0, step_s=0.6, batch_step_s=0.25)  # the demo model, 2-core CPU
+_JUDGED = ("over_refusal", "judged_harmless")
+
+
+def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, model=None):
+    """`plan_evaluation` of a tiny model (``model``: a saved one, as `sra ablate` loads it) at each budget, with
+    ``speed`` in place of the measured one."""
     from transformers_sra import evaluation
 
-    model, tok = make_tiny_model("qwen2"), make_tokenizer()
-    monkeypatch.setattr(evaluation, "measure_speed", lambda *a, **k: (1000.0, 0.01))  # 1000 tokens/s, 10 ms a step
-    plans = {budget: plan_evaluation(model, tok, budget, batch_size=16) for budget in (5, 60, 600)}
-    assert plans[5].limit < plans[60].limit < plans[600].limit == max(EvalSets.default().sizes().values())
-    for budget, plan in plans.items():
-        assert plan.estimate_s <= budget or plan.limit == 1
-        assert plan.sets().sizes() == EvalSets.default(limit=plan.limit).sizes()
-    # the worst-case estimate is what bounds the size: a second less of budget, a smaller sample
-    assert plan_evaluation(model, tok, plans[60].estimate_s - 1, batch_size=16).limit < plans[60].limit
-    widths = plans[60].interval_widths()
-    assert set(widths) == {"harmful", "over_refusal"} and 0 < widths["harmful"] < 1
-    assert widths["harmful"] > plans[600].interval_widths()["harmful"]  # fewer prompts, wider intervals
+    model, tok = loading.load_model(str(model)) if model else (make_tiny_model("qwen2"), make_tokenizer())
+    monkeypatch.setattr(evaluation, "measure_speed", lambda *a, **k: speed)
+    return [plan_evaluation(model, tok, budget, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            reply_batch_size=max(REPLY_BATCH_SIZE, batch_size)) for budget in budgets]
+
+
+def _sizes(plan) -> dict:
+    return {**plan.sizes, "judged_harmless": plan.judged_harmless, "reply_kl_prompts": plan.reply_kl_prompts,
+            "baseline_replies": plan.baseline_replies}
+
+
+def test_the_plan_keeps_64_harmful_and_harmless_prompts_and_gives_way_elsewhere_first(monkeypatch):
+    budgets = [round(10 * 1.08 ** i, 2) for i in range(100)]  # 10 s to 20,000 s
+    plans = _plans(monkeypatch, budgets)
+    full = EvalSets.default().sizes()
+    for budget, plan in zip(budgets, plans):
+        s = _sizes(plan)
+        assert plan.estimate_s <= budget or s["harmful"] == 1, (budget, s)  # a worst case inside the budget
+        assert plan.sets().sizes() == plan.sizes and s["harmless"] == s["harmful"]
+        # docs/performance.md's order: a later step gives way only once every earlier one has given all it can
+        below_one_cut = any(s[k] < min(64, full.get(k, 64)) for k in ("harmful", "over_refusal", "text", "math", "code",
+                                                                       "judged_harmless", "reply_kl_prompts"))
+        assert not (below_one_cut and s["baseline_replies"]), s  # 1. standard ablation's own replies
+        if s["judged_harmless"] < 64:
+            assert s["over_refusal"] == 0, s  # 2. the over-refusal replies
+        if any(s[k] < min(64, full[k]) for k in ("text", "math", "code")):
+            assert s["judged_harmless"] == 0, s  # 3. the judged harmless replies
+        if s["reply_kl_prompts"] < 64:
+            assert all(s[k] <= 4 for k in ("text", "math", "code")), s  # 4. the perplexity sets
+        if s["math"] == 0 or s["code"] == 0:
+            assert s["math"] == s["code"] == 0 and s["reply_kl_prompts"] <= 8, s  # 5. the multi-token KL prompts
+        if s["text"] == 0:
+            assert s["math"] == 0, s  # 6. math and code perplexities
+        if s["reply_kl_prompts"] == 0:
+            assert s["text"] == 0, s  # 7. the text perplexity
+        if s["harmful"] < 64:
+            assert s["reply_kl_prompts"] == 0, s  # 8. the multi-token KL; only then harmful and harmless
+    for poorer, richer in zip(plans, plans[1:]):  # a larger budget never buys a smaller set
+        assert all(_sizes(richer)[k] >= v for k, v in _sizes(poorer).items()), (_sizes(poorer), _sizes(richer))
+    assert plans[0].sizes["harmful"] < 64 and _sizes(plans[-1]) == {**full, "judged_harmless": 64,
+                                                                   "reply_kl_prompts": 64, "baseline_replies": True}
+    floor = next(plan for plan in plans if plan.sizes["harmful"] >= 64)
+    assert floor.sizes["harmless"] >= 64 and floor.sizes["over_refusal"] == floor.judged_harmless == 0
+    assert not floor.baseline_replies and floor.reply_kl_prompts == 0
+    assert not any(floor.sizes[k] for k in ("text", "math", "code"))
+    # the worst-case estimate is what bounds the size: a second less of budget, below the floor
+    assert _plans(monkeypatch, [floor.estimate_s - 1])[0].sizes["harmful"] < 64
+    # a faster machine buys as much or more with the same budget
+    faster = _plans(monkeypatch, [floor.estimate_s], speed=Speed(400.0, 300.0, 0.3, 0.125))[0]
+    assert all(_sizes(faster)[k] >= v for k, v in _sizes(floor).items()) and faster.reply_kl_prompts > 0
+    widths = floor.interval_widths()
+    assert set(widths) == {"harmful"} and 0 < widths["harmful"] < 0.3  # 64 prompts: within ±15 points
+    assert widths["harmful"] > plans[-1].interval_widths()["harmful"]  # fewer prompts, wider intervals
+    assert set(plans[-1].interval_widths()) == {"harmful", "over_refusal", "harmless"}
+
+
+def test_sra_ablate_with_a_small_budget_keeps_the_floor_and_prints_each_sets_size(tmp_path, capsys, monkeypatch):
+    """A budget that holds 64 harmful and harmless prompts but not standard ablation's own replies: the run
+    completes, the report and summary carry the planned sizes, and standard ablation gets its collateral numbers."""
+    from transformers_sra.cli.ablate import plan_line
+
+    monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
+    tiny = _save_tiny(tmp_path / "tiny")
+    SRAConfig(**SMALL).save_pretrained(tmp_path / "cfg")
+    speed = Speed(SLOW.tokens_per_s, SLOW.logits_tokens_per_s, 0.05, 0.02)  # SMALL replies are 3 tokens long
+    budgets = [round(1 * 1.05 ** i, 2) for i in range(120)]
+    plans = _plans(monkeypatch, budgets, speed=speed, batch_size=SMALL["batch_size"],
+                   max_new_tokens=SMALL["max_new_tokens"], model=tiny)
+    # a budget inside a stretch where the plan stays the same, so the run's own planning lands on it too
+    budget, plan = next((b, p) for b, p, before, after in zip(budgets[1:], plans[1:], plans, plans[2:])
+                        if p.sizes["harmful"] == 64 and not p.baseline_replies and p.reply_kl_prompts and p.sizes["text"]
+                        and _sizes(p) == _sizes(before) == _sizes(after))
+    assert main(["ablate", "--model", str(tiny), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "cfg"),
+                 "--direction-layer", "1", "--eval-budget", str(budget)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    report = SRAReport.load(tmp_path / "out")
+    assert report.metrics["sets"] == plan.sizes
+    sra, standard = report.metrics["sra"]["metrics"], report.metrics["standard"]["metrics"]
+    assert sra["refusal_rate_n"] == 64 and sra["multi_token_kl_n"] == plan.reply_kl_prompts
+    assert {"first_token_kl", "multi_token_kl", "perplexity_change"} <= set(standard) and "refusal_rate" not in standard
+    line = plan_line(plan).split("; worst case")[0]  # the sizes and widths; the estimate is the run's own
+    assert line in out and f"harmful 64 (95% CI at most ±{plan.interval_widths()['harmful'] / 2:.0%})" in line
+    assert "replies to 64 harmful_test prompts" in out and f"on {plan.sizes['harmless']} harmless_test prompts" in out
+    assert "standard ablation: KLs and perplexity only" in out
+    card = (tmp_path / "out" / "README.md").read_text()  # the card gives each row its own n
+    assert any("Multi-token KL" in row and f"n={plan.reply_kl_prompts})" in row for row in card.splitlines())
+    assert report.timings["plan evaluation"] < budget
 
 
 def test_plain_sra_ablate_on_a_tiny_model_fits_its_default_budget(tmp_path, capsys, monkeypatch):
@@ -219,7 +300,7 @@ def test_plain_sra_ablate_on_a_tiny_model_fits_its_default_budget(tmp_path, caps
     assert main(["ablate", "--model", str(tiny), "--output", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     seconds = time.perf_counter() - start
     out = capsys.readouterr().out
-    assert f"prompts per test set fit the {EVAL_BUDGET_S:.0f} s budget" in out and "95% CI at most ±" in out
+    assert f"s of the {EVAL_BUDGET_S:.0f} s budget" in out and "harmful 200 (95% CI at most ±" in out
     report = SRAReport.load(tmp_path / "out")
     assert {"base", "sra", "standard"} <= set(report.metrics) and report.metrics["sets"]["harmful"] >= 64
     evaluation = sum(report.timings[k] for k in ("plan evaluation", "evaluate base", "evaluate edit"))

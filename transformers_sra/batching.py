@@ -82,8 +82,8 @@ def prompt_batches(
     """
     encoded = _encode(tokenizer, texts)
     device = input_device(model)
-    n = _shared_prefix_length(encoded, keep_last)
-    if n < min_prefix or not _takes_positions(model) or os.environ.get("TRANSFORMERS_SRA_PREFIX_CACHE") == "0":
+    n = cached_prefix_length(model, encoded, min_prefix, keep_last)
+    if not n:
         yield from id_batches(encoded, batch_size, device, pad_id(tokenizer))
         return
     from transformers import DynamicCache
@@ -95,6 +95,15 @@ def prompt_batches(
     for batch in id_batches([e[n:] for e in encoded], batch_size, device, pad_id(tokenizer)):
         batch.prefix_cache = cache
         yield batch
+
+
+def cached_prefix_length(model: nn.Module, encoded: Sequence[Sequence[int]], min_prefix: int = 8,
+                         keep_last: int = 1) -> int:
+    """Tokens of the shared opening that `prompt_batches` runs once for ``encoded`` (0 when it runs none)."""
+    n = _shared_prefix_length(encoded, keep_last)
+    if n < min_prefix or not _takes_positions(model) or os.environ.get("TRANSFORMERS_SRA_PREFIX_CACHE") == "0":
+        return 0
+    return n
 
 
 def _shared_prefix_length(encoded: Sequence[Sequence[int]], keep_last: int = 1) -> int:

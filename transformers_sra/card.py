@@ -130,7 +130,7 @@ def _metric_table(report) -> tuple[str, list[str], list[dict]]:
         rows = []
         for label, key, kind, data in METRICS:
             if any(key in m or f"{key}_change" in m for m in evaluated.values()):
-                n = sizes.get(data)
+                n = next((m[f"{key}_n"] for m in evaluated.values() if f"{key}_n" in m), sizes.get(data))
                 name = f"{label} ({_SETS[data]}" + (f", n={n})" if n else ")")
                 if key == "refusal_rate" and report.metrics.get("max_new_tokens"):
                     name = name.replace("greedy replies", f"greedy {report.metrics['max_new_tokens']}-token replies")

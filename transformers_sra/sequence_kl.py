@@ -85,11 +85,13 @@ def _reply_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]], reply
 
 def base_reply_distribution(model: nn.Module, tokenizer, prompts: Sequence[str], *, n_tokens: int = REPLY_TOKENS,
                             top_k: int = TOP_K, batch_size: int = 16,
-                            system_prompt: Optional[str] = None) -> ReplyDistribution:
-    """The base model's greedy ``n_tokens``-token replies to ``prompts`` and its top-k log-probs along them."""
+                            system_prompt: Optional[str] = None,
+                            reply_batch_size: Optional[int] = None) -> ReplyDistribution:
+    """The base model's greedy ``n_tokens``-token replies to ``prompts`` (generated ``reply_batch_size`` rows at a
+    time, default ``batch_size``) and its top-k log-probs along them (read ``batch_size`` rows at a time)."""
     texts = format_chat(tokenizer, prompts, system_prompt)
     prompt_ids = _encode(tokenizer, texts)
-    reply_ids = _greedy_replies(model, tokenizer, texts, n_tokens, batch_size)
+    reply_ids = _greedy_replies(model, tokenizer, texts, n_tokens, reply_batch_size or batch_size)
     keep = [i for i, r in enumerate(reply_ids) if r]
     prompt_ids, reply_ids = [prompt_ids[i] for i in keep], [reply_ids[i] for i in keep]
     n, width = len(reply_ids), max((len(r) for r in reply_ids), default=0)

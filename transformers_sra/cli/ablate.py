@@ -79,27 +79,27 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     dtypes = {"compute": _name(computed), "saved": _name(saved or computed)}
     plan = None
     if args.evaluate:
-        from ..evaluation import EvalSets, cached_evaluation, evaluate_edit, plan_evaluation
+        from ..evaluation import REPLY_BATCH_SIZE, EvalSets, cached_evaluation, evaluate_edit, plan_evaluation
 
         measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                       system_prompt=config.system_prompt)
+                       system_prompt=config.system_prompt, reply_batch_size=max(REPLY_BATCH_SIZE, config.batch_size))
         if args.eval_limit is None:
             with timed(timings, "plan evaluation"):
                 plan = plan_evaluation(model, tokenizer, args.eval_budget, models=2 + args.standard,
                                        **{k: v for k, v in measure.items() if k != "judge"})
             say(plan_line(plan))
-            sets = plan.sets()
+            sets, sizes = plan.sets(), plan.evaluate_kwargs()
         else:
-            sets = EvalSets.default(limit=args.eval_limit)
+            sets, sizes = EvalSets.default(limit=args.eval_limit), {}
         with timed(timings, "evaluate base"):
-            base = cached_evaluation(model, tokenizer, sets, progress=step_logger("measured base"), **measure)
+            base = cached_evaluation(model, tokenizer, sets, progress=step_logger("measured base"), **measure, **sizes)
     report = apply_surgical_ablation(model, tokenizer, config)
     timings.update({f"sra {k}": v for k, v in report.timings.items()})
     if args.evaluate:
         with timed(timings, "evaluate edit"):
             evaluate_edit(model, tokenizer, report, base, sets, baselines=("standard",) if args.standard else (),
-                          progress=step_logger("measured"),
-                          **measure)
+                          baseline_replies=plan is None or plan.baseline_replies, progress=step_logger("measured"),
+                          **measure, **sizes)
     if dtypes["saved"] != dtypes["compute"]:
         model.to(getattr(torch, dtypes["saved"]))  # computed in fp32 here; saved as the checkpoint was
     # the report records the whole run (saving excluded: it writes the report)
@@ -124,6 +124,7 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
               "validation": {"base_refusal_score": report.validation["base_refusal_score"],
                              **{k: report.chosen[k] for k in ("refusal_score", "kl", "ppl_change")}},
               "test": {k: report.metrics[k]["metrics"] for k in LABELS if k in report.metrics},
+              "sets": report.metrics.get("sets", {}),
               "max_new_tokens": config.max_new_tokens, "timings": timings, "memory": peak_memory()}
     summary.emit(result, render(result, report), args.json)
     return 0
@@ -139,14 +140,41 @@ def _name(dtype) -> str:
 
 
 def plan_line(plan) -> str:
-    """The evaluation's sample size, its budget and the interval widths it gives."""
-    plan = plan if isinstance(plan, dict) else plan.to_dict()
-    widths = ", ".join(f"±{w / 2:.0%} {name.replace('_', '-')}" for name, w in plan["ci95_widths"].items())
-    return (f"{plan['limit']} prompts per test set fit the {plan['budget_s']:.0f} s budget (estimate "
-            f"{plan['estimate_s']:.0f} s with every reply at full length: {plan['step_s']:.3f} s per decode step, "
-            f"{plan['tokens_per_s']:.0f} prompt tokens/s); 95% CI at most {widths}"
-            + ("; a larger --eval-budget or --eval-limit N narrows them" if plan["limit"] < 16 else ""))
+    """The evaluation's prompts per test set, the interval widths they give and the budget they fit."""
+    from ..evaluation import PLAN_FLOOR
 
+    plan = plan if isinstance(plan, dict) else plan.to_dict()
+    sizes, widths = plan["sizes"], plan["ci95_widths"]
+
+    def judged(name: str, n: int) -> str:
+        return f"{n}" + (f" (95% CI at most ±{widths[name] / 2:.0%})" if name in widths else "")
+
+    harmless = (f"{sizes['harmless']} (first-token KL; 32-token KL on {plan['reply_kl_prompts']}; judged replies "
+                f"{judged('harmless', plan['judged_harmless'])})")
+    standard = "" if plan["models"] < 3 else "; standard ablation: " + (
+        "judged replies too" if plan["baseline_replies"] else "KLs and perplexity only, no judged replies")
+    steps = (f" ({plan['batch_step_s']:.3f} s of {plan['batch_size']})"
+             if plan["reply_batch_size"] != plan["batch_size"] else "")
+    return (f"harmful {judged('harmful', sizes['harmful'])}, harmless {harmless}, over-refusal "
+            f"{judged('over_refusal', sizes['over_refusal'])}, text {sizes['text']}, math {sizes['math']}, code "
+            f"{sizes['code']}{standard}; worst case {plan['estimate_s']:.0f} s of the {plan['budget_s']:.0f} s budget "
+            f"(every reply at full length: {plan['step_s']:.3f} s per decode step of {plan['reply_batch_size']} "
+            f"replies{steps}, {plan['tokens_per_s']:.0f} prompt tokens/s, {plan['logits_tokens_per_s']:.0f} tokens/s "
+            "with every position's logits)"
+            + ("; a larger --eval-budget or --eval-limit N narrows the intervals" if sizes["harmful"] < PLAN_FLOOR else ""))
+
+
+def _sets_note(sets: dict, test: dict, max_new_tokens: int) -> str:
+    """What each column of the test table was measured on, with its number of prompts."""
+    n = {k: sets.get(k, 0) for k in ("harmful", "harmless", "over_refusal", "text", "math", "code")}
+    standard = test.get("standard")
+    return (f"  refused / degenerate (loops, empty): judged {max_new_tokens}-token replies to {n['harmful']} "
+            f"harmful_test prompts; over-refusal: {n['over_refusal']} prompts that only sound unsafe; KL: first-token "
+            f"KL(base ‖ model) on {n['harmless']} harmless_test prompts; KL 32 tok: mean per-token KL along the base "
+            f"model's 32-token replies to {test.get('sra', {}).get('multi_token_kl_n', '-')} of them; ΔPPL: "
+            f"{n['text']} texts, {n['math']} math and {n['code']} code answers"
+            + ("; standard ablation: KLs and perplexity only, no judged replies (to fit the budget)"
+               if standard is not None and "refusal_rate" not in standard else ""))
 
 
 def _test_table(test: dict) -> str:
@@ -172,9 +200,7 @@ def render(result: dict, report: SRAReport) -> str:
     lines = [""]
     if result["test"]:
         lines += [_test_table(result["test"]),
-                  f"  refused / degenerate (loops, empty): judged {result['max_new_tokens']}-token replies to harmful_test; "
-                  "over-refusal: prompts that only sound unsafe; KL: first-token KL(base ‖ model) on harmless_test; "
-                  "KL 32 tok: mean per-token KL along the base model's 32-token replies", ""]
+                  _sets_note(result["sets"], result["test"], result["max_new_tokens"]), ""]
     lines += [summary.pairs([
         ("validation", f"refusal score {val['refusal_score']:.3f} (base {val['base_refusal_score']:.3f}), "
                        f"KL {val['kl']:.3f}, ΔPPL {summary.percent(val['ppl_change'])}"),

@@ -23,7 +23,7 @@ from ..config import CONFIG_NAME, SRAConfig
 from ..errors import ConfigError
 
 #: Default seconds for `sra ablate`'s evaluation; docs/performance.md shows how `make demo` fits 15 minutes.
-EVAL_BUDGET_S = 240.0
+EVAL_BUDGET_S = 340.0
 
 
 class ArgumentParser(HfArgumentParser):
@@ -116,9 +116,10 @@ class AblateArguments:
                                 "fills the summary, the report and the card; the base's numbers are cached on disk).")
     standard: bool = _arg(True, "Leave standard ablation (the dirty direction) out of the evaluation.")
     eval_limit: Optional[int] = _arg(None, "At most N prompts per test set in the evaluation (faster, wider intervals); "
-                                           "default: as many as fit --eval-budget.", metavar="N")
-    eval_budget: float = _arg(EVAL_BUDGET_S, "Seconds for the evaluation of base, standard ablation and SRA: the "
-                                            "prompts per test set are chosen to fit, from a measured speed.",
+                                           "default: sizes that fit --eval-budget.", metavar="N")
+    eval_budget: float = _arg(EVAL_BUDGET_S, "Seconds for the evaluation of base, standard ablation and SRA: each test "
+                                            "set's size is chosen to fit, from a measured speed, keeping 64 harmful "
+                                            "and 64 harmless prompts while other sets can give way.",
                               metavar="SECONDS")
 
 
