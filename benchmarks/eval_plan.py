@@ -6,7 +6,7 @@ measured passes (docs/performance.md, section 4).
 Loads the demo model as `sra ablate` does (``--dtype auto``, default `SRAConfig`), runs `plan_evaluation` with
 `sra ablate`'s settings (base, SRA and standard ablation; replies 64 rows at a time) and prints the plan line. With
 ``--check`` it then measures the speed again and times, in this process, the passes behind each term of
-`evaluation.EvalCost` at the plan's sizes, printing predicted (no margin) against measured seconds: the first-token
+`eval_plan.EvalCost` at the plan's sizes, printing predicted (no margin) against measured seconds: the first-token
 passes (harmful: the refusal score; harmless: the first-token KL), the perplexity passes, the base model's 32-token
 replies with their top-k pass, and (unless ``--skip-replies``, about 100 s on a 2-core CPU) one batch of 64
 128-token replies to harmful prompts, timed at every step, which shows how a late decode step compares with the
@@ -26,16 +26,8 @@ from transformers_sra import SRAConfig
 from transformers_sra.cli.ablate import plan_line
 from transformers_sra.cli.args import EVAL_BUDGET_S
 from transformers_sra.cli.loading import load_model
-from transformers_sra.evaluation import (
-    COST_MARGIN,
-    REPLY_BATCH_SIZE,
-    EvalCost,
-    _perplexity,
-    git_commit,
-    measure_speed,
-    plan_evaluation,
-    timed_generation,
-)
+from transformers_sra.eval_plan import COST_MARGIN, REPLY_BATCH_SIZE, EvalCost, measure_speed, plan_evaluation, timed_generation
+from transformers_sra.evaluation import _perplexity, git_commit
 from transformers_sra.judge import first_token_logprobs
 from transformers_sra.prompts import format_chat
 from transformers_sra.sequence_kl import base_reply_distribution

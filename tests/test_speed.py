@@ -16,7 +16,8 @@ from conftest import make_tiny_model, make_tokenizer
 from test_cli import SMALL, _save_tiny, one_thread  # noqa: F401 (autouse: one thread, as in test_cli)
 from transformers_sra import SRAConfig, SRAReport
 from transformers_sra.cli import loading, main
-from transformers_sra.evaluation import REPLY_BATCH_SIZE, EvalSets, Speed, plan_evaluation
+from transformers_sra.eval_plan import REPLY_BATCH_SIZE, Speed, plan_evaluation
+from transformers_sra.evaluation import EvalSets
 from transformers_sra.judge import VerdictStop, generate, is_refusal, labelled_replies
 
 
@@ -198,10 +199,10 @@ _JUDGED = ("over_refusal", "judged_harmless")
 def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, model=None):
     """`plan_evaluation` of a tiny model (``model``: a saved one, as `sra ablate` loads it) at each budget, with
     ``speed`` in place of the measured one."""
-    from transformers_sra import evaluation
+    from transformers_sra import eval_plan
 
     model, tok = loading.load_model(str(model)) if model else (make_tiny_model("qwen2"), make_tokenizer())
-    monkeypatch.setattr(evaluation, "measure_speed", lambda *a, **k: speed)
+    monkeypatch.setattr(eval_plan, "measure_speed", lambda *a, **k: speed)
     return [plan_evaluation(model, tok, budget, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             reply_batch_size=max(REPLY_BATCH_SIZE, batch_size)) for budget in budgets]
 

@@ -15,11 +15,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,7 +26,6 @@ from torch import nn
 
 from ._version import __version__
 from .baselines import LABELS, swapped_edit
-from .batching import _encode, cached_prefix_length, input_device, sorted_batches
 from .cache import default_cache_dir
 from .distributed import all_ranks, is_main_process
 from .editing import bake_direction
@@ -40,7 +38,6 @@ from .judge import (
     degenerate_labelled,
     first_token_logprobs,
     generate,
-    greedy_continuation,
     is_shipped_judge,
     judge_accuracy,
     judge_name,
@@ -56,12 +53,9 @@ from .metrics import (
     OverRefusalRate,
     Perplexity,
     RefusalRate,
-    chunk_token_ids,
-    clopper_pearson,
 )
-from .nll import token_nll
-from .prompts import current_template_kwargs, format_chat, load_corpus, load_prompts
-from .sequence_kl import REPLY_TOKENS, ReplyDistribution, base_reply_distribution, multi_token_kl
+from .prompts import current_template_kwargs, load_corpus, load_prompts
+from .sequence_kl import ReplyDistribution, base_reply_distribution, multi_token_kl
 
 Progress = Callable[[str, int, int], None]
 
@@ -299,254 +293,6 @@ def evaluate_pair(base_model: nn.Module, edited_model: nn.Module, tokenizer, set
     sets = sets or EvalSets.default()
     base = evaluate_model(base_model, tokenizer, sets, **kwargs)
     return {"base": base, "edited": evaluate_model(edited_model, tokenizer, sets, base=base, **kwargs)}
-
-
-# -- sample sizes that fit a time budget -----------------------------------------------------------------------
-#: Harmful and harmless prompts a plan keeps while anything else can still give way (issue #19: at least 64 each).
-PLAN_FLOOR = 64
-#: Rows per batch of generated replies in `sra ablate`'s evaluation. A decode step reads every weight once for the
-#: whole batch: on the demo model (CPU, bf16, one thread) a step of 64 rows took 0.596 s, one of 16 rows 0.241 s,
-#: 0.0093 against 0.0150 s per row (docs/performance.md). Passes that keep every position's logits stay at
-#: ``batch_size``.
-REPLY_BATCH_SIZE = 64
-#: The plan charges every pass this many times what the measured speed predicts. A decode step late in a 128-token
-#: reply reads a longer KV cache than the early steps `measure_speed` times (over 127 steps of 64 demo-model replies
-#: the mean step was 1.02 to 1.04 times the first eight's), and the passes took 0.79 to 1.03 times their prediction
-#: on the demo model (docs/performance.md, "Checked against a measurement").
-COST_MARGIN = 1.1
-_PERPLEXITY_SETS = ("text", "math", "code")
-
-
-class Speed(NamedTuple):
-    """This model's speed here, as `measure_speed` measured it."""
-
-    tokens_per_s: float  # token positions/s (padding included) of a pass that keeps the last position's logits
-    logits_tokens_per_s: float  # the same for a pass that keeps every position's logits (perplexity, multi-token KL)
-    step_s: float  # seconds per greedy decode step of a full batch of replies (reply_batch_size rows)
-    batch_step_s: float  # the same for batch_size rows
-
-
-@dataclass
-class EvalPlan:
-    """How many prompts of each test set fit ``budget_s`` here, from this model's measured speed (`plan_evaluation`).
-    Each set is the first ``sizes[name]`` prompts of its shipped split, as `EvalSets.default(limit)` cuts them, so a
-    set measured before at the same size (``sra evaluate --limit``) reads the same cached base."""
-
-    sizes: dict  # prompts per test set (harmful, harmless, over_refusal, text, math, code); 0 leaves a set out
-    judged_harmless: int  # the first harmless prompts whose replies are judged (`evaluate_model`'s judged_harmless)
-    reply_kl_prompts: int  # the first harmless prompts the multi-token KL reads the base model's replies to
-    baseline_replies: bool  # False: standard ablation gets its KLs and perplexities only, no judged replies
-    models: int  # base, SRA and (3) standard ablation
-    budget_s: float
-    estimate_s: float  # worst case: every reply runs to max_new_tokens; the speed measurement included
-    tokens_per_s: float
-    logits_tokens_per_s: float
-    step_s: float  # one greedy decode step of a batch of reply_batch_size replies
-    batch_step_s: float  # one of batch_size replies (the cost of a last, partial batch of at most as many)
-    reply_batch_size: int
-    batch_size: int
-
-    def sets(self) -> EvalSets:
-        full = EvalSets.default()
-        return EvalSets(**{name: getattr(full, name)[:n] for name, n in self.sizes.items()})
-
-    def evaluate_kwargs(self) -> dict:
-        """The sizes `evaluate_model` takes besides the sets."""
-        return {"judged_harmless": self.judged_harmless, "reply_kl_prompts": self.reply_kl_prompts}
-
-    def judged_sizes(self) -> dict:
-        """Judged replies per model: harmful, over-refusal and harmless prompts."""
-        return {"harmful": self.sizes["harmful"], "over_refusal": self.sizes["over_refusal"],
-                "harmless": min(self.judged_harmless, self.sizes["harmless"])}
-
-    def interval_widths(self) -> dict:
-        """Width of the 95% Clopper–Pearson interval of each judged rate at its widest (half the replies
-        refused), in rate units: what this sample size can resolve."""
-        return {name: round(clopper_pearson(n // 2, n)[1] - clopper_pearson(n // 2, n)[0], 4)
-                for name, n in self.judged_sizes().items() if n}
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "ci95_widths": self.interval_widths()}
-
-
-@torch.no_grad()
-def timed_generation(model: nn.Module, tokenizer, texts: Sequence[str], new_tokens: int) -> tuple[int, float, list[float]]:
-    """One left-padded batch of the chat-formatted ``texts`` continued greedily by ``new_tokens`` tokens (no row stops
-    early), with the per-row stopping check the evaluation runs and a clock at every step: ``(token positions of the
-    batch, seconds of the prefill and first token, seconds of each later decode step)``."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Clock(StoppingCriteria):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores, **kwargs):
-            self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    batch, clock = next(sorted_batches(tokenizer, list(texts), len(texts), input_device(model))), Clock()
-    start = time.perf_counter()
-    greedy_continuation(model, tokenizer, batch, new_tokens, min_new_tokens=new_tokens, stopping_criteria=
-                        StoppingCriteriaList([VerdictStop(tokenizer, batch.input_ids.shape[1], lambda text: False), clock]))
-    return batch.input_ids.numel(), clock.times[0] - start, [b - a for a, b in zip(clock.times, clock.times[1:])]
-
-
-@torch.no_grad()
-def measure_speed(model: nn.Module, tokenizer, prompts: Sequence[str], texts: Sequence[str], *, batch_size: int = 16,
-                  reply_batch_size: Optional[int] = None, system_prompt: Optional[str] = None, steps: int = 8) -> Speed:
-    """This model's `Speed` here: the perplexity pass over the first two ``texts`` (every position's logits; it is
-    also the warm-up, so it errs slow), then `timed_generation` of ``1 + steps`` tokens for the first ``batch_size``
-    and the first ``reply_batch_size`` ``prompts`` (default ``batch_size``: one generation): the prefill gives the
-    prompt tokens per second (the slower of the two), the steps after it the seconds per decode step. Rates count
-    token positions, padding included."""
-    formatted = format_chat(tokenizer, list(prompts), system_prompt)
-
-    def generation(rows: int) -> tuple[float, float]:
-        positions, prefill, step_s = timed_generation(model, tokenizer, formatted[:rows], 1 + steps)
-        return positions / max(prefill, 1e-6), max(sum(step_s) / steps, 1e-6)
-
-    texts, rows = list(texts)[:2], max(1, batch_size // 2)
-    start = time.perf_counter()
-    token_nll(model, tokenizer, texts, batch_size=rows)
-    read = _padded([len(c) for c in chunk_token_ids(tokenizer, texts)], rows) / max(time.perf_counter() - start, 1e-6)
-    rate, batch_step = generation(batch_size)
-    replies = reply_batch_size or batch_size
-    reply_rate, step = generation(replies) if replies != batch_size else (rate, batch_step)
-    return Speed(min(rate, reply_rate), read, step, batch_step)
-
-
-def _size_ladder(longest: int, batch_size: int, judged_harmless: int, reply_kl_prompts: int) -> list[dict]:
-    """Candidate sizes, richest first; `plan_evaluation` takes the first that fits. Down to the floor (64) every set
-    is cut at one limit, as ``--eval-limit`` cuts them; at the floor the rest gives way first, in this order:
-    standard ablation's own judged replies (it keeps its KLs and perplexities), the over-refusal replies (to 0),
-    the judged harmless replies (to 0), the perplexity sets (to 4 each), the multi-token KL prompts (to 8), then
-    the math and code perplexities, the text perplexity and the multi-token KL altogether; only then do harmful and
-    harmless prompts go below 64, together (the first-token KL stays on every harmless prompt)."""
-    def cut(n: int) -> dict:
-        return {"harmful": n, "harmless": n, "over_refusal": n, **{k: n for k in _PERPLEXITY_SETS},
-                "judged_harmless": min(n, judged_harmless), "reply_kl_prompts": min(n, reply_kl_prompts),
-                "baseline_replies": True}
-
-    ladder = [cut(n) for n in sorted({*range(PLAN_FLOOR, longest, batch_size), max(longest, PLAN_FLOOR)}, reverse=True)]
-    plan = {**cut(PLAN_FLOOR), "baseline_replies": False}
-    ladder.append(plan)
-    for keys, sizes in ((("over_refusal",), (48, 32, 16, 0)), (("judged_harmless",), (48, 32, 16, 0)),
-                        (_PERPLEXITY_SETS, (32, 16, 8, 4)), (("reply_kl_prompts",), (48, 32, 16, 8)),
-                        (("math", "code"), (0,)), (("text",), (0,)), (("reply_kl_prompts",), (0,))):
-        for n in sizes:
-            plan = {**plan, **{k: min(plan[k], n) for k in keys}}
-            ladder.append(plan)
-    for n in (48, 32, 16, 8, 4, 2, 1):
-        ladder.append({**plan, **{k: min(plan[k], n) for k in ("harmful", "harmless", "reply_kl_prompts",
-                                                                  *_PERPLEXITY_SETS)}})
-    return ladder
-
-
-class EvalCost:
-    """The seconds `plan_evaluation` charges each pass of the evaluation, from this model's `Speed` and the token
-    counts of the shipped test sets. Every pass is counted in the token positions it computes, padding included
-    (length-sorted batches, as `batching` forms them); the terms carry no margin, `cost` adds `COST_MARGIN`."""
-
-    def __init__(self, model: nn.Module, tokenizer, speed: Speed, *, batch_size: int = 16,
-                 reply_batch_size: Optional[int] = None, system_prompt: Optional[str] = None):
-        self.speed, self.batch_size, self.reply_batch_size = speed, batch_size, reply_batch_size or batch_size
-        full = EvalSets.default()
-
-        def chat(xs: list) -> list[list[int]]:
-            return _encode(tokenizer, format_chat(tokenizer, xs, system_prompt))
-
-        encoded = {"harmful": chat(full.harmful), "over_refusal": chat(full.over_refusal), "harmless": chat(full.harmless)}
-        self.prefix = {k: cached_prefix_length(model, v) for k, v in encoded.items()}
-        self.lengths = {k: [[len(e)] for e in v] for k, v in encoded.items()}  # per item, the rows it adds to a pass
-        self.lengths["text"] = [[len(c) for c in chunk_token_ids(tokenizer, [t])] for t in full.text]
-        for name in ("math", "code"):
-            pairs = getattr(full, name)
-            self.lengths[name] = [[len(p) + len(tokenizer(a, add_special_tokens=False)["input_ids"])]
-                                  for p, (_, a) in zip(chat([p for p, _ in pairs]), pairs)]
-
-    def _rows(self, name: str, k: int) -> list[int]:
-        return [n for item in self.lengths[name][:k] for n in item]
-
-    def prefill(self, name: str, k: int) -> float:
-        """The prompts of a generation over the first ``k`` items of set ``name``."""
-        return _padded(self._rows(name, k), self.reply_batch_size) / self.speed.tokens_per_s
-
-    def decode(self, k: int, length: int) -> float:
-        """``length`` greedy decode steps for ``k`` replies: full batches at the measured step, a last batch of at
-        most ``batch_size`` rows at the step measured for ``batch_size`` rows (a step never costs less with more rows)."""
-        full_batches, rest = divmod(k, self.reply_batch_size)
-        last = 0.0 if not rest else self.speed.batch_step_s if rest <= self.batch_size else self.speed.step_s
-        return length * (full_batches * self.speed.step_s + last)
-
-    def first_token(self, name: str, k: int) -> float:
-        """A first-token pass; `batching.prompt_batches` runs the prompts' shared chat opening once."""
-        shared = self.prefix[name] if k > 1 else 0
-        return (shared + _padded([m - shared for m in self._rows(name, k)], self.batch_size)) / self.speed.tokens_per_s
-
-    def reply_logits(self, k: int) -> float:
-        """Prompt and 32 reply tokens, teacher-forced, of the first ``k`` harmless prompts (multi-token KL)."""
-        return _padded([m + REPLY_TOKENS for m in self._rows("harmless", k)], self.batch_size) / self.speed.logits_tokens_per_s
-
-    def perplexity(self, name: str, k: int) -> float:
-        """The perplexity pass over the first ``k`` items of ``text``, ``math`` or ``code``."""
-        return _padded(self._rows(name, k), max(1, self.batch_size // 2)) / self.speed.logits_tokens_per_s
-
-    def cost(self, plan: dict, *, models: int, max_new_tokens: int) -> float:
-        """The evaluation of ``models`` models (base, SRA, standard ablation) at a `_size_ladder` entry."""
-        n = {k: min(plan[k], len(v)) for k, v in self.lengths.items()}
-        kl = min(plan["reply_kl_prompts"], n["harmless"])
-        judged = {"harmful": n["harmful"], "over_refusal": n["over_refusal"],
-                  "harmless": min(plan["judged_harmless"], n["harmless"])}
-        replies = sum(self.prefill(k, m) + self.decode(m, max_new_tokens) for k, m in judged.items())
-        replies += self.first_token("harmful", n["harmful"])  # the refusal score
-        collateral = (self.first_token("harmless", n["harmless"]) + self.reply_logits(kl)
-                      + sum(self.perplexity(s, n[s]) for s in _PERPLEXITY_SETS))
-        judging = models if plan["baseline_replies"] else min(models, 2)
-        base_replies = self.prefill("harmless", kl) + self.decode(kl, REPLY_TOKENS)
-        return COST_MARGIN * (judging * replies + models * collateral + base_replies)
-
-
-def plan_evaluation(model: nn.Module, tokenizer, budget_s: float, *, models: int = 3,
-                    max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16, reply_batch_size: Optional[int] = None,
-                    system_prompt: Optional[str] = None, judged_harmless: int = 64,
-                    reply_kl_prompts: int = 64) -> EvalPlan:
-    """The richest sizes (`_size_ladder`) whose worst-case cost (`EvalCost`) for ``models`` models (base, SRA,
-    standard ablation) fits ``budget_s``, the speed measurement (`measure_speed`) included. Per model that runs it:
-
-    * judged replies (harmful, over-refusal, harmless; standard ablation only while ``baseline_replies``): the
-      prompts in batches of ``reply_batch_size`` and ``max_new_tokens`` decode steps per batch. Every reply runs to
-      full length: one that stops early saves time;
-    * first-token passes (harmful: the refusal score; harmless: the first-token KL);
-    * the multi-token KL (prompt + 32 reply tokens) and the perplexity sets, at the every-position-logits rate;
-
-    plus, once, the base model's 32-token replies, and the sum times `COST_MARGIN`."""
-    start = time.perf_counter()
-    reply_batch = reply_batch_size or batch_size
-    full = EvalSets.default()
-    speed = measure_speed(model, tokenizer, full.harmless, full.text, batch_size=batch_size,
-                          reply_batch_size=reply_batch, system_prompt=system_prompt)
-    costs = EvalCost(model, tokenizer, speed, batch_size=batch_size, reply_batch_size=reply_batch,
-                     system_prompt=system_prompt)
-    spent = time.perf_counter() - start
-    ladder = _size_ladder(max(map(len, costs.lengths.values())), batch_size, judged_harmless, reply_kl_prompts)
-
-    def cost(plan: dict) -> float:
-        return spent + costs.cost(plan, models=models, max_new_tokens=max_new_tokens)
-
-    chosen = next((plan for plan in ladder if cost(plan) <= budget_s), ladder[-1])
-    sizes = {f.name: min(chosen[f.name], len(costs.lengths[f.name])) for f in dataclasses.fields(EvalSets)}
-    return EvalPlan(sizes, min(chosen["judged_harmless"], sizes["harmless"]),
-                    min(chosen["reply_kl_prompts"], sizes["harmless"]), chosen["baseline_replies"] and models > 2, models,
-                    float(budget_s), round(cost(chosen), 1), round(speed.tokens_per_s, 1),
-                    round(speed.logits_tokens_per_s, 1), round(speed.step_s, 4), round(speed.batch_step_s, 4), reply_batch,
-                    batch_size)
-
-
-def _padded(lengths: list[int], rows: int) -> int:
-    """Token positions a pass computes over sequences of ``lengths`` in length-sorted batches of ``rows``, padding
-    included (as `batching.id_batches` forms them)."""
-    ordered = sorted(lengths, reverse=True)
-    return sum(ordered[i] * len(ordered[i:i + rows]) for i in range(0, len(ordered), rows))
 
 
 # -- the base model's numbers, cached on disk ----------------------------------------------------------------

@@ -79,7 +79,8 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     dtypes = {"compute": _name(computed), "saved": _name(saved or computed)}
     plan = None
     if args.evaluate:
-        from ..evaluation import REPLY_BATCH_SIZE, EvalSets, cached_evaluation, evaluate_edit, plan_evaluation
+        from ..eval_plan import REPLY_BATCH_SIZE, plan_evaluation
+        from ..evaluation import EvalSets, cached_evaluation, evaluate_edit
 
         measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                        system_prompt=config.system_prompt, reply_batch_size=max(REPLY_BATCH_SIZE, config.batch_size))
@@ -141,7 +142,7 @@ def _name(dtype) -> str:
 
 def plan_line(plan) -> str:
     """The evaluation's prompts per test set, the interval widths they give and the budget they fit."""
-    from ..evaluation import PLAN_FLOOR
+    from ..eval_plan import PLAN_FLOOR
 
     plan = plan if isinstance(plan, dict) else plan.to_dict()
     sizes, widths = plan["sizes"], plan["ci95_widths"]
