@@ -15,6 +15,10 @@ Every results file has one shape, whatever wrote it::
 A cell is a rate ``{"rate", "k", "n", "ci95"}``, a number (formatted by the column's optional third entry, a
 ``str.format`` pattern; ``{:.3f}`` by default), a string, or absent ("–").
 
+A benchmark that writes its own shape (benchmarks/speed.py, streaming_rss.py, eval_plan.py) is rendered instead by
+the ``Spec`` that ``TABLES`` maps its marker name to: which files, which of their values each cell shows and how it
+is rounded; the line under the table names every file and the commit recorded in it.
+
     python scripts/render_results.py            # rewrite the tables in README.md and docs/*.md
     python scripts/render_results.py --check    # exit 1 if a committed table differs from its JSON
     python scripts/render_results.py --from-frontier   # write frontier_points.json from
@@ -26,9 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import string
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -69,10 +77,191 @@ def render_table(results: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_document(text: str, results_dir: Path = RESULTS) -> str:
-    """``text`` with every marked table rendered from ``results_dir/<name>.json``."""
+# -- tables drawn from benchmark files that keep their own shapes -------------------------------------------------
+class Spec(NamedTuple):
+    """A table rendered from one or more results files of any shape, named by ``TABLES[marker name]``.
+
+    Every cell is a ``str.format`` template over one file: ``{f[extraction][seconds][bare decoder forward]:.2f}``
+    is that value of the file (a list index is a number: ``{f[growth][prompts][0]}``), ``{name}`` the file's name in
+    the table. A list value is formatted item by item and joined with ", ", a boolean reads yes / no, null "–". A
+    number the table shows that the file does not hold is computed from the file's values by ``derived``
+    (``{f[<derived name>]}``), never typed into a template.
+
+    By default the files are the columns: of the header and of each row, the last ``per_file`` cells repeat once
+    per file; the cells before them are shared (a row's label, its target) and must read the same for every file.
+    With ``file_rows`` each file is a row instead: ``rows`` holds the one row of templates, the header is shared.
+    ``caption``, shared, is a line above the table; ``writer`` names the script that wrote the files.
+    """
+    files: tuple[tuple[str, str], ...]  # (file in the results folder, its name in the table)
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    writer: str
+    per_file: int = 1
+    file_rows: bool = False
+    caption: str = ""
+    derived: Mapping[str, Callable[[dict], object]] = MappingProxyType({})
+
+
+class _CellFormatter(string.Formatter):
+    """``str.format`` limited to looking values up by key or index (no attributes), with the cell conventions."""
+
+    def get_field(self, field_name, args, kwargs):
+        match = re.fullmatch(r"(\w+)((?:\[[^\]]*\])*)", field_name)
+        if not match or match.group(1) not in kwargs:
+            raise SystemExit(f"error: {field_name!r} is not a key path into the file, like f[a][b][0], or name")
+        value = kwargs[match.group(1)]
+        keys = re.findall(r"\[([^\]]*)\]", match.group(2))
+        for key in keys:
+            try:
+                value = value[int(key)] if isinstance(value, list) else value[key]
+            except (KeyError, IndexError, ValueError, TypeError):
+                raise SystemExit(f"error: a results table asks for {field_name!r}, but {key!r} is not there") from None
+        return value, match.group(1)
+
+    def format_field(self, value, format_spec):
+        if value is None:
+            return "–"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, list):
+            return ", ".join(self.format_field(item, format_spec) for item in value)
+        return format(value, format_spec).replace("|", "\\|")
+
+
+def _shared(template: str, files: list[dict]) -> str:
+    """A shared cell: the template reads the same for every file (a target the files disagree on is an error)."""
+    cells = {_CellFormatter().vformat(template, (), file) for file in files}
+    if len(cells) != 1:
+        raise SystemExit(f"error: the results files disagree on the shared cell {template!r}: {sorted(cells)}")
+    return cells.pop()
+
+
+def render_spec(spec: Spec, results_dir: Path = RESULTS) -> str:
+    """The Markdown table of ``spec``, with a line that names each file and the commit recorded in it."""
+    files, sources = [], []
+    for filename, name in spec.files:
+        path = results_dir / filename
+        if not path.is_file():
+            raise SystemExit(f"error: a results table reads {path}, which does not exist")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        clash = set(spec.derived) & set(data)
+        if clash:
+            raise SystemExit(f"error: {path} already holds {sorted(clash)}, which the table derives")
+        files.append({"f": {**data, **{key: derive(data) for key, derive in spec.derived.items()}}, "name": name})
+        shown = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+        commit = f"commit `{data['commit'][:12]}`" if data.get("commit") else "no commit recorded"
+        sources.append(f"`{shown}` ({commit})")
+    fill = _CellFormatter().vformat
+    if spec.file_rows:
+        lines = [[_shared(cell, files) for cell in spec.header]]
+        lines += [[fill(cell, (), file) for cell in spec.rows[0]] for file in files]
+    else:
+        def line(cells: tuple[str, ...]) -> list[str]:
+            own = len(cells) - spec.per_file
+            return ([_shared(cell, files) for cell in cells[:own]]
+                    + [fill(cell, (), file) for file in files for cell in cells[own:]])
+        lines = [line(spec.header)] + [line(row) for row in spec.rows]
+    table = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    table += ["| " + " | ".join(cells) + " |" for cells in lines[1:]]
+    caption = [_shared(spec.caption, files), ""] if spec.caption else []
+    listed = ", ".join(sources[:-1]) + " and " + sources[-1] if len(sources) > 1 else sources[0]
+    return "\n".join([*caption, *table, "", f"<sub>Generated by `scripts/render_results.py` from {listed}, written by "
+                                            f"`{spec.writer}`.</sub>"]) + "\n"
+
+
+def _padding(data: dict) -> dict[str, float]:
+    """The padded share of each shipped set as extraction batches it (sorted by length, shared opening cached)."""
+    return {name: sets["sorted, shared prefix cached"] for name, sets in data["padding_waste"].items()
+            if name != "target"}
+
+
+def _train_padding(data: dict) -> list[float]:
+    return [share for name, share in _padding(data).items() if name.endswith("_train")]
+
+
+def _ratio(ratio: str, numerator: str, denominator: str, unit: str) -> str:
+    """``**ratio** (numerator unit / denominator unit)``, each a key path into the file."""
+    return f"**{{f{ratio}:.2f}}** ({{f{numerator}:.2f}} {unit} / {{f{denominator}:.2f}} {unit})"
+
+
+def _check(label: str, key: str) -> tuple[str, ...]:
+    """A row of eval_plan.json's checks: predicted and measured seconds of one pass, and their ratio."""
+    check = f"f[checks][{key}]"
+    return (label, f"{{{check}[predicted_s]:.1f}} s", f"{{{check}[measured_s]:.1f}} s",
+            f"{{{check}[measured_over_predicted]:.2f}}")
+
+
+_SECONDS = "[extraction][seconds]"
+TABLES: dict[str, Spec] = {
+    # benchmarks/speed.py, both models side by side (docs/performance.md, Benchmarks)
+    "speed": Spec(
+        files=(("speed-demo.json", "Qwen2.5-Coder-0.5B (demo)"),
+               ("speed-qwen2.5-coder-1.5b-instruct.json", "Qwen2.5-Coder-1.5B")),
+        writer="benchmarks/speed.py",
+        caption="Both models, {f[prompts]} prompts ({f[tokens]} tokens), batches of {f[batch_size]}, {f[threads]} "
+                "thread; CPU seconds (best of two rounds):",
+        header=("measured side by side in one run", "target", "{name}, {f[parameters_b]:.2f}B params, {f[layers]} layers"),
+        rows=(("extraction / bare decoder forward", "≤ {f[extraction][targets][vs_bare_decoder]}",
+               _ratio("[extraction][vs_bare_decoder]", f"{_SECONDS}[extraction]", f"{_SECONDS}[bare decoder forward]",
+                      "s")),
+              ("extraction / full `model(**batch)`", "≤ {f[extraction][targets][vs_full_model]}",
+               _ratio("[extraction][vs_full_model]", f"{_SECONDS}[extraction]", f"{_SECONDS}[full model forward]", "s")),
+              ("padding waste, worst shipped set ({f[worst_padding_set]})", "≤ {f[padding_waste][target]:.0%}",
+               "**{f[worst_padding]:.1%}** (train sets {f[train_padding][0]:.1%}–{f[train_padding][1]:.1%})"),
+              ("search candidate / its unhooked passes", "≤ {f[search_candidate][target]}",
+               _ratio("[search_candidate][ratio]", "[search_candidate][seconds][candidate]",
+                      "[search_candidate][seconds][unhooked passes]", "s")),
+              ("peak RSS / (1.3 × model + 1 GiB)", "≤ 1",
+               _ratio("[peak_rss][ratio_to_budget]", "[peak_rss][peak_rss_gib]", "[peak_rss][budget_gib]", "GiB")),
+              ("extraction at {f[growth][prompts]} prompts", "linear",
+               "{f[growth][seconds_by_prompts]:.2f} s; R² {f[growth][fit_prompts][r2]:.2f}"),
+              ("extraction to depth ¼, ½, ¾, 1", "linear",
+               "{f[growth][seconds_by_depth]:.2f} s; R² {f[growth][fit_depth][r2]:.2f}")),
+        derived={"parameters_b": lambda d: d["parameters"] / 1e9,
+                 "worst_padding_set": lambda d: max(_padding(d), key=_padding(d).get),
+                 "worst_padding": lambda d: max(_padding(d).values()),
+                 "train_padding": lambda d: [min(_train_padding(d)), max(_train_padding(d))]}),
+    # benchmarks/streaming_rss.py, one row per model (docs/performance.md, Streaming bake memory)
+    "streaming_rss": Spec(
+        files=(("streaming_rss-demo.json", "Qwen2.5-Coder-0.5B (demo)"),
+               ("streaming_rss-qwen2.5-coder-1.5b-instruct.json", "Qwen2.5-Coder-1.5B")),
+        writer="benchmarks/streaming_rss.py",
+        file_rows=True,
+        header=("model", "fp32 size", "shards (largest)", "imports", "in-memory bake (peak, wall time)",
+                "streaming bake (peak, wall time)", "streaming above imports", "equal bit for bit"),
+        rows=(("{name}", "{f[model_gib]:.2f} GiB", "{f[shards]} ({f[largest_shard_gib]:.2f} GiB)",
+               "{f[runs][imports only][peak_rss_gib]:.2f} GiB",
+               "{f[runs][in-memory bake][peak_rss_gib]:.2f} GiB, {f[runs][in-memory bake][seconds]:.1f} s",
+               "{f[runs][streaming bake][peak_rss_gib]:.2f} GiB, {f[runs][streaming bake][seconds]:.1f} s",
+               "{f[runs][streaming bake][above_imports_gib]:.2f} GiB = "
+               "{f[streaming_above_imports_in_largest_shards]:.2f} × largest shard", "{f[bit_for_bit_equal]}"),)),
+    # benchmarks/eval_plan.py --check: the cost model's prediction against the measured pass (docs/performance.md)
+    "eval_plan_checks": Spec(
+        files=(("eval_plan.json", "measured"),),
+        writer="benchmarks/eval_plan.py --check",
+        per_file=3,
+        header=("pass (plan's sizes)", "predicted", "measured", "measured / predicted"),
+        rows=(_check("first-token, {f[plan][sizes][harmful]} harmful prompts (refusal score)",
+                     "first-token, harmful (refusal score)"),
+              _check("first-token, {f[plan][sizes][harmless]} harmless prompts (first-token KL)",
+                     "first-token, harmless (first-token KL)"),
+              _check("perplexity, {f[plan][sizes][text]} `general_test` texts", "perplexity, text"),
+              _check("base model's 32-token replies to {f[plan][reply_kl_prompts]} harmless prompts + their top-k pass",
+                     "base 32-token replies + top-k pass"),
+              _check("64 judged 128-token replies to harmful prompts (one batch, no row stopping early)",
+                     "64 judged 128-token replies"))),
+}
+
+
+def render_document(text: str, results_dir: Path = RESULTS, tables: Mapping[str, Spec] | None = None) -> str:
+    """``text`` with every marked table rendered: a name in ``tables`` (default ``TABLES``) from its spec's files,
+    any other name from ``results_dir/<name>.json`` in the shared shape."""
+    tables = TABLES if tables is None else tables
+
     def replace(match: re.Match) -> str:
         name = match.group("name")
+        if name in tables:
+            return match.group(1) + render_spec(tables[name], results_dir) + match.group(4)
         path = results_dir / f"{name}.json"
         if not path.is_file():
             raise SystemExit(f"error: a results marker names {name!r} but {path} does not exist")

@@ -25,7 +25,12 @@ def test_committed_tables_match_their_json(render):
         text = doc.read_text(encoding="utf-8")
         marked += text.count(":start -->")
         assert render.render_document(text) == text, f"{doc.name} is out of date: run python scripts/render_results.py"
-    assert marked >= 3  # README headline, docs/results.md frontier, docs/judge.md judge
+    assert marked >= 6  # README headline, docs/results.md frontier, docs/judge.md judge, docs/performance.md x3
+
+
+def test_every_table_spec_is_rendered_in_a_document(render):
+    text = "".join(doc.read_text(encoding="utf-8") for doc in render.documents())
+    assert [name for name in render.TABLES if f"<!-- results:{name}:start -->" not in text] == []
     assert render.main(["--check"]) == 0
 
 
@@ -73,3 +78,52 @@ def test_frontier_points_convert_to_the_shared_shape(render):
 def test_a_marker_without_its_json_is_a_clear_error(render, tmp_path):
     with pytest.raises(SystemExit, match="missing"):
         render.render_document("<!-- results:missing:start -->\n<!-- results:missing:end -->\n", tmp_path)
+
+
+def _write(folder, name, data):
+    (folder / name).write_text(json.dumps(data))
+
+
+def test_a_spec_renders_its_cells_from_several_files_of_their_own_shape(render, tmp_path):
+    run = {"commit": "aaaabbbbccccdddd", "layers": 4, "target": 1.1, "ok": True, "steps": [0.5, 1.25, 2.0],
+           "seconds": {"hooked pass": 3.0, "bare pass": 2.5}, "size": 630167424, "note": "a|b"}
+    _write(tmp_path, "one.json", run)
+    _write(tmp_path, "two.json", {**run, "commit": "eeeeffff00001111", "layers": 8, "ok": False, "steps": [1.0],
+                                  "seconds": {"hooked pass": 9.0, "bare pass": None}})
+    _write(tmp_path, "three.json", {k: v for k, v in run.items() if k != "commit"})
+    columns = render.Spec(
+        files=(("one.json", "small"), ("two.json", "big")), writer="bench.py", caption="{f[target]} at most:",
+        header=("what", "target", "{name} ({f[layers]} layers, {f[size_b]:.2f}B)"),
+        rows=(("hooked / bare", "≤ {f[target]}", "**{f[ratio]:.2f}** ({f[seconds][hooked pass]:.1f} s)"),
+              ("steps", "linear", "{f[steps]:.2f} s, first {f[steps][0]:.1f}"),
+              ("bare, equal", "", "{f[seconds][bare pass]:.1f}, {f[ok]}, {f[note]}")),
+        derived={"size_b": lambda d: d["size"] / 1e9, "ratio": lambda d: d["seconds"]["hooked pass"] / 2.0})
+    rows = render.Spec(files=(("one.json", "small"), ("three.json", "old")), writer="bench.py --rows", file_rows=True,
+                       header=("model", "layers"), rows=(("{name}", "{f[layers]}"),))
+    text = "<!-- results:cols:start -->\n<!-- results:cols:end -->\n<!-- results:rows:start -->\n<!-- results:rows:end -->\n"
+    out = render.render_document(text, tmp_path, {"cols": columns, "rows": rows})
+    lines = out.splitlines()
+    assert lines[1:4] == ["1.1 at most:", "", "| what | target | small (4 layers, 0.63B) | big (8 layers, 0.63B) |"]
+    assert lines[5] == "| hooked / bare | ≤ 1.1 | **1.50** (3.0 s) | **4.50** (9.0 s) |"
+    assert lines[6] == "| steps | linear | 0.50, 1.25, 2.00 s, first 0.5 | 1.00 s, first 1.0 |"
+    assert lines[7] == "| bare, equal |  | 2.5, yes, a\\|b | –, no, a\\|b |"
+    assert f"`{tmp_path / 'one.json'}` (commit `aaaabbbbcccc`) and `{tmp_path / 'two.json'}` (commit `eeeeffff0000`), " \
+           "written by `bench.py`.</sub>" in out
+    assert "| old | 4 |" in out and f"`{tmp_path / 'three.json'}` (no commit recorded), written by `bench.py --rows`" in out
+    assert render.render_document(out, tmp_path, {"cols": columns, "rows": rows}) == out
+
+
+def test_a_spec_refuses_files_that_disagree_on_a_shared_cell_or_lack_a_key(render, tmp_path):
+    _write(tmp_path, "a.json", {"commit": "1", "target": 1.0, "x": 1})
+    _write(tmp_path, "b.json", {"commit": "2", "target": 2.0})
+    both = (("a.json", "a"), ("b.json", "b"))
+    with pytest.raises(SystemExit, match="disagree on the shared cell"):
+        render.render_spec(render.Spec(files=both, writer="w", header=("t", "{name}"),
+                                       rows=(("≤ {f[target]}", "{f[x]}"),)), tmp_path)
+    with pytest.raises(SystemExit, match="'x' is not there"):
+        render.render_spec(render.Spec(files=both, writer="w", header=("{name}",), rows=(("{f[x]}",),)), tmp_path)
+    with pytest.raises(SystemExit, match="key path"):
+        render.render_spec(render.Spec(files=both, writer="w", header=("{f.__class__}",), rows=()), tmp_path)
+    with pytest.raises(SystemExit, match="already holds"):
+        render.render_spec(render.Spec(files=both, writer="w", header=("{name}",), rows=(),
+                                       derived={"target": lambda d: 0}), tmp_path)
