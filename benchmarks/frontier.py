@@ -49,6 +49,12 @@ def load(name: str):
     return make_tiny_model("qwen2"), make_tokenizer()
 
 
+def machine_info(device: str) -> dict:
+    """Where a benchmark ran, for its results record (the model is fp32 everywhere)."""
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    return {"device": name, "torch": torch.__version__, "dtype": "float32"}
+
+
 def tiny_config(iterations: int) -> SRAConfig:
     import sys
 
@@ -73,8 +79,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     model, tok = load(args.model)
     model.to(args.device)
-    machine = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
-               "torch": torch.__version__, "dtype": "float32"}
+    machine = machine_info(args.device)
     full = EvalSets.default(limit=args.limit)
     curve_sets = dataclasses.replace(full, over_refusal=[], math=[], code=[])
     measure = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)

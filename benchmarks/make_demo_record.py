@@ -49,7 +49,8 @@ def main() -> None:
     stages = [(name, timings[name]) for name in order if name in timings]
     stages += [(name, t) for name, t in timings.items() if name not in order]
     install = total - sum(t for _, t in stages)
-    rows = [{"name": "install, start-up and save (make, pip, imports, writing the folder: the rest of the wall time)", "seconds": install}]
+    rest = "install, start-up and save (make, pip, imports, writing the folder: the rest of the wall time)"
+    rows = [{"name": rest, "seconds": install}]
     rows += [{"name": f"sra ablate: {name}", "seconds": t} for name, t in stages]
     rows.append({"name": "total (GNU time, elapsed)", "seconds": total})
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)

@@ -23,14 +23,13 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
-from frontier import plot
+from frontier import load, machine_info, plot, tiny_config
 
-from transformers_sra import SRAConfig, load_demo_model
+from transformers_sra import SRAConfig
 from transformers_sra.atoms import AtomRegistry
 from transformers_sra.config import Budgets
 from transformers_sra.editing import BakeStack, ablate_activations
@@ -48,17 +47,6 @@ COLUMNS = [["name", "candidate"], ["refusal_rate", "refused harmful_val (95% CI)
            ["multi_token_kl", "KL along 32-token replies", "{:.4f}"],
            ["perplexity_change", "ΔPPL budget passages", "{:+.2%}"], ["refusal_score", "refusal score", "{:.3f}"]]
 SPLITS = ((1.0, 1.0), (1.0, 0.5), (0.5, 1.0))  # (attention-out, MLP-down) factors
-
-
-def load(name: str):
-    if name != "tiny":
-        return load_demo_model(dtype=torch.float32)
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import make_tiny_model, make_tokenizer
-
-    return make_tiny_model("qwen2"), make_tokenizer()
 
 
 def profile(scale: float, attn: float, mlp: float) -> StrengthProfile:
@@ -89,16 +77,10 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model, tok = load(args.model)
     model.to(args.device)
-    machine = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
-               "torch": torch.__version__, "dtype": "float32"}
+    machine = machine_info(args.device)
     config = SRAConfig()
     if args.model == "tiny":
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from test_pipeline_cli import SMALL
-
-        config = SRAConfig(**{**SMALL, "fluency_rank": 2})
+        config = dataclasses.replace(tiny_config(0), fluency_rank=2)
     rank = config.fluency_ranks[0] if config.fluency_rank == "auto" else config.fluency_rank
     if args.layers:
         config = dataclasses.replace(config, candidate_layers=args.layers)
