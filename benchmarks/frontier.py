@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from transformers_sra import SRAConfig, apply_surgical_ablation, bake_direction, load_demo_model
-from transformers_sra.evaluation import EvalSets, evaluate_model, reapply_edit, results_record, write_results
+from transformers_sra.evaluation import EvalSets, evaluate_model, git_commit, reapply_edit, results_record, write_results
 
 COLUMNS = [["name", "point"], ["refusal_rate", "refused (95% CI)"], ["degenerate_rate", "degenerate (95% CI)"],
            ["first_token_kl", "first-token KL", "{:.3f}"], ["multi_token_kl", "KL along 32-token replies", "{:.4f}"],
@@ -79,7 +79,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     model, tok = load(args.model)
     model.to(args.device)
-    machine = machine_info(args.device)
+    machine, commit = machine_info(args.device), git_commit()  # the tree this run started from
     full = EvalSets.default(limit=args.limit)
     curve_sets = dataclasses.replace(full, over_refusal=[], math=[], code=[])
     measure = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
@@ -98,7 +98,7 @@ def main() -> None:
               f"ΔPPL {m.get('perplexity_change', 0):+.2%}", flush=True)
         record_ = results_record(evaluations, full, command="python benchmarks/frontier.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if v is not None and k != "out"), extra={"machine": machine})
+            for k, v in vars(args).items() if v is not None and k != "out"), extra={"machine": machine}, commit=commit)
         for row, extra_ in zip(record_["rows"], rows):
             row.update(extra_)
         write_results(out / "frontier_points.json", {**record_, "columns": COLUMNS})

@@ -33,7 +33,7 @@ from transformers_sra import SRAConfig
 from transformers_sra.atoms import AtomRegistry
 from transformers_sra.config import Budgets
 from transformers_sra.editing import BakeStack, ablate_activations
-from transformers_sra.evaluation import EvalSets, evaluate_model, results_record, write_results
+from transformers_sra.evaluation import EvalSets, evaluate_model, git_commit, results_record, write_results
 from transformers_sra.inputs import resolve_inputs
 from transformers_sra.judge import Outcome
 from transformers_sra.mining import MiningSetup, judge_replies, next_direction
@@ -77,7 +77,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model, tok = load(args.model)
     model.to(args.device)
-    machine = machine_info(args.device)
+    machine, commit = machine_info(args.device), git_commit()  # the tree this run started from
     config = SRAConfig()
     if args.model == "tiny":
         config = dataclasses.replace(tiny_config(0), fluency_rank=2)
@@ -119,7 +119,7 @@ def main() -> None:
               f"KL {m['first_token_kl']:.4f}  KL32 {m['multi_token_kl']:.4f}  ΔPPL {m['perplexity_change']:+.2%}",
               flush=True)
         record = results_record(evaluations, sets, command=command,
-                                extra={"machine": machine, "split": "validation", "columns": COLUMNS})
+                                extra={"machine": machine, "split": "validation", "columns": COLUMNS}, commit=commit)
         for r, extra in zip(record["rows"], rows):
             r.update(extra)
         write_results(Path(args.out) / "validation_sweep.json", record)

@@ -81,7 +81,7 @@ def measured(demo):
     import time
 
     from transformers_sra import SRAConfig, apply_surgical_ablation, load_prompts
-    from transformers_sra.evaluation import EvalSets, evaluate_edit, evaluate_model, results_record, write_results
+    from transformers_sra.evaluation import EvalSets, evaluate_edit, evaluate_model, git_commit, results_record, write_results
     from transformers_sra.prompts import load_corpus
 
     model, tokenizer = demo
@@ -91,6 +91,7 @@ def measured(demo):
     # collateral numbers (KLs, perplexity) but not its 200 replies
     measure = dict(batch_size=32, judged_harmless=0)
     original = {k: v.clone() for k, v in model.state_dict().items()}
+    commit = git_commit()  # the tree this run started from, whatever is committed while it runs
     base = evaluate_model(model, tokenizer, sets, **measure)
     start = time.perf_counter()
     report = apply_surgical_ablation(model, tokenizer, SRAConfig())
@@ -106,7 +107,7 @@ def measured(demo):
             {k: evaluated[k] for k in ("base", "sra", "standard")}, sets, report=report,
             command="SRA_RESULTS=benchmarks/results/headline.json python -m pytest -m real_model tests/test_real_model.py",
             extra={"pipeline_seconds": seconds, "timings": report.timings, "direction_layer": report.direction_layer,
-                   "strength": report.strength, "mining": report.iterations}))
+                   "strength": report.strength, "mining": report.iterations}, commit=commit))
     keys = ("refusal_rate", "refusal_rate_ci95", "degenerate_rate", "answered_rate", "first_token_kl", "multi_token_kl",
             "perplexity_change")
     for name in ("base", "sra", "standard"):

@@ -127,3 +127,13 @@ def test_a_spec_refuses_files_that_disagree_on_a_shared_cell_or_lack_a_key(rende
     with pytest.raises(SystemExit, match="already holds"):
         render.render_spec(render.Spec(files=both, writer="w", header=("{name}",), rows=(),
                                        derived={"target": lambda d: 0}), tmp_path)
+
+
+def test_a_results_record_names_the_commit_its_run_started_from():
+    from transformers_sra.evaluation import EvalSets, git_commit, results_record
+
+    sets = EvalSets(harmful=["a"], harmless=["b"], over_refusal=[], text=[], math=[], code=[])
+    metrics = {"refusal_rate": 0.5, "refusal_rate_ci95": [0.1, 0.9], "refusal_rate_count": 1, "refusal_rate_n": 2}
+    started = results_record({"base": metrics}, sets, commit="0123abc")
+    assert started["commit"] == "0123abc" and started["rows"][0]["refusal_rate"]["k"] == 1
+    assert results_record({"base": metrics}, sets)["commit"] == git_commit() != "0123abc"

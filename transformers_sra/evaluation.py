@@ -403,9 +403,10 @@ def git_commit() -> str:
 
 
 def results_record(evaluations: dict, sets: EvalSets, *, report=None, judge=None, command: str = "",
-                   max_new_tokens: int = JUDGE_TOKENS, extra: Optional[dict] = None) -> dict:
+                   max_new_tokens: int = JUDGE_TOKENS, extra: Optional[dict] = None, commit: Optional[str] = None) -> dict:
     """``{"commit", "command", "config_sha256", "sets", "judge", "rows": [...]}``: one row per evaluated model with
-    every metric (rates as ``{"rate", "k", "n", "ci95"}``). `write_results` saves it; README tables render from it."""
+    every metric (rates as ``{"rate", "k", "n", "ci95"}``). `write_results` saves it; README tables render from it.
+    ``commit``: the one the run started from (`git_commit()` when it began); default, the checkout's now."""
     rows = []
     for name, evaluation in evaluations.items():
         m = evaluation.metrics if isinstance(evaluation, Evaluation) else evaluation
@@ -417,7 +418,7 @@ def results_record(evaluations: dict, sets: EvalSets, *, report=None, judge=None
                 row[key] = value
         rows.append(row)
     config = report.config if report is not None else {}
-    return {"commit": git_commit(), "command": command,
+    return {"commit": commit or git_commit(), "command": command,
             "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
             "sets": sets.sizes(), "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
             "max_new_tokens": max_new_tokens, "rows": rows, **(extra or {})}
