@@ -86,8 +86,8 @@ class EvalPlan:
     def interval_widths(self) -> dict:
         """Width of the 95% Clopper–Pearson interval of each judged rate at its widest (half the replies
         refused), in rate units: what this sample size can resolve."""
-        return {name: round(clopper_pearson(n // 2, n)[1] - clopper_pearson(n // 2, n)[0], 4)
-                for name, n in self.judged_sizes().items() if n}
+        intervals = {name: clopper_pearson(n // 2, n) for name, n in self.judged_sizes().items() if n}
+        return {name: round(high - low, 4) for name, (low, high) in intervals.items()}
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "ci95_widths": self.interval_widths()}
@@ -172,9 +172,10 @@ class EvalCost:
     (length-sorted batches, as `batching` forms them); the terms carry no margin, `cost` adds `COST_MARGIN`."""
 
     def __init__(self, model: nn.Module, tokenizer, speed: Speed, *, batch_size: int = 16,
-                 reply_batch_size: Optional[int] = None, system_prompt: Optional[str] = None):
+                 reply_batch_size: Optional[int] = None, system_prompt: Optional[str] = None,
+                 sets: Optional[EvalSets] = None):
         self.speed, self.batch_size, self.reply_batch_size = speed, batch_size, reply_batch_size or batch_size
-        full = EvalSets.default()
+        full = sets or EvalSets.default()
 
         def chat(xs: list) -> list[list[int]]:
             return _encode(tokenizer, format_chat(tokenizer, xs, system_prompt))
@@ -250,7 +251,7 @@ def plan_evaluation(model: nn.Module, tokenizer, budget_s: float, *, models: int
     speed = measure_speed(model, tokenizer, full.harmless, full.text, batch_size=batch_size,
                           reply_batch_size=reply_batch, system_prompt=system_prompt)
     costs = EvalCost(model, tokenizer, speed, batch_size=batch_size, reply_batch_size=reply_batch,
-                     system_prompt=system_prompt)
+                     system_prompt=system_prompt, sets=full)
     spent = time.perf_counter() - start
     ladder = _size_ladder(max(map(len, costs.lengths.values())), batch_size, judged_harmless, reply_kl_prompts)
 

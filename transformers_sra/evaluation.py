@@ -320,8 +320,9 @@ def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = No
     sets = sets or EvalSets.default()
     if judge is not None and not isinstance(judge, str):
         return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
+    template = current_template_kwargs()  # no arguments: the key of every cache made before they were keyed
     key = hashlib.sha256(json.dumps([model_fingerprint(model), judge, max_new_tokens, kwargs.get("system_prompt"),
-                                     __version__] + ([current_template_kwargs()] if current_template_kwargs() else []),
+                                     __version__] + ([template] if template else []),
                                     sort_keys=True, default=str).encode()).hexdigest()[:32]
     folder = Path(cache_dir or default_cache_dir() / "evaluations") / key
     return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, cache_dir=folder, **kwargs)
