@@ -151,8 +151,7 @@ def main() -> None:
         for contrast, others in (("answered", answered), ("harmless", setup.harmless)):
             second = next_direction(model, tok, refused, others, setup, [first])
             for gamma in args.rank2:
-                scaled = dataclasses.replace(tent, peak=min(tent.peak * gamma, 2.0), floor=tent.floor * gamma)
-                with ablate_activations(model, second, scaled):
+                with ablate_activations(model, second, profile(gamma, tent.attn, tent.mlp)):
                     evaluate(f"L{layer} x1.0 + mined vs {contrast} x{gamma}",
                              {"method": f"rank2_{contrast}", "layer": layer, "rank": 2, "scale2": gamma,
                               "still_refused_train": len(refused)})
