@@ -1,27 +1,33 @@
-"""Evaluation speed on the demo model: judged replies with and without per-row stopping, and how often
-cutting an *answer* early would change the judge's verdict (why answers run to full length).
+"""Judged replies on the demo model, decoded two ways side by side in one run: ``model.generate`` with a per-row
+stop (a finished row stays in its batch as padding until the batch's last row ends, as transformers does) and
+`decoding.greedy_decode` (a finished row leaves the batch; the shared chat opening runs once). Both use the
+evaluation's stop rule (`VerdictStop.refusal_settled`), so the replies must be the same; the benchmark says
+whether they are, the seconds of each, and the rows every forward pass computed. It also counts, on the shipped
+labelled replies, how many verdicts a rule that cut *answers* after N answer words would change (the rule the
+evaluation does not use; why answers run to full length).
 
-    python benchmarks/eval_speed.py --n 64 --threads 2 [--dtype float32] [--out benchmarks/results/eval_speed.json]
-
-Prints and writes: the compute dtype chosen for this CPU, seconds per generation with and without
-`VerdictStop`, whether every verdict agrees, mean reply tokens, and, on the full replies, the share whose
-verdict flips if a reply were cut at N answer words (the rule the evaluation does not use).
+    python benchmarks/eval_speed.py --n 64 --dtype float32 --out benchmarks/results/eval_speed.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import time
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from transformers_sra import load_demo_model
+from transformers_sra.batching import pad_id
 from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype
-from transformers_sra.judge import _ANSWER, _WORD, VerdictStop, generate, is_refusal
-from transformers_sra.prompts import load_prompts
+from transformers_sra.decoding import eos_token_ids, greedy_decode, reply_batches
+from transformers_sra.evaluation import git_commit, write_results
+from transformers_sra.judge import _ANSWER, _WORD, JUDGE_TOKENS, VerdictStop, classify, is_refusal, labelled_replies
+from transformers_sra.prompts import format_chat, load_prompts
+
+COMMAND = "python benchmarks/eval_speed.py --n 64 --dtype float32 --out benchmarks/results/eval_speed.json"
 
 
 def answer_cut(reply: str, words: int) -> str:
@@ -34,40 +40,93 @@ def answer_cut(reply: str, words: int) -> str:
     return reply
 
 
+class _PaddedStop(StoppingCriteria):
+    """transformers' way: a row whose verdict is settled is marked finished and padded while its batch goes on."""
+
+    def __init__(self, stop: VerdictStop, prompt_length: int):
+        self.stop, self.prompt_length, self.lengths = stop, prompt_length, {}
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        for row in range(input_ids.shape[0]):
+            if row not in self.lengths and self.stop(input_ids[row, self.prompt_length:].tolist()):
+                self.lengths[row] = input_ids.shape[1] - self.prompt_length
+        return torch.tensor([row in self.lengths for row in range(input_ids.shape[0])])
+
+
+def with_generate(model, tokenizer, batch, stop: VerdictStop, count) -> list[list[int]]:
+    criteria = _PaddedStop(stop, batch.input_ids.shape[1])
+    hook = model.register_forward_pre_hook(lambda m, a, k: count(k["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        new = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                             max_new_tokens=JUDGE_TOKENS, pad_token_id=pad_id(tokenizer), temperature=None, top_p=None,
+                             top_k=None, stopping_criteria=StoppingCriteriaList([criteria]))[:, batch.input_ids.shape[1]:]
+    finally:
+        hook.remove()
+    eos = set(eos_token_ids(model, tokenizer))
+    replies = []
+    for row, ids in enumerate(new.tolist()):
+        ids = ids[: criteria.lengths.get(row, len(ids))]
+        replies.append(ids[: next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))])
+    return replies
+
+
+def run(model, tokenizer, texts: list[str], batch_size: int, decode) -> dict:
+    """Seconds, CPU seconds and forward rows of decoding ``texts`` with ``decode`` (``"generate"`` or ours)."""
+    stop, rows, replies = VerdictStop(tokenizer), [0], {}
+    eos = eos_token_ids(model, tokenizer)
+    start, cpu = time.perf_counter(), time.process_time()
+    if decode == "generate":
+        from transformers_sra.batching import input_device, sorted_batches
+
+        batches = sorted_batches(tokenizer, texts, batch_size, input_device(model))
+    else:
+        batches = reply_batches(model, tokenizer, texts, batch_size)
+    for batch in batches:
+        if decode == "generate":
+            out = with_generate(model, tokenizer, batch, stop, lambda n: rows.__setitem__(0, rows[0] + n))
+        else:
+            out = greedy_decode(model, batch, JUDGE_TOKENS, eos_ids=eos, stop=stop,
+                                on_step=lambda n: rows.__setitem__(0, rows[0] + n))
+        replies.update(zip(batch.indices, out))
+    return {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
+            "forward_rows": rows[0], "reply_tokens": sum(map(len, replies.values())),
+            "replies": [tokenizer.decode(replies[i], skip_special_tokens=True) for i in range(len(texts))]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--sets", nargs="+", default=["harmful_test"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--set", default="harmful_val")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = compute_dtype(DEMO_DTYPE) if args.dtype == "auto" else getattr(torch, args.dtype)
     model, tokenizer = load_demo_model(dtype=dtype)
-    result = {"dtype": str(dtype), "threads": args.threads, "n": args.n, "load_average": os.getloadavg()}
-    for name in args.sets:
-        prompts = load_prompts(name)[: args.n]
-        row = {}
-        for label, stop in (("stopped", VerdictStop.refusal_settled), ("full", None)):
-            start, cpu = time.perf_counter(), time.process_time()
-            replies = generate(model, tokenizer, prompts, max_new_tokens=128, batch_size=16, stop_when=stop)
-            row[label] = {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
-                          "mean_tokens": sum(len(tokenizer(r)["input_ids"]) for r in replies) / len(replies),
-                          "refused": sum(map(is_refusal, replies))}
-            row[f"{label}_replies"] = replies
-        row["verdicts_equal"] = [is_refusal(r) for r in row["stopped_replies"]] == [
-            is_refusal(r) for r in row["full_replies"]]
-        answered = [r for r in row["full_replies"] if not is_refusal(r)]
-        row["answer_cut_flips"] = {w: sum(is_refusal(answer_cut(r, w)) != is_refusal(r) for r in row["full_replies"])
-                                   for w in (12, 24, 48)}
-        row["answered"] = len(answered)
-        result[name] = {k: v for k, v in row.items() if not k.endswith("_replies")}
-        print(name, result[name], flush=True)
-    result["load_average_after"] = os.getloadavg()
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)  # numbers only: the replies to harmful prompts are not kept
+    texts = format_chat(tokenizer, load_prompts(args.set)[: args.n])
+    commit, load = git_commit(), os.getloadavg()
+    ways = {way: run(model, tokenizer, texts, args.batch_size, way) for way in ("generate", "greedy_decode")}
+    old, new = ways["generate"], ways["greedy_decode"]
+    outcomes = {way: [classify(r).value for r in w["replies"]] for way, w in ways.items()}
+    labelled = [r["reply"] for r in labelled_replies()]
+    row = {"name": f"{args.set}[:{args.n}], {JUDGE_TOKENS}-token replies, batches of {args.batch_size}",
+           "dtype": str(dtype).removeprefix("torch."), "threads": args.threads,
+           **{f"{way}_{k}": v for way, w in ways.items() for k, v in w.items() if k != "replies"},
+           "seconds_ratio": round(new["seconds"] / old["seconds"], 3),
+           "cpu_ratio": round(new["cpu_seconds"] / old["cpu_seconds"], 3),
+           "rows_ratio": round(new["forward_rows"] / old["forward_rows"], 3),
+           "same_replies": sum(a == b for a, b in zip(old["replies"], new["replies"])), "n": len(texts),
+           "same_outcomes": sum(a == b for a, b in zip(*outcomes.values())),
+           "refused": outcomes["greedy_decode"].count("refused"),
+           "labelled_replies": len(labelled),
+           **{f"answer_cut_{w}_flips": sum(is_refusal(answer_cut(r, w)) != is_refusal(r) for r in labelled)
+              for w in (12, 24, 48)}}
+    print(row, flush=True)
+    if args.out:  # numbers only: replies to harmful prompts are not kept
+        write_results(args.out, {"commit": commit, "command": COMMAND, "load_average": [load, os.getloadavg()],
+                                 "rows": [row]})
 
 
 if __name__ == "__main__":

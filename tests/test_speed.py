@@ -80,8 +80,9 @@ _SCRIPTS = {  # what the scripted model replies, by the prompt's last word (toke
 
 
 def _scripted(max_new_tokens: int = 20):
-    """A tiny model whose lm_head is overridden to reply each prompt's script word by word: real
-    ``model.generate`` machinery (per-row stopping, padding of finished rows), known replies."""
+    """A tiny model whose lm_head is overridden to reply each prompt's script word by word: the real decoding
+    (`decoding.greedy_decode`: KV cache, finished rows leaving the batch), known replies. ``state["rows_computed"]``
+    counts the rows every forward pass computed."""
     words = sorted({w for s in _SCRIPTS.values() for w in s.split()} | set(_SCRIPTS) | {"filler"})
     vocab = {w: i for i, w in enumerate(["[PAD]", "[BOS]", "[EOS]", "[UNK]", "<", ">", "user", "assistant"] + words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -94,11 +95,24 @@ def _scripted(max_new_tokens: int = 20):
     model = make_tiny_model("qwen2")
     model.resize_token_embeddings(len(vocab))
     scripts = {vocab[k]: [vocab[w] for w in s.split()] + [vocab["filler"]] * max_new_tokens for k, s in _SCRIPTS.items()}
-    state = {"rows": [], "t": 0, "forwards": 0}
+    state = {"rows": [], "t": 0, "forwards": 0, "rows_computed": 0}
+
+    def follow(module, args, kwargs, output):
+        # a row that leaves the batch leaves the KV cache (`Cache.reorder_cache`); the scripts follow the cache's rows
+        cache, reorder = output.cache, output.cache.reorder_cache
+        if getattr(reorder, "followed", False):
+            return
+
+        def reordered(keep):
+            state["rows"] = [state["rows"][i] for i in keep.tolist()]
+            reorder(keep)
+        reordered.followed = True
+        cache.reorder_cache = reordered
 
     def before(module, args, kwargs):
         ids = kwargs["input_ids"]
         state["forwards"] += 1
+        state["rows_computed"] += ids.shape[0]
         if ids.shape[1] > 1:  # the prompt: which script each row follows
             state["rows"], state["t"] = [next(scripts[int(i)] for i in row if int(i) in scripts) for row in ids], 0
         else:
@@ -111,6 +125,7 @@ def _scripted(max_new_tokens: int = 20):
         return out
 
     model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(follow, with_kwargs=True)
     model.lm_head.register_forward_hook(after)
     return model, tok, state
 
@@ -132,6 +147,11 @@ def test_stopped_rows_are_the_full_replies_cut_at_the_stop_and_the_others_are_un
     assert state["forwards"] == len(cut.split())
     # and in several batches, each row keeps its own stop
     assert generate(model, tok, prompts, max_new_tokens=20, batch_size=2, stop_when=VerdictStop.refusal_settled) == stopped
+    # a row that has ended leaves its batch: a refusal beside an answer costs its own 9 steps, not the answer's 20
+    state["rows_computed"] = 0
+    assert generate(model, tok, ["refuse", "answer"], max_new_tokens=20, stop_when=VerdictStop.refusal_settled) == [
+        cut, _SCRIPTS["answer"]]
+    assert state["rows_computed"] == 2 * 9 + (20 - 9)  # two rows for 9 passes, then the answer alone to its 20th token
 
 
 _TRICKY = [

@@ -35,23 +35,23 @@ class Batch:
     def model_inputs(self, model: nn.Module) -> dict:
         """Keyword arguments for ``model(**...)``: ids, mask, positions and, if any, the shared prefix's cache."""
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if _takes_positions(model):
+        if takes_positions(model):
             inputs["position_ids"] = self.position_ids
         if self.prefix_cache is not None:
             cache = copy.deepcopy(self.prefix_cache)
             cache.batch_repeat_interleave(len(self.indices))
             n = cache.get_seq_length()
-            inputs[_cache_argument(model)] = cache
+            inputs[cache_argument(model)] = cache
             inputs["attention_mask"] = torch.cat([self.attention_mask.new_ones(len(self.indices), n), self.attention_mask], 1)
             inputs["position_ids"] = self.position_ids + n
         return inputs
 
 
-def _takes_positions(model: nn.Module) -> bool:
+def takes_positions(model: nn.Module) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     # transformers renames past_key_values to cache (5.2x); use whichever this model's forward names
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -91,7 +91,7 @@ def prompt_batches(
     cache = DynamicCache(config=getattr(model, "config", None))
     ids = torch.tensor([encoded[0][:n]], device=device)
     run({"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(n, device=device)[None],
-         _cache_argument(model): cache})
+         cache_argument(model): cache})
     for batch in id_batches([e[n:] for e in encoded], batch_size, device, pad_id(tokenizer)):
         batch.prefix_cache = cache
         yield batch
@@ -101,7 +101,7 @@ def cached_prefix_length(model: nn.Module, encoded: Sequence[Sequence[int]], min
                          keep_last: int = 1) -> int:
     """Tokens of the shared opening that `prompt_batches` runs once for ``encoded`` (0 when it runs none)."""
     n = _shared_prefix_length(encoded, keep_last)
-    if n < min_prefix or not _takes_positions(model) or os.environ.get("TRANSFORMERS_SRA_PREFIX_CACHE") == "0":
+    if n < min_prefix or not takes_positions(model) or os.environ.get("TRANSFORMERS_SRA_PREFIX_CACHE") == "0":
         return 0
     return n
 

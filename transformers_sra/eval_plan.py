@@ -18,9 +18,10 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from .batching import _encode, cached_prefix_length, input_device, sorted_batches
+from .batching import _encode, cached_prefix_length
+from .decoding import greedy_decode, reply_batches
 from .evaluation import EvalSets
-from .judge import JUDGE_TOKENS, VerdictStop, greedy_continuation
+from .judge import JUDGE_TOKENS, VerdictStop
 from .metrics import chunk_token_ids, clopper_pearson
 from .nll import token_nll
 from .prompts import format_chat
@@ -95,24 +96,15 @@ class EvalPlan:
 
 @torch.no_grad()
 def timed_generation(model: nn.Module, tokenizer, texts: Sequence[str], new_tokens: int) -> tuple[int, float, list[float]]:
-    """One left-padded batch of the chat-formatted ``texts`` continued greedily by ``new_tokens`` tokens (no row stops
-    early), with the per-row stopping check the evaluation runs and a clock at every step: ``(token positions of the
-    batch, seconds of the prefill and first token, seconds of each later decode step)``."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Clock(StoppingCriteria):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores, **kwargs):
-            self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    batch, clock = next(sorted_batches(tokenizer, list(texts), len(texts), input_device(model))), Clock()
+    """One batch of the chat-formatted ``texts`` continued greedily by ``new_tokens`` tokens (no row ends early), the
+    way the evaluation decodes (`decoding.greedy_decode`, the per-row verdict check included), with a clock at every
+    step: ``(token positions of the batch, seconds of the prefill and first token, seconds of each later step)``."""
+    times: list[float] = []
+    batch = next(iter(reply_batches(model, tokenizer, list(texts), len(texts))))
     start = time.perf_counter()
-    greedy_continuation(model, tokenizer, batch, new_tokens, min_new_tokens=new_tokens, stopping_criteria=
-                        StoppingCriteriaList([VerdictStop(tokenizer, batch.input_ids.shape[1], lambda text: False), clock]))
-    return batch.input_ids.numel(), clock.times[0] - start, [b - a for a, b in zip(clock.times, clock.times[1:])]
+    greedy_decode(model, batch, new_tokens, eos_ids=[], ignore_eos=True, stop=VerdictStop(tokenizer, lambda text: False),
+                  on_step=lambda rows: times.append(time.perf_counter()))
+    return batch.input_ids.numel(), times[0] - start, [b - a for a, b in zip(times, times[1:])]
 
 
 @torch.no_grad()
@@ -192,9 +184,14 @@ class EvalCost:
     def _rows(self, name: str, k: int) -> list[int]:
         return [n for item in self.lengths[name][:k] for n in item]
 
+    def _prompts(self, name: str, k: int, batch_size: int) -> float:
+        # `batching.prompt_batches` runs the prompts' shared chat opening once
+        shared = self.prefix[name] if k > 1 else 0
+        return (shared + _padded([m - shared for m in self._rows(name, k)], batch_size)) / self.speed.tokens_per_s
+
     def prefill(self, name: str, k: int) -> float:
-        """The prompts of a generation over the first ``k`` items of set ``name``."""
-        return _padded(self._rows(name, k), self.reply_batch_size) / self.speed.tokens_per_s
+        """The prompts of a generation over the first ``k`` items of set ``name`` (`decoding.reply_batches`)."""
+        return self._prompts(name, k, self.reply_batch_size)
 
     def decode(self, k: int, length: int) -> float:
         """``length`` greedy decode steps for ``k`` replies: full batches at the measured step, a last batch of at
@@ -204,9 +201,8 @@ class EvalCost:
         return length * (full_batches * self.speed.step_s + last)
 
     def first_token(self, name: str, k: int) -> float:
-        """A first-token pass; `batching.prompt_batches` runs the prompts' shared chat opening once."""
-        shared = self.prefix[name] if k > 1 else 0
-        return (shared + _padded([m - shared for m in self._rows(name, k)], self.batch_size)) / self.speed.tokens_per_s
+        """A first-token pass over the first ``k`` items of set ``name``."""
+        return self._prompts(name, k, self.batch_size)
 
     def reply_logits(self, k: int) -> float:
         """Prompt and 32 reply tokens, teacher-forced, of the first ``k`` harmless prompts (multi-token KL)."""

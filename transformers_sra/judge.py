@@ -33,7 +33,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .batching import NUMERICS_HINT, check_finite, input_device, pad_id, prompt_batches, sorted_batches
+from .batching import NUMERICS_HINT, check_finite, prompt_batches
+from .decoding import eos_token_ids, greedy_decode, reply_batches
 from .distributed import Rows, gather_texts, shard
 from .errors import ConfigError, NumericsError
 from .progress import bar
@@ -303,18 +304,16 @@ def refusal_token_ids(tokenizer) -> list[int]:
 
 
 class VerdictStop:
-    """A per-row ``StoppingCriteria`` for ``model.generate``: a row stops as soon as ``verdict_fixed`` says its
-    reply so far can no longer change the judge's verdict (default `refusal_settled`). Returns one bool per row,
-    as transformers 5 allows; ``lengths[row]`` is the reply's token count at its stop."""
+    """A reply's stop rule for `decoding.greedy_replies`: called with a row's reply tokens so far, it says whether
+    ``verdict_fixed`` (default `refusal_settled`) holds for their text, so that the row can end there."""
 
     # A phrase match is settled once this many characters follow it: the patterns look at most 4 characters
     # past their end (help(?! but), \b), so later text cannot undo the match.
     SETTLE_CHARS = 8
 
-    def __init__(self, tokenizer, prompt_length: int, verdict_fixed: Optional[Callable[[str], bool]] = None):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+    def __init__(self, tokenizer, verdict_fixed: Optional[Callable[[str], bool]] = None):
+        self.tokenizer = tokenizer
         self.verdict_fixed = verdict_fixed or self.refusal_settled
-        self.lengths: dict[int, int] = {}
 
     @staticmethod
     def refusal_settled(text: str) -> bool:
@@ -329,24 +328,8 @@ class VerdictStop:
         end = len(t) - VerdictStop.SETTLE_CHARS
         return any(m.end() <= end for pattern in (_HARD, _REDIRECT) for m in pattern.finditer(t))
 
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new = input_ids[:, self.prompt_length:]
-        for row in range(input_ids.shape[0]):
-            if row not in self.lengths and self.verdict_fixed(
-                    self.tokenizer.decode(new[row], skip_special_tokens=True)):
-                self.lengths[row] = new.shape[1]
-            done[row] = row in self.lengths
-        return done
-
-
-def greedy_continuation(model: nn.Module, tokenizer, batch, max_new_tokens: int, **generate_kwargs) -> torch.Tensor:
-    """The greedy tokens ``model`` appends to a left-padded `batching.Batch`, ``(rows, new tokens)``; sampling
-    settings of the model's generation config are switched off."""
-    generated = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer),
-                               temperature=None, top_p=None, top_k=None, **generate_kwargs)
-    return generated[:, batch.input_ids.shape[1]:]
+    def __call__(self, tokens: list[int]) -> bool:
+        return self.verdict_fixed(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
 
 @torch.no_grad()
@@ -361,20 +344,16 @@ def generate(
     stop_when: Optional[Callable[[str], bool]] = None,
 ) -> list[str]:
     """Greedy replies to the chat-formatted prompts, in input order. A row ends at EOS or, with ``stop_when``
-    (e.g. `VerdictStop.refusal_settled`), as soon as ``stop_when(reply so far)`` holds (`VerdictStop`); a batch
-    ends when all its rows have."""
-    from transformers import StoppingCriteriaList
-
+    (e.g. `VerdictStop.refusal_settled`), as soon as ``stop_when(reply so far)`` holds, and leaves its batch then
+    (`decoding.greedy_decode`)."""
     texts = format_chat(tokenizer, prompts, system_prompt)
+    stop = VerdictStop(tokenizer, stop_when) if stop_when is not None else None
+    eos = eos_token_ids(model, tokenizer)
     out: dict[int, str] = {}
-    for batch in bar(shard(sorted_batches(tokenizer, texts, batch_size, input_device(model))),
+    for batch in bar(shard(reply_batches(model, tokenizer, texts, batch_size)),
                      total=-(-len(texts) // batch_size), desc=f"generate {len(texts)} replies", unit="batch"):
-        stop = VerdictStop(tokenizer, batch.input_ids.shape[1], stop_when) if stop_when is not None else None
-        new = greedy_continuation(model, tokenizer, batch, max_new_tokens,
-                                  stopping_criteria=StoppingCriteriaList([stop]) if stop is not None else None)
-        for row, i in enumerate(batch.indices):
-            # a stopped row is padded afterwards; cut it where it stopped, whatever the pad token decodes to
-            out[i] = tokenizer.decode(new[row, : stop.lengths.get(row) if stop else None], skip_special_tokens=True)
+        for i, reply in zip(batch.indices, greedy_decode(model, batch, max_new_tokens, eos_ids=eos, stop=stop)):
+            out[i] = tokenizer.decode(reply, skip_special_tokens=True)
     return list(gather_texts(out).values())
 
 

@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .batching import _encode, id_batches, input_device, pad_id, sorted_batches
-from .judge import greedy_continuation
+from .batching import _encode, id_batches, input_device, pad_id
+from .decoding import eos_token_ids, greedy_decode, reply_batches
 from .prompts import format_chat
 
 REPLY_TOKENS = 32
@@ -60,13 +60,11 @@ class ReplyDistribution:
 
 @torch.no_grad()
 def _greedy_replies(model: nn.Module, tokenizer, texts: Sequence[str], n_tokens: int, batch_size: int) -> list[list[int]]:
-    eos = tokenizer.eos_token_id
+    eos = eos_token_ids(model, tokenizer)
     out: list[list[int]] = [[] for _ in texts]
-    for batch in sorted_batches(tokenizer, texts, batch_size, input_device(model)):
-        new = greedy_continuation(model, tokenizer, batch, n_tokens)
-        for row, i in enumerate(batch.indices):
-            ids = new[row].tolist()
-            out[i] = ids[: ids.index(eos) + 1] if eos in ids else ids  # the EOS is a prediction too
+    for batch in reply_batches(model, tokenizer, texts, batch_size):
+        for i, reply in zip(batch.indices, greedy_decode(model, batch, n_tokens, eos_ids=eos)):
+            out[i] = reply  # ending with its EOS, when it came: the EOS is a prediction too
     return out
 
 
