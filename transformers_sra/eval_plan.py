@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -94,10 +94,12 @@ class EvalPlan:
 
 
 @torch.no_grad()
-def timed_generation(model: nn.Module, tokenizer, texts: Sequence[str], new_tokens: int) -> tuple[int, float, list[float]]:
+def timed_generation(model: nn.Module, tokenizer, texts: Sequence[str], new_tokens: int,
+                     clock: Callable[[], float] = time.perf_counter) -> tuple[int, float, list[float]]:
     """One left-padded batch of the chat-formatted ``texts`` continued greedily by ``new_tokens`` tokens (no row stops
     early), with the per-row stopping check the evaluation runs and a clock at every step: ``(token positions of the
-    batch, seconds of the prefill and first token, seconds of each later decode step)``."""
+    batch, seconds of the prefill and first token, seconds of each later decode step)``. ``clock`` may be
+    ``time.process_time`` (CPU seconds: what a shared machine's other processes take is not counted)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Clock(StoppingCriteria):
@@ -105,14 +107,14 @@ def timed_generation(model: nn.Module, tokenizer, texts: Sequence[str], new_toke
             self.times: list[float] = []
 
         def __call__(self, input_ids, scores, **kwargs):
-            self.times.append(time.perf_counter())
+            self.times.append(clock())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    batch, clock = next(sorted_batches(tokenizer, list(texts), len(texts), input_device(model))), Clock()
-    start = time.perf_counter()
+    batch, steps = next(sorted_batches(tokenizer, list(texts), len(texts), input_device(model))), Clock()
+    start = clock()
     greedy_continuation(model, tokenizer, batch, new_tokens, min_new_tokens=new_tokens, stopping_criteria=
-                        StoppingCriteriaList([VerdictStop(tokenizer, batch.input_ids.shape[1], lambda text: False), clock]))
-    return batch.input_ids.numel(), clock.times[0] - start, [b - a for a, b in zip(clock.times, clock.times[1:])]
+                        StoppingCriteriaList([VerdictStop(tokenizer, batch.input_ids.shape[1], lambda text: False), steps]))
+    return batch.input_ids.numel(), steps.times[0] - start, [b - a for a, b in zip(steps.times, steps.times[1:])]
 
 
 @torch.no_grad()
