@@ -50,8 +50,8 @@ def name(dtype: torch.dtype) -> str:
 
 
 def time_model(rounds: int, prompts: int, steps: int) -> dict:
-    """The demo model's prompt forward pass and decode step in fp32 and bf16 (a bf16 copy of the fp32 weights, as
-    loading it in bf16 rounds them), best of ``rounds`` each."""
+    """The demo model's prompt forward pass and mean decode step in fp32 and in bf16 (loaded in each, as ``auto``
+    loads it), best of ``rounds`` each; the first round is also the warm-up (allocator, kernels)."""
     from transformers_sra import load_demo_model
     from transformers_sra.eval_plan import timed_generation
     from transformers_sra.prompts import format_chat
@@ -60,7 +60,7 @@ def time_model(rounds: int, prompts: int, steps: int) -> dict:
     models = {"float32": model.eval(), "bfloat16": load_demo_model(dtype=torch.bfloat16)[0].eval()}
     texts = format_chat(tok, load_prompts("harmless_train")[:prompts])
     best = {dt: {"prompt forward": float("inf"), "decode step": float("inf")} for dt in models}
-    for _ in range(rounds + 1):  # the first round warms up (allocator, kernels) and counts too
+    for _ in range(rounds):
         for dt, m in models.items():
             positions, prefill, step_s = timed_generation(m, tok, texts, 1 + steps, clock=time.process_time)
             best[dt] = {"prompt forward": min(best[dt]["prompt forward"], prefill),
@@ -73,7 +73,7 @@ def time_model(rounds: int, prompts: int, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", choices=("demo", "none"), help="also time the demo model, or not")
-    parser.add_argument("--rounds", type=int, default=5, help="matmul rounds (the demo model gets 2)")
+    parser.add_argument("--rounds", type=int, default=5, help="matmul rounds (the demo model gets 3)")
     parser.add_argument("--seconds", type=float, default=0.2, help="CPU seconds of repeats per matmul timing")
     parser.add_argument("--out", default="benchmarks/results/dtype_speed.json")
     args = parser.parse_args()
@@ -94,7 +94,7 @@ def main() -> None:
     result["matmul"] = {"shape": list(SHAPE), "ms": {name(dt): round(s * 1e3, 3) for dt, s in best.items()},
                         "over_float32": {name(dt): round(s / best[torch.float32], 3) for dt, s in best.items()}}
     if args.model == "demo":
-        result["demo_model"] = time_model(2, 16, 4)
+        result["demo_model"] = time_model(3, 16, 4)
     print(json.dumps(result, indent=1))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
