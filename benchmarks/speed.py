@@ -10,7 +10,10 @@ Prints, and writes to ``benchmarks/results/speed-<model>.json`` with the git com
 * peak RSS of a child process that runs the pipeline's steps (extraction, base scoring, one candidate, one bake)
   against the model's in-memory size; target ≤ 1.3× size + 1 GiB (``--device cuda``: the child's peak
   ``torch.cuda.max_memory_allocated()`` instead, against the same budget);
-* extraction time against prompt count and against depth (the deepest recorded layer), with a line fit.
+* extraction time against prompt count and against depth (the deepest recorded layer), with a line fit;
+* the parameter count, total and without the token embedding and the LM head (what extraction and the bare decoder
+  forward multiply by; the embedding lookup is free). ``--count-parameters`` adds the latter to a file written
+  before speed.py recorded it, from the model built from its config on the meta device, and times nothing.
 
 Timings are CPU seconds of the benchmark process at one thread (wall time on a shared machine mostly measures the
 other processes); the compared functions alternate round by round and each keeps its best round. With
@@ -24,6 +27,7 @@ output and the JSON say "random weights"::
     python benchmarks/speed.py                                   # the demo model (0.5B), 1 thread
     python benchmarks/speed.py --model ~/.cache/transformers_sra/qwen2.5-coder-1.5b-instruct
     python benchmarks/speed.py --device cuda --model path/to/config-and-tokenizer-folder
+    python benchmarks/speed.py --count-parameters --model demo  # into benchmarks/results/speed-demo.json
 """
 
 from __future__ import annotations
@@ -112,6 +116,41 @@ def line_fit(xs: list[float], ys: list[float]) -> dict:
     return {"intercept_s": round(a, 4), "slope_s": round(b, 5), "r2": round(r2, 4)}
 
 
+def non_embedding_parameters(model) -> int:
+    """Parameters less the token embedding and the LM head (counted once when tied)."""
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def count_parameters(args) -> None:
+    """Add ``non_embedding_parameters`` to the existing results file of ``args.model`` without timing anything: the
+    model is built from its config on the meta device, and its parameter count must equal the one the file holds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from transformers_sra.demo import demo_model_dir
+
+    folder = demo_model_dir() if args.model == "demo" else Path(args.model).expanduser()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    path = results_path(args.out, args.model, args.device)
+    result = json.loads(path.read_text(encoding="utf-8"))
+    total = sum(p.numel() for p in model.parameters())
+    if total != result["parameters"]:
+        sys.exit(f"{folder}'s config builds {total} parameters, {path} holds {result['parameters']}: another model")
+    result["non_embedding_parameters"] = non_embedding_parameters(model)
+    result["non_embedding_parameters_by"] = (f"python benchmarks/speed.py --count-parameters --model {args.model} at "
+                                             f"commit {git_commit()} (config on the meta device, no timing)")
+    path.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print(f"{path}: {result['non_embedding_parameters']} non-embedding parameters of {total}")
+
+
+def results_path(out: str, model: str, device: str) -> Path:
+    """``<out>/speed-<model>[-cuda].json``: ``demo``, or the model folder's or Hub id's last part."""
+    name = "demo" if model == "demo" else Path(model).name
+    return Path(out) / f"speed-{name}{'-cuda' if device == 'cuda' else ''}.json"
+
+
 def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -174,11 +213,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--count-parameters", action="store_true", help="only add the non-embedding parameter count "
+                        "to an existing results file (from the model's config on the meta device; no timing)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU")
     if args.rss_child:
         return rss_child(args)
+    if args.count_parameters:
+        return count_parameters(args)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     model, tok, weights = load(args.model, args.device)
@@ -192,7 +235,8 @@ def main() -> None:
         model(**batches[-1].model_inputs(model), use_cache=False)
     cuda = args.device == "cuda"
     result = {"model": args.model, "weights": weights, "random_weights": weights == RANDOM_WEIGHTS,
-              "parameters": sum(p.numel() for p in model.parameters()), "layers": n_layers, "dtype": "float32",
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "non_embedding_parameters": non_embedding_parameters(model), "layers": n_layers, "dtype": "float32",
               "device": torch.cuda.get_device_name() if cuda else "cpu",
               "clock": "wall seconds between torch.cuda.synchronize() calls" if cuda else "CPU seconds of this process",
               "threads": args.threads, "prompts": len(prompts), "batch_size": args.batch_size,
@@ -277,10 +321,9 @@ def main() -> None:
     result["load_average"] = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     result["commit"] = git_commit()
     print(report(result))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "demo" if args.model == "demo" else Path(args.model).name
-    (out / f"speed-{name}{'-cuda' if cuda else ''}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    path = results_path(args.out, args.model, args.device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1), encoding="utf-8")
 
 
 def report(r: dict) -> str:

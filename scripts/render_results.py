@@ -191,6 +191,27 @@ def _check(label: str, key: str) -> tuple[str, ...]:
             f"{{{check}[measured_over_predicted]:.2f}}")
 
 
+def _dtypes(template: str) -> tuple[str, ...]:
+    """``template`` for fp32, bf16 and fp16, in that order (``{}`` is the dtype's name in dtype_speed.json)."""
+    return tuple(template.format(dt) for dt in ("float32", "bfloat16", "float16"))
+
+
+def _of_fp32(dtype: str) -> str:
+    return f"{{f[matmul][ms][{dtype}]:.2f}} ms ({{f[matmul][over_float32][{dtype}]:.2f}}× fp32's)"
+
+
+def _demo_model(step: str) -> tuple[str, ...]:
+    """The demo model's CPU seconds for ``step`` in fp32 and in bf16 (with fp32's over bf16's); fp16 not timed."""
+    seconds = "f[demo_model][seconds]"
+    return (f"{{{seconds}[float32][{step}]:.2f}} s", f"{{{seconds}[bfloat16][{step}]:.2f}} s (fp32 takes "
+            f"{{f[demo_model][float32_over_bfloat16][{step}]:.2f}}×)", "–")
+
+
+def _row_seconds(plan: dict) -> list[float]:
+    """What a reply row costs in a decode step of ``reply_batch_size`` rows and in one of ``batch_size`` rows."""
+    return [plan["step_s"] / plan["reply_batch_size"], plan["batch_step_s"] / plan["batch_size"]]
+
+
 _SECONDS = "[extraction][seconds]"
 TABLES: dict[str, Spec] = {
     # benchmarks/speed.py, both models side by side (docs/performance.md, Benchmarks)
@@ -200,7 +221,8 @@ TABLES: dict[str, Spec] = {
         writer="benchmarks/speed.py",
         caption="Both models, {f[prompts]} prompts ({f[tokens]} tokens), batches of {f[batch_size]}, {f[threads]} "
                 "thread; CPU seconds (best of two rounds):",
-        header=("measured side by side in one run", "target", "{name}, {f[parameters_b]:.2f}B params, {f[layers]} layers"),
+        header=("measured side by side in one run", "target",
+                "{name}, {f[parameters_b]:.2f}B params ({f[non_embedding_b]:.2f}B without embeddings), {f[layers]} layers"),
         rows=(("extraction / bare decoder forward", "≤ {f[extraction][targets][vs_bare_decoder]}",
                _ratio("[extraction][vs_bare_decoder]", f"{_SECONDS}[extraction]", f"{_SECONDS}[bare decoder forward]",
                       "s")),
@@ -218,6 +240,7 @@ TABLES: dict[str, Spec] = {
               ("extraction to depth ¼, ½, ¾, 1", "linear",
                "{f[growth][seconds_by_depth]:.2f} s; R² {f[growth][fit_depth][r2]:.2f}")),
         derived={"parameters_b": lambda d: d["parameters"] / 1e9,
+                 "non_embedding_b": lambda d: d["non_embedding_parameters"] / 1e9,
                  "worst_padding_set": lambda d: max(_padding(d), key=_padding(d).get),
                  "worst_padding": lambda d: max(_padding(d).values()),
                  "train_padding": lambda d: [min(_train_padding(d)), max(_train_padding(d))]}),
@@ -232,14 +255,48 @@ TABLES: dict[str, Spec] = {
         rows=(("{name}", "{f[model_gib]:.2f} GiB", "{f[shards]} ({f[largest_shard_gib]:.2f} GiB)",
                "{f[runs][imports only][peak_rss_gib]:.2f} GiB",
                "{f[runs][in-memory bake][peak_rss_gib]:.2f} GiB, {f[runs][in-memory bake][seconds]:.1f} s",
-               "{f[runs][streaming bake][peak_rss_gib]:.2f} GiB, {f[runs][streaming bake][seconds]:.1f} s",
+               "{f[runs][streaming bake][peak_rss_gib]:.2f} GiB, {f[runs][streaming bake][seconds]:.1f} s; "
+               "{f[in_memory_over_streaming]:.1f}× less peak",
                "{f[runs][streaming bake][above_imports_gib]:.2f} GiB = "
                "{f[streaming_above_imports_in_largest_shards]:.2f} × largest shard", "{f[bit_for_bit_equal]}"),)),
+    # benchmarks/dtype_speed.py: what --dtype auto chooses between on this CPU (docs/performance.md, section 1)
+    "dtype_speed": Spec(
+        files=(("dtype_speed.json", "measured"),),
+        writer="benchmarks/dtype_speed.py",
+        per_file=3,
+        caption="{f[cpu]} (torch's CPU capability {f[cpu_capability]}, bf16/fp16 flags: {f[native_flags]}), torch "
+                "{f[torch]}, {f[threads]} thread; CPU seconds, best of {f[rounds]} rounds (the demo model: 3) in which "
+                "the dtypes alternate:",
+        header=("measured side by side in one run", "fp32", "bf16", "fp16"),
+        rows=(("{f[matmul][shape][0]}×{f[matmul][shape][1]} by {f[matmul][shape][1]}×{f[matmul][shape][2]} matmul",
+               "{f[matmul][ms][float32]:.2f} ms", *map(_of_fp32, ("bfloat16", "float16"))),
+              ("demo model, prompt forward pass and first token ({f[demo_model][prompts]} harmless prompts)",
+               *_demo_model("prompt forward")),
+              ("demo model, one greedy decode step ({f[demo_model][prompts]} rows)", *_demo_model("decode step")),
+              ("multiplied natively (by {f[native_by]})", *_dtypes("{{f[native][{}]}}")),
+              ("`--dtype auto` computes a checkpoint saved in it in", *_dtypes("{{f[auto_computes][{}]}}")))),
+    # benchmarks/eval_plan.py: the speed the plan was made from (docs/performance.md, section 4)
+    "eval_plan_speed": Spec(
+        files=(("eval_plan.json", "measured"),),
+        writer="benchmarks/eval_plan.py --check",
+        header=("`measure_speed` on the demo model ({f[dtype]}, {f[threads]} thread), for the plan", "{name}"),
+        rows=(("its own time, counted inside the budget", "{f[plan][planning_s]:.1f} s"),
+              ("a decode step of {f[plan][reply_batch_size]} rows", "{f[plan][step_s]:.3f} s, {f[row_s][0]:.4f} s a row"),
+              ("a decode step of {f[plan][batch_size]} rows", "{f[plan][batch_step_s]:.3f} s, {f[row_s][1]:.4f} s a row "
+               "({f[row_ratio]:.1f}× a row of {f[plan][reply_batch_size]}'s)"),
+              ("prompt tokens per second; with every position's logits",
+               "{f[plan][tokens_per_s]:.0f}; {f[plan][logits_tokens_per_s]:.0f}"),
+              ("the plan's worst case", "{f[plan][estimate_s]:.0f} s of the {f[plan][budget_s]:.0f} s budget")),
+        derived={"row_s": lambda d: _row_seconds(d["plan"]),
+                 "row_ratio": lambda d: _row_seconds(d["plan"])[1] / _row_seconds(d["plan"])[0]}),
     # benchmarks/eval_plan.py --check: the cost model's prediction against the measured pass (docs/performance.md)
     "eval_plan_checks": Spec(
         files=(("eval_plan.json", "measured"),),
         writer="benchmarks/eval_plan.py --check",
         per_file=3,
+        caption="Load average (1, 5, 15 min) {f[load_average]:.1f} at the start, {f[load_average_after]:.1f} at the end; "
+                "over the 127 steps of the judged replies the mean decode step was "
+                "{f[checks][64 judged 128-token replies][all_steps_mean_over_first_8]:.3f}× the first eight's:",
         header=("pass (plan's sizes)", "predicted", "measured", "measured / predicted"),
         rows=(_check("first-token, {f[plan][sizes][harmful]} harmful prompts (refusal score)",
                      "first-token, harmful (refusal score)"),

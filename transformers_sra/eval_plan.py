@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -95,15 +95,17 @@ class EvalPlan:
 
 
 @torch.no_grad()
-def timed_generation(model: nn.Module, tokenizer, texts: Sequence[str], new_tokens: int) -> tuple[int, float, list[float]]:
+def timed_generation(model: nn.Module, tokenizer, texts: Sequence[str], new_tokens: int,
+                     clock: Callable[[], float] = time.perf_counter) -> tuple[int, float, list[float]]:
     """One batch of the chat-formatted ``texts`` continued greedily by ``new_tokens`` tokens (no row ends early), the
     way the evaluation decodes (`decoding.greedy_decode`, the per-row verdict check included), with a clock at every
-    step: ``(token positions of the batch, seconds of the prefill and first token, seconds of each later step)``."""
+    step: ``(token positions of the batch, seconds of the prefill and first token, seconds of each later step)``.
+    ``clock`` may be ``time.process_time`` (CPU seconds: what a shared machine's other processes take is not counted)."""
     times: list[float] = []
     batch = next(iter(reply_batches(model, tokenizer, list(texts), len(texts))))
-    start = time.perf_counter()
+    start = clock()
     greedy_decode(model, batch, new_tokens, eos_ids=[], ignore_eos=True, stop=VerdictStop(tokenizer, lambda text: False),
-                  on_step=lambda rows: times.append(time.perf_counter()))
+                  on_step=lambda rows: times.append(clock()))
     return batch.input_ids.numel(), times[0] - start, [b - a for a, b in zip(times, times[1:])]
 
 

@@ -33,18 +33,23 @@ def cpu_flags() -> Optional[set]:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), None)
 
 
+def matmul_seconds(dtype: torch.dtype, shape: tuple[int, int, int] = (256, 256, 256), seconds: float = 0.025,
+                   clock=time.perf_counter) -> float:
+    """Mean seconds of one ``(m, k) @ (k, n)`` matmul in ``dtype``, repeated for about ``seconds`` after a warm-up
+    (kernel selection); ``benchmarks/dtype_speed.py`` times the docs' figures with it too."""
+    m, k, n = shape
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b
+    count, start = 0, clock()
+    while clock() - start < seconds or count == 0:
+        a @ b
+        count += 1
+    return (clock() - start) / count
+
+
 def _faster_than_fp32(dtype: torch.dtype, seconds: float = 0.025) -> bool:
     """A ~50 ms micro-benchmark: does a 256x256 matmul in ``dtype`` keep up with fp32 on this CPU?"""
-    def rate(dt):
-        a = torch.randn(256, 256).to(dt)
-        a @ a  # warm-up (kernel selection)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            a @ a
-            n += 1
-        return n / (time.perf_counter() - start)
-
-    return rate(dtype) >= rate(torch.float32)
+    return matmul_seconds(dtype, seconds=seconds) <= matmul_seconds(torch.float32, seconds=seconds)
 
 
 def cpu_computes_natively(dtype: torch.dtype) -> bool:
