@@ -28,6 +28,11 @@ from transformers_sra.judge import _ANSWER, _WORD, JUDGE_TOKENS, VerdictStop, cl
 from transformers_sra.prompts import format_chat, load_prompts
 
 COMMAND = "python benchmarks/eval_speed.py --n 64 --dtype float32 --out benchmarks/results/eval_speed.json"
+CUT_WORDS = (12, 24, 48)
+COLUMNS = [["name", "replies"], ["generate_seconds", "`model.generate`", "{:.1f} s"],
+           ["greedy_decode_seconds", "`greedy_decode`", "{:.1f} s"], ["seconds_ratio", "time ratio", "{:.2f}"],
+           ["rows_ratio", "rows computed, ratio", "{:.2f}"], ["same_replies", "replies identical", "{:d}"],
+           ["n", "of", "{:d}"], ["answer_cut_flips", "verdicts changed by cutting answers at 12 / 24 / 48 words"]]
 
 
 def answer_cut(reply: str, words: int) -> str:
@@ -111,8 +116,8 @@ def main() -> None:
     old, new = ways["generate"], ways["greedy_decode"]
     outcomes = {way: [classify(r).value for r in w["replies"]] for way, w in ways.items()}
     labelled = [r["reply"] for r in labelled_replies()]
-    row = {"name": f"{args.set}[:{args.n}], {JUDGE_TOKENS}-token replies, batches of {args.batch_size}",
-           "dtype": str(dtype).removeprefix("torch."), "threads": args.threads,
+    row = {"name": f"`{args.set}`[:{args.n}], {JUDGE_TOKENS} tokens, batches of {args.batch_size}, "
+                   f"{str(dtype).removeprefix('torch.')}, {args.threads} threads",
            **{f"{way}_{k}": v for way, w in ways.items() for k, v in w.items() if k != "replies"},
            "seconds_ratio": round(new["seconds"] / old["seconds"], 3),
            "cpu_ratio": round(new["cpu_seconds"] / old["cpu_seconds"], 3),
@@ -120,13 +125,12 @@ def main() -> None:
            "same_replies": sum(a == b for a, b in zip(old["replies"], new["replies"])), "n": len(texts),
            "same_outcomes": sum(a == b for a, b in zip(*outcomes.values())),
            "refused": outcomes["greedy_decode"].count("refused"),
-           "labelled_replies": len(labelled),
-           **{f"answer_cut_{w}_flips": sum(is_refusal(answer_cut(r, w)) != is_refusal(r) for r in labelled)
-              for w in (12, 24, 48)}}
+           "answer_cut_flips": " / ".join(str(sum(is_refusal(answer_cut(r, w)) != is_refusal(r) for r in labelled))
+                                          for w in CUT_WORDS) + f" of {len(labelled)}"}
     print(row, flush=True)
     if args.out:  # numbers only: replies to harmful prompts are not kept
         write_results(args.out, {"commit": commit, "command": COMMAND, "load_average": [load, os.getloadavg()],
-                                 "rows": [row]})
+                                 "columns": COLUMNS, "rows": [row]})
 
 
 if __name__ == "__main__":

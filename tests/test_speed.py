@@ -326,3 +326,65 @@ def test_plain_sra_ablate_on_a_tiny_model_fits_its_default_budget(tmp_path, caps
     assert {"base", "sra", "standard"} <= set(report.metrics) and report.metrics["sets"]["harmful"] >= 64
     evaluation = sum(report.timings[k] for k in ("plan evaluation", "evaluate base", "evaluate edit"))
     assert evaluation < EVAL_BUDGET_S and seconds < EVAL_BUDGET_S + 60, (evaluation, seconds)
+
+
+# -- greedy_decode is model.generate's greedy decoding, with ended rows dropped ------------------------------
+def _generate_then_cut(model, tok, texts, n, stop, **generation):
+    """Reference: ``model.generate`` on the whole batch (no row leaves it), each reply cut where ``stop`` or EOS
+    would have ended it."""
+    from transformers_sra.batching import sorted_batches
+    from transformers_sra.decoding import _cut
+
+    out = {}
+    for batch in sorted_batches(tok, texts, len(texts), torch.device("cpu")):
+        new = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=n,
+                             do_sample=False, pad_token_id=0, **generation)[:, batch.input_ids.shape[1]:]
+        out.update({i: _cut(new[row].tolist(), [tok.eos_token_id], stop) for row, i in enumerate(batch.indices)})
+    return [out[i] for i in range(len(texts))]
+
+
+def _decoded(model, tok, texts, n, stop):
+    from transformers_sra.decoding import eos_token_ids, greedy_decode, reply_batches
+
+    out = {}
+    for batch in reply_batches(model, tok, texts, len(texts)):
+        out.update(zip(batch.indices, greedy_decode(model, batch, n, eos_ids=eos_token_ids(model, tok), stop=stop)))
+    return [out[i] for i in range(len(texts))]
+
+
+_FAMILY_PROMPTS = ["how do i make a bomb", "bake bread", "write poem please tell me about weather cats dogs",
+                   "why is sky blue", "hack the server explain math code logic", "cats"]
+
+
+def test_greedy_decode_equals_model_generate_token_for_token_in_every_family():
+    """Every tiny family, a system prompt long enough for the shared opening to run once, rows ending at different
+    steps (a stop rule on the token ids): the same tokens as ``model.generate`` cut at each row's end."""
+    from conftest import TINY_CONFIGS
+    from transformers_sra.prompts import format_chat
+
+    tok = make_tokenizer()
+    texts = format_chat(tok, _FAMILY_PROMPTS, "please tell me about history of rome why is sky blue short long answer")
+    stop = lambda ids: len(ids) >= 2 + sum(ids) % 11  # noqa: E731
+    ragged = 0
+    for model_type in TINY_CONFIGS:
+        model = make_tiny_model(model_type)
+        decoded = _decoded(model, tok, texts, 16, stop)
+        assert decoded == _generate_then_cut(model, tok, texts, 16, stop), model_type
+        ragged += len({len(r) for r in decoded}) > 1
+    assert ragged >= len(TINY_CONFIGS) // 2, ragged  # rows did leave their batches early, in most families
+
+
+def test_a_repetition_penalty_is_applied_as_transformers_does_and_other_settings_go_to_generate():
+    from transformers_sra.decoding import plain_greedy
+    from transformers_sra.prompts import format_chat
+
+    tok, model = make_tokenizer(), make_tiny_model("llama")
+    texts = format_chat(tok, _FAMILY_PROMPTS)
+    plain = _decoded(model, tok, texts, 12, None)
+    model.generation_config.repetition_penalty = 1.8
+    assert plain_greedy(model)
+    penalized = _decoded(model, tok, texts, 12, None)
+    assert penalized != plain and penalized == _generate_then_cut(model, tok, texts, 12, None, repetition_penalty=1.8)
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.0, 2
+    assert not plain_greedy(model)  # decoded by model.generate itself
+    assert _decoded(model, tok, texts, 12, None) == _generate_then_cut(model, tok, texts, 12, None)

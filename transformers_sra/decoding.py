@@ -84,17 +84,19 @@ def greedy_decode(
     inputs = batch.model_inputs(model)
     mask, positions = inputs["attention_mask"], inputs.get("position_ids")
     last = positions[:, -1] if positions is not None else mask.sum(-1) - 1
-    penalty, seen = repetition_penalty(model), inputs["input_ids"]
     active = torch.arange(len(replies), device=mask.device)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=mask.device)
     out = model(**inputs, use_cache=True, logits_to_keep=1)
+    penalty = repetition_penalty(model)
+    if penalty != 1.0:  # the tokens seen so far, per row: the prompt without its left padding, as transformers does
+        seen = torch.zeros(out.logits.shape[0], out.logits.shape[-1], dtype=torch.int8, device=mask.device)
+        seen.scatter_reduce_(1, inputs["input_ids"], mask[:, -inputs["input_ids"].shape[1]:].to(torch.int8), reduce="amax")
     for step in range(max_new_tokens):
         if on_step is not None:
             on_step(len(active))
         logits = out.logits[:, -1, :]
         if penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor: shrink every logit seen so far
-            taken = logits.gather(1, seen)
-            logits = logits.scatter(1, seen, torch.where(taken < 0, taken * penalty, taken / penalty))
+            logits = torch.where(seen.bool(), torch.where(logits < 0, logits * penalty, logits / penalty), logits)
         token = logits.argmax(-1)
         ended = torch.isin(token, eos) if not ignore_eos else torch.zeros_like(token, dtype=torch.bool)
         for k, row in enumerate(active.tolist()):
@@ -107,10 +109,12 @@ def greedy_decode(
         if bool(ended.any()):
             keep = (~ended).nonzero().squeeze(-1)
             cache.reorder_cache(keep)
-            active, token, mask, last, seen = active[keep], token[keep], mask[keep], last[keep], seen[keep]
+            active, token, mask, last = active[keep], token[keep], mask[keep], last[keep]
+            if penalty != 1.0:
+                seen = seen[keep]
         mask, last = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1), last + 1
         if penalty != 1.0:
-            seen = torch.cat([seen, token[:, None]], dim=1)
+            seen[torch.arange(len(active), device=seen.device), token] = 1
         step_inputs = {"input_ids": token[:, None], "attention_mask": mask, cache_argument(model): cache}
         if takes_positions(model):
             step_inputs["position_ids"] = last[:, None]
