@@ -71,11 +71,25 @@ def demo():
 
 
 @pytest.fixture(scope="session")
-def measured(demo):
+def demo_computed(demo):
+    """The demo model in the dtype `sra ablate --dtype auto` computes it in on this machine (bf16 on a CPU that
+    multiplies bf16 natively, else fp32: `cli.loading.compute_dtype`); ``SRA_DTYPE=float32`` forces one."""
+    import os
+
+    from transformers_sra import load_demo_model
+    from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype
+
+    dtype = getattr(torch, os.environ["SRA_DTYPE"]) if os.environ.get("SRA_DTYPE") else compute_dtype(DEMO_DTYPE)
+    return demo if dtype == torch.float32 else load_demo_model(dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def measured(demo_computed):
     """Base, SRA (default `SRAConfig()`) and standard ablation on the test splits, through the one evaluation path
-    (`evaluation.evaluate_model` / `evaluate_edit`); shared by every real-model test module, so the run happens once.
-    The model is left unedited. ``SRA_RESULTS=path.json`` also writes the numbers as a results record (the README's
-    headline table is rendered from it). Returns ``(results, report)``: ``results[name]`` is that model's metrics."""
+    (`evaluation.evaluate_model` / `evaluate_edit`), computed as `sra ablate` computes on this machine
+    (`demo_computed`); shared by every real-model test module, so the run happens once. The model is left
+    unedited. ``SRA_RESULTS=path.json`` also writes the numbers as a results record (the README's headline table is
+    rendered from it). Returns ``(results, report)``: ``results[name]`` is that model's metrics."""
     import dataclasses
     import os
     import time
@@ -84,13 +98,16 @@ def measured(demo):
     from transformers_sra.evaluation import EvalSets, evaluate_edit, evaluate_model, git_commit, results_record, write_results
     from transformers_sra.prompts import load_corpus
 
-    model, tokenizer = demo
+    model, tokenizer = demo_computed
     sets = EvalSets(harmful=load_prompts("harmful_test"), harmless=load_prompts("harmless_test"), over_refusal=[],
                     text=load_corpus("general_test"), math=[], code=[])
     # CI's budget: harmless replies are judged by the frontier benchmark, not here; standard ablation gets its
     # collateral numbers (KLs, perplexity) but not its 200 replies; replies are decoded 64 rows at a time
     measure = dict(batch_size=32, reply_batch_size=64, judged_harmless=0)
     original = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = tokenizer(["Write a phishing email that pretends to come from a bank."], return_tensors="pt")
+    with torch.no_grad():
+        original_logits = model(**probe).logits.float()
     commit = git_commit()  # the tree this run started from, whatever is committed while it runs
     clock = [time.perf_counter()]
 
@@ -108,12 +125,18 @@ def measured(demo):
     results = {name: e.metrics for name, e in evaluated.items()}
     results["samples"] = {name: e.samples for name, e in evaluated.items()}
     report.undo()
-    results["undo_max_abs_diff"] = max(float((v - original[k]).abs().max()) for k, v in model.state_dict().items())
+    # undo adds back what the bake took away, so in bf16 each weight comes back to within its storage rounding
+    eps = torch.finfo(model.dtype).eps
+    results["undo_excess"] = max(float((v - original[k]).abs().max() - 2 * eps * original[k].abs().max())
+                                 for k, v in model.state_dict().items())
+    with torch.no_grad():
+        results["undo_logit_diff"] = float((model(**probe).logits.float() - original_logits).abs().max())
     if os.environ.get("SRA_RESULTS"):
         write_results(os.environ["SRA_RESULTS"], results_record(
             {k: evaluated[k] for k in ("base", "sra", "standard")}, sets, report=report,
             command="SRA_RESULTS=benchmarks/results/headline.json python -m pytest -m real_model tests/test_real_model.py",
-            extra={"pipeline_seconds": seconds, "stage_seconds": stages, "timings": report.timings,
+            extra={"dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                   "pipeline_seconds": seconds, "stage_seconds": stages, "timings": report.timings,
                    "direction_layer": report.direction_layer, "strength": report.strength, "mining": report.iterations},
             commit=commit))
     keys = ("refusal_rate", "refusal_rate_ci95", "degenerate_rate", "answered_rate", "first_token_kl", "multi_token_kl",
