@@ -119,6 +119,8 @@ def measured(demo_computed):
     stages = {"evaluate base": lap()}
     report = apply_surgical_ablation(model, tokenizer, SRAConfig())
     stages["pipeline"] = seconds = lap()
+    with torch.no_grad():
+        edit_logit_diff = float((model(**probe).logits.float() - original_logits).abs().max())
     evaluated = evaluate_edit(model, tokenizer, report, base, sets, baseline_sets=dataclasses.replace(sets, harmful=[]),
                               **measure)
     stages["evaluate SRA and standard ablation"] = lap()
@@ -131,6 +133,7 @@ def measured(demo_computed):
                                  for k, v in model.state_dict().items())
     with torch.no_grad():
         results["undo_logit_diff"] = float((model(**probe).logits.float() - original_logits).abs().max())
+    results["edit_logit_diff"] = edit_logit_diff
     if os.environ.get("SRA_RESULTS"):
         write_results(os.environ["SRA_RESULTS"], results_record(
             {k: evaluated[k] for k in ("base", "sra", "standard")}, sets, report=report,
