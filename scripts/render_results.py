@@ -275,6 +275,20 @@ TABLES: dict[str, Spec] = {
               ("demo model, one greedy decode step ({f[demo_model][prompts]} rows)", *_demo_model("decode step")),
               ("multiplied natively (by {f[native_by]})", *_dtypes("{{f[native][{}]}}")),
               ("`--dtype auto` computes a checkpoint saved in it in", *_dtypes("{{f[auto_computes][{}]}}")))),
+    # the real-model suite's measured run, fp32 against the dtype sra ablate picks here (docs/performance.md, CI)
+    "suite_stages": Spec(
+        files=(("headline-fp32.json", "fp32"), ("headline.json", "as `sra ablate` computes here")),
+        writer="SRA_RESULTS=<file> python -m pytest -m real_model",
+        header=("stage of the real-model suite's measured run (2 cores)", "{name}: {f[dtype]}, commit {f[short_commit]}"),
+        rows=(("evaluate the base model (200 judged replies, KLs' references, perplexity)",
+               "{f[stage_seconds][evaluate base]:.0f} s"),
+              ("`apply_surgical_ablation` with `SRAConfig()` (extract, validation, search, bake)",
+               "{f[stage_seconds][pipeline]:.0f} s"),
+              ("evaluate SRA (200 judged replies) and standard ablation (collateral)",
+               "{f[stage_seconds][evaluate SRA and standard ablation]:.0f} s"),
+              ("total", "**{f[total_s]:.0f} s** ({f[total_min]:.1f} min)")),
+        derived={"short_commit": lambda d: d["commit"][:7], "total_s": lambda d: sum(d["stage_seconds"].values()),
+                 "total_min": lambda d: sum(d["stage_seconds"].values()) / 60}),
     # benchmarks/eval_plan.py: the speed the plan was made from (docs/performance.md, section 4)
     "eval_plan_speed": Spec(
         files=(("eval_plan.json", "measured"),),
