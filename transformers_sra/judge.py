@@ -304,7 +304,7 @@ def refusal_token_ids(tokenizer) -> list[int]:
 
 
 class VerdictStop:
-    """A reply's stop rule for `decoding.greedy_replies`: called with a row's reply tokens so far, it says whether
+    """A reply's stop rule for `decoding.greedy_decode`: called with a row's reply tokens so far, it says whether
     ``verdict_fixed`` (default `refusal_settled`) holds for their text, so that the row can end there."""
 
     # A phrase match is settled once this many characters follow it: the patterns look at most 4 characters
