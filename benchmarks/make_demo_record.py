@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--commit", required=True, help="the commit of the clone make demo ran in")
     parser.add_argument("--note", default="", help="what was warm or shared (pip cache, other jobs)")
     parser.add_argument("--out", default="benchmarks/results/make_demo.json")
+    parser.add_argument("--command", default="make demo", help="the command as run, e.g. with its SRA_ARGS")
     args = parser.parse_args()
     report = json.loads((Path(args.folder) / "sra_report.json").read_text())
     log = Path(args.time_log).read_text(errors="replace")
@@ -55,7 +56,7 @@ def main() -> None:
     rows.append({"name": "total (GNU time, elapsed)", "seconds": total})
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)
     sizes = report["metrics"].get("sets", {})
-    record = {"commit": args.commit, "command": "make demo (fresh clone, empty TRANSFORMERS_SRA_CACHE)",
+    record = {"commit": args.commit, "command": f"{args.command} (fresh clone, empty TRANSFORMERS_SRA_CACHE)",
               "note": args.note, "columns": COLUMNS, "rows": rows, "sets": sizes,
               "peak_rss_gib": round(int(peak.group(1)) / 2**20, 2) if peak else None,
               "report_peak_memory": report.get("peak_memory"), "exit_status": "0" if "Exit status: 0" in log else "?"}
