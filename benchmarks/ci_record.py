@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from make_demo_record import elapsed_seconds
+from make_demo_record import elapsed_seconds, exit_status
 
 COLUMNS = [["name", "stage"], ["seconds", "wall seconds", "{:.0f}"], ["minutes", "minutes", "{:.1f}"]]
 
@@ -42,7 +42,7 @@ def main() -> None:
         row["minutes"] = row["seconds"] / 60
     record = {"commit": args.commit, "command": ".ci/run on a fresh clone (empty TRANSFORMERS_SRA_CACHE)",
               "note": args.note, "columns": COLUMNS, "rows": rows,
-              "exit_status": re.search(r"Exit status: (\d+)", log).group(1)}
+              "exit_status": exit_status(log)}
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(rows))
 

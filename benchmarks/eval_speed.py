@@ -21,7 +21,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from transformers_sra import load_demo_model
-from transformers_sra.batching import pad_id
+from transformers_sra.batching import input_device, pad_id, sorted_batches
 from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype
 from transformers_sra.decoding import eos_token_ids, greedy_decode, reply_batches
 from transformers_sra.evaluation import git_commit, write_results
@@ -80,20 +80,20 @@ def run(model, tokenizer, texts: list[str], batch_size: int, decode) -> dict:
     """Seconds, CPU seconds and forward rows of decoding ``texts`` with ``decode`` (``"generate"`` or ours)."""
     stop, rows, replies = VerdictStop(tokenizer), [0], {}
     eos = eos_token_ids(model, tokenizer)
+
+    def count(n: int) -> None:
+        rows[0] += n
+
     start, cpu = time.perf_counter(), time.process_time()
     if decode == "generate":
-        from transformers_sra.batching import input_device, sorted_batches
-
         batches = sorted_batches(tokenizer, texts, batch_size, input_device(model))
+        replies_of = lambda batch: with_generate(model, tokenizer, batch, stop, count)  # noqa: E731
     else:
         batches = reply_batches(model, tokenizer, texts, batch_size)
+        replies_of = lambda batch: greedy_decode(model, batch, JUDGE_TOKENS, eos_ids=eos, stop=stop,  # noqa: E731
+                                                 on_step=count)
     for batch in batches:
-        if decode == "generate":
-            out = with_generate(model, tokenizer, batch, stop, lambda n: rows.__setitem__(0, rows[0] + n))
-        else:
-            out = greedy_decode(model, batch, JUDGE_TOKENS, eos_ids=eos, stop=stop,
-                                on_step=lambda n: rows.__setitem__(0, rows[0] + n))
-        replies.update(zip(batch.indices, out))
+        replies.update(zip(batch.indices, replies_of(batch)))
     return {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
             "forward_rows": rows[0], "reply_tokens": sum(map(len, replies.values())),
             "replies": [tokenizer.decode(replies[i], skip_special_tokens=True) for i in range(len(texts))]}

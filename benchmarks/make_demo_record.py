@@ -32,6 +32,12 @@ def elapsed_seconds(log: str) -> float:
     return seconds
 
 
+def exit_status(log: str) -> str:
+    """GNU time's "Exit status", or "?" when the log has none."""
+    match = re.search(r"Exit status: (\d+)", log)
+    return match.group(1) if match else "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", required=True, help="the folder make demo wrote (qwen-sra)")
@@ -59,7 +65,7 @@ def main() -> None:
     record = {"commit": args.commit, "command": f"{args.command} (fresh clone, empty TRANSFORMERS_SRA_CACHE)",
               "note": args.note, "columns": COLUMNS, "rows": rows, "sets": sizes,
               "peak_rss_gib": round(int(peak.group(1)) / 2**20, 2) if peak else None,
-              "report_peak_memory": report.get("peak_memory"), "exit_status": "0" if "Exit status: 0" in log else "?"}
+              "report_peak_memory": report.get("peak_memory"), "exit_status": exit_status(log)}
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "columns"}, indent=1))
 

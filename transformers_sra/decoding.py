@@ -99,8 +99,8 @@ def greedy_decode(
             logits = torch.where(seen.bool(), torch.where(logits < 0, logits * penalty, logits / penalty), logits)
         token = logits.argmax(-1)
         ended = torch.isin(token, eos) if not ignore_eos else torch.zeros_like(token, dtype=torch.bool)
-        for k, row in enumerate(active.tolist()):
-            replies[row].append(int(token[k]))
+        for k, (row, t) in enumerate(zip(active.tolist(), token.tolist())):
+            replies[row].append(t)
             if stop is not None and not ended[k] and stop(replies[row]):
                 ended[k] = True
         if step == max_new_tokens - 1 or bool(ended.all()):
