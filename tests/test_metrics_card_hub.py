@@ -247,6 +247,24 @@ def test_folder_is_complete_with_provenance_and_readable_figures(ablated):
         assert image.shape[0] > 300 and image.shape[1] > 300 and image[..., :3].std() > 0.05, name
 
 
+def test_figures_leave_out_refusal_scores_the_search_did_not_measure(ablated, tmp_path):
+    import matplotlib.image
+
+    from transformers_sra.figures import write_figures
+
+    _, _, report, _, _ = ablated
+    first = report.search[0]
+    over_kl = {**first, "layer": first["layer"] + 1, "kl": 9.0, "refusal_score": None, "ppl_change": None,
+               "feasible": False, "chosen": False}  # a candidate over the KL budget: its refusal pass was skipped
+    for metrics in (report.metrics, {}):  # the frontier from the test metrics, and from the search table alone
+        folder = tmp_path / str(len(metrics))
+        folder.mkdir()
+        write_figures(SRAReport.from_dict({**report.to_dict(), "search": report.search + [over_kl], "metrics": metrics}),
+                      folder)
+        for name in FIGURES.values():
+            assert matplotlib.image.imread(folder / name)[..., :3].std() > 0.05, name
+
+
 def test_card_parses_round_trips_and_lists_every_metric(ablated):
     _, _, report, folder, _ = ablated
     card = ModelCard.load(folder / "README.md")

@@ -123,14 +123,27 @@ class _ScriptedValidation:
 
     def __init__(self, numbers):
         self.numbers, self.harmful, self.refusal_ids = numbers, [], []
+        self.passes = []  # (candidate, pass) for every pass run
 
-    def measure(self, model, tokenizer, text_if=None):
+    def _number(self, name):
         from transformers_sra import editing
 
-        row = dict(self.numbers[editing._active_probe])
-        if text_if is not None and not text_if({**row, "ppl_change": None}):
-            row["ppl_change"] = None
+        self.passes.append((editing._active_probe, name))
+        return self.numbers[editing._active_probe][name]
+
+    def measure(self, model, tokenizer, refusal_if=None, text_if=None):
+        row = {"refusal_score": None, "kl": self._number("kl"), "ppl_change": None}
+        if refusal_if is None or refusal_if(row):
+            row["refusal_score"] = self._number("refusal_score")
+        if text_if is None or text_if(row):
+            row["ppl_change"] = self._number("ppl_change")
         return row
+
+    def refusal_score(self, model, tokenizer):
+        return self._number("refusal_score")
+
+    def perplexity_change(self, model, tokenizer):
+        return self._number("ppl_change")
 
 
 def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(monkeypatch):
@@ -157,13 +170,76 @@ def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(monkeyp
                                               ranks=[0], profiles=profiles, max_kl=0.05, max_ppl_increase=0.005)
     assert (choice.layer, choice.profile.peak) == (11, 0.5)
     assert [row["feasible"] for row in table] == [False, True, False, True] and table[-1]["chosen"]
-    # perplexity is measured only where it can decide: not for layer 10 (KL over budget)
+    # layer 10 is over the KL budget: neither its refusal score nor its perplexity is measured
+    assert [row["refusal_score"] is None for row in table] == [True, False, False, False]
     assert [row["ppl_change"] is None for row in table] == [True, False, False, False]
     # nothing feasible: the least violating candidate is returned, marked infeasible
     choice, table = search.constrained_search(None, None, directions, _ScriptedValidation(numbers), layers=[10, 12],
                                               ranks=[0], profiles=profiles[:1], max_kl=0.01, max_ppl_increase=0.005)
     assert choice.layer == 12 and not any(row["feasible"] for row in table)
     assert next(row for row in table if row["chosen"])["ppl_change"] == 0.010  # measured for the report
+    # nothing within the KL budget: the chosen row still gets its refusal score and ΔPPL, the others do not
+    choice, table = search.constrained_search(None, None, directions, _ScriptedValidation(numbers), layers=[10, 12],
+                                              ranks=[0], profiles=profiles[:1], max_kl=0.001, max_ppl_increase=0.005)
+    assert choice.layer == 12 and [(r["refusal_score"], r["ppl_change"]) for r in table] == [(None, None), (0.05, 0.010)]
+
+
+def _scored_everything_choice(numbers, layers, peaks, max_kl, max_ppl):
+    """The coordinate search with every pass run for every candidate (the search before it skipped passes)."""
+    def key(c):
+        row = numbers[c]
+        ppl = row["ppl_change"] if row["kl"] <= max_kl else None  # never measured over the KL budget
+        violation = max(row["kl"] / max_kl, 0.0 if ppl is None else ppl / max_ppl)
+        return (0, row["refusal_score"]) if violation <= 1 else (1, violation)
+
+    visited = []
+
+    def best(cands):
+        visited.extend(c for c in cands if c not in visited)
+        return min(cands, key=key)
+
+    choice = best([(l, peaks[0]) for l in layers])
+    choice = best([(choice[0], p) for p in peaks])
+    return min(visited, key=key)
+
+
+def test_search_skipping_passes_chooses_what_scoring_everything_chooses(monkeypatch):
+    import random
+    from contextlib import contextmanager
+
+    from transformers_sra import editing, search
+    from transformers_sra.profile import StrengthProfile
+
+    @contextmanager
+    def probe(model, direction, strength, layers=None):
+        editing._active_probe = (int(direction[0]), StrengthProfile.parse(strength).peak)
+        yield
+
+    monkeypatch.setattr(search, "ablate_activations", probe)
+    layers, peaks = [10, 11, 12, 13, 14], [1.0, 1.2, 1.4, 2.0]
+    directions = {(l, 0): torch.full((4,), float(l)) for l in layers}
+    profiles = [StrengthProfile(peak=p) for p in peaks]
+    rng = random.Random(0)
+    skipped, nothing_feasible = 0, 0
+    for trial in range(300):
+        numbers = {(l, p): {"refusal_score": round(rng.random(), 3), "kl": round(rng.uniform(0, 0.1), 3),
+                            "ppl_change": round(rng.uniform(0, 0.01), 4)} for l in layers for p in peaks}
+        val = _ScriptedValidation(numbers)
+        choice, table = search.constrained_search(None, None, directions, val, layers=layers, ranks=[0],
+                                                  profiles=profiles, max_kl=0.05, max_ppl_increase=0.005)
+        assert (choice.layer, choice.profile.peak) == _scored_everything_choice(numbers, layers, peaks, 0.05, 0.005)
+        chosen = next(row for row in table if row["chosen"])
+        assert chosen["ppl_change"] == numbers[(choice.layer, choice.profile.peak)]["ppl_change"]
+        assert len(val.passes) == len(set(val.passes))  # no pass twice
+        skipped += 3 * len(table) - len(val.passes)
+        nothing_feasible += not chosen["feasible"]
+        for row in table:  # a number is None only where its pass did not run, and then cannot have decided
+            c = (row["layer"], row["profile"]["peak"])
+            refusal_measured = (c, "refusal_score") in val.passes
+            assert (row["refusal_score"] is None) != refusal_measured
+            assert refusal_measured == (row["kl"] <= 0.05 or row["chosen"])  # the chosen row is always complete
+            assert row["feasible"] == (row["kl"] <= 0.05 and row["ppl_change"] is not None and row["ppl_change"] <= 0.005)
+    assert skipped > 300 * 8 and 0 < nothing_feasible < 300  # passes were skipped, and both outcomes were seen
 
 
 def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuses_less(monkeypatch):
@@ -180,7 +256,7 @@ def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuse
     answer = "Sure, here is how: first you take the thing, then you do the other thing, and then you are done."
 
     class Val(_ScriptedValidation):
-        def measure(self, model, tokenizer, text_if=None):
+        def measure(self, model, tokenizer, refusal_if=None, text_if=None):
             return dict(self.numbers.pop(0))
 
     def scripted_generate(replies):

@@ -70,7 +70,8 @@ def _audit(model: nn.Module, tokenizer, config: SRAConfig, registry, sweep: bool
         choice, table = constrained_search(
             model, tokenizer, {(l, rank): dirs.clean(l, rank) for l in inputs.layers}, val, layers=inputs.layers,
             ranks=[rank], profiles=[profile], max_kl=config.max_kl, max_ppl_increase=config.max_ppl_increase,
-            bake_layers=config.layers, progress=(lambda row: progress("sweep", row)) if progress else None)
+            bake_layers=config.layers, progress=(lambda row: progress("sweep", row)) if progress else None,
+            score_all=True)  # the sweep shows every layer's refusal score, over the KL budget too
     for row in table:
         row["explained_share"] = explained[row["layer"]]
     result.update(sweep=table, best_layer=choice.layer, base_refusal_score=round(val.base_refusal, 5))

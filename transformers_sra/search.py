@@ -4,13 +4,15 @@ Each candidate (direction layer, rank of the fluency Shield, strength profile) i
 forward hooks on the residual writers (numerically the bake, with no weight touched) and measured on
 validation data only:
 
-* **refusal score**: mean first-token probability of refusal openings on the held-out harmful prompts;
 * **KL**: mean first-token KL(base ‖ edited) on the held-out harmless prompts;
+* **refusal score**: mean first-token probability of refusal openings on the held-out harmful prompts;
 * **ΔPPL**: relative perplexity change on a held-back slice of the text corpus.
 
 The choice minimises the refusal score **subject to** KL ≤ ``max_kl`` and ΔPPL ≤ ``max_ppl_increase``;
 it is not a weighted sum. The search is coordinate-wise (layers, then Shield ranks, then profiles), so it
-costs a dozen scoring passes, not hundreds of generate-everything trials. Every row goes into the report::
+costs a dozen scoring passes, not hundreds of generate-everything trials. Each pass is run only where it can
+change the choice: the refusal score within the KL budget, ΔPPL for the lowest refusal score still in
+contention. Every row goes into the report::
 
     val = Validation.measure_base(model, tokenizer, harmful_val, harmless_val, text_val)
     choice, table = constrained_search(model, tokenizer, directions, val, layers=[12, 14], ranks=[0, 64],
@@ -80,19 +82,30 @@ class Validation:
                    first_token_logprobs(model, tokenizer, harmless, **batching), float(score.mean()),
                    total / max(count, 1), batching)
 
-    def measure(self, model: nn.Module, tokenizer, text_if: Optional[Callable[[dict], bool]] = None) -> dict:
-        """Refusal score, KL and ΔPPL of ``model`` as it is now (hooks included).
+    def measure(self, model: nn.Module, tokenizer, refusal_if: Optional[Callable[[dict], bool]] = None,
+                text_if: Optional[Callable[[dict], bool]] = None) -> dict:
+        """KL, refusal score and ΔPPL of ``model`` as it is now (hooks included).
 
-        ``text_if(row)`` sees the refusal score and KL first; when it says no, the perplexity pass (about a
-        third of the cost) is skipped and ``ppl_change`` is None.
+        KL comes first. ``refusal_if(row)`` and then ``text_if(row)`` see the row measured so far; when one says no,
+        its pass is skipped and its number is None (`refusal_score`, `perplexity_change`: the same passes alone).
         """
-        refusal = refusal_probability(first_token_logprobs(model, tokenizer, self.harmful, **self.batching), self.refusal_ids)
         kl = first_token_kl(self.base_harmless, first_token_logprobs(model, tokenizer, self.harmless, **self.batching))
-        row = {"refusal_score": round(float(refusal.mean()), 5), "kl": round(kl, 5), "ppl_change": None}
+        row = {"refusal_score": None, "kl": round(kl, 5), "ppl_change": None}
+        if refusal_if is None or refusal_if(row):
+            row["refusal_score"] = self.refusal_score(model, tokenizer)
         if text_if is None or text_if(row):
-            total, count = token_nll(model, tokenizer, self.text)
-            row["ppl_change"] = round(math.exp(total / max(count, 1) - self.base_nll) - 1, 5)
+            row["ppl_change"] = self.perplexity_change(model, tokenizer)
         return row
+
+    def refusal_score(self, model: nn.Module, tokenizer) -> float:
+        """Mean first-token refusal probability on the harmful prompts."""
+        logprobs = first_token_logprobs(model, tokenizer, self.harmful, **self.batching)
+        return round(float(refusal_probability(logprobs, self.refusal_ids).mean()), 5)
+
+    def perplexity_change(self, model: nn.Module, tokenizer) -> float:
+        """Relative perplexity change on the held-back text against the base model's."""
+        total, count = token_nll(model, tokenizer, self.text)
+        return round(math.exp(total / max(count, 1) - self.base_nll) - 1, 5)
 
 
 @dataclass(frozen=True)
@@ -115,32 +128,40 @@ def constrained_search(
     max_ppl_increase: float,
     bake_layers: Optional[list[int]] = None,
     progress: Optional[Callable[[dict], None]] = None,
+    score_all: bool = False,
 ) -> tuple[Candidate, list[dict]]:
     """Coordinate search: layers (first rank and profile), then ranks, then profiles; best feasible wins.
 
     ``directions[(layer, rank)]`` is the clean unit direction of ``layer`` with a rank-``rank`` fluency
     Shield. Returns the choice and the table of every scored candidate (``feasible`` marks those within
-    both budgets; if none is, the least violating one is returned and marked so). A candidate over the KL
-    budget, or no better than the best feasible one so far, cannot win, so its perplexity is not measured
-    (``ppl_change`` None).
+    both budgets; if none is, the least violating one is returned and marked so).
+
+    Only the passes that can change the choice are run, so the choice is the one scoring everything would make:
+    a candidate over the KL budget cannot win, so its refusal score is not measured (None; ``score_all=True``
+    measures it, as the audit's layer sweep does); ΔPPL is measured for the candidates within the KL budget in
+    order of refusal score, until one is within the perplexity budget (the others keep None). ``progress(row)``
+    is called once per candidate, when it is scored; a ΔPPL measured later is written into the same row.
     """
     budgets = Budgets(max_kl, max_ppl_increase)
     table: list[dict] = []
     scored: dict[Candidate, dict] = {}
     ticker = bar(total=len(layers) + len(ranks) + len(profiles) - 2, desc="search", unit="candidate")
 
-    def could_win(row: dict) -> bool:
-        # perplexity is only worth measuring for a candidate within the KL budget that beats the best so far
-        best = min((r["refusal_score"] for r in table if r["feasible"]), default=math.inf)
-        return row["kl"] <= budgets.max_kl and row["refusal_score"] < best
+    def within_kl(row: dict) -> bool:
+        return row["kl"] <= budgets.max_kl
+
+    def measured(c: Candidate, measure: Callable[[], dict]) -> dict:
+        start = time.perf_counter()
+        with ablate_activations(model, directions[(c.layer, c.rank)], c.profile, bake_layers):
+            numbers = measure()
+        return {**numbers, "seconds": time.perf_counter() - start}
 
     def score(c: Candidate) -> dict:
         if c not in scored:
-            start = time.perf_counter()
-            with ablate_activations(model, directions[(c.layer, c.rank)], c.profile, bake_layers):
-                row = val.measure(model, tokenizer, text_if=could_win)
-            row = {"layer": c.layer, "rank": c.rank, "profile": c.profile.to_dict(), **row, "feasible": budgets.allows(row),
-                   "seconds": round(time.perf_counter() - start, 2)}
+            numbers = measured(c, lambda: val.measure(model, tokenizer, refusal_if=None if score_all else within_kl,
+                                                      text_if=lambda row: False))
+            row = {"layer": c.layer, "rank": c.rank, "profile": c.profile.to_dict(), **numbers, "feasible": False}
+            row["seconds"] = round(row["seconds"], 2)
             scored[c] = row
             table.append(row)
             ticker.update(1)
@@ -148,27 +169,35 @@ def constrained_search(
                 progress(row)
         return scored[c]
 
+    def complete(c: Candidate, name: str, measure: Callable) -> None:
+        row = scored[c]
+        if row[name] is None:
+            numbers = measured(c, lambda: {name: measure(model, tokenizer)})
+            row[name] = numbers[name]
+            row["seconds"] = round(row["seconds"] + numbers["seconds"], 2)
+            row["feasible"] = budgets.allows(row)
+
     def best(cands: Sequence[Candidate]) -> Candidate:
-        rows = [(c, score(c)) for c in cands]
-        return min(rows, key=lambda cr: _rank_key(cr[1], budgets))[0]
+        rows = {c: score(c) for c in cands}
+        for c in sorted((c for c in cands if within_kl(rows[c])), key=lambda c: rows[c]["refusal_score"]):
+            complete(c, "ppl_change", val.perplexity_change)
+            if rows[c]["feasible"]:
+                return c
+        return min(cands, key=lambda c: _violation(rows[c], budgets))  # nothing feasible: the least violating
 
     choice = best([Candidate(l, ranks[0], profiles[0]) for l in layers])
     choice = best([Candidate(choice.layer, r, choice.profile) for r in ranks])
-    choice = best([Candidate(choice.layer, choice.rank, p) for p in profiles])
-    choice = min(scored, key=lambda c: _rank_key(scored[c], budgets))
-    if scored[choice]["ppl_change"] is None:  # a fallback (nothing feasible): the report still gets its ΔPPL
-        with ablate_activations(model, directions[(choice.layer, choice.rank)], choice.profile, bake_layers):
-            scored[choice]["ppl_change"] = val.measure(model, tokenizer)["ppl_change"]
+    choice = best([Candidate(choice.layer, choice.rank, p) for p in profiles])  # each step holds the last choice
+    # a fallback over the KL budget: the report still gets its refusal score and ΔPPL
+    complete(choice, "refusal_score", val.refusal_score)
+    complete(choice, "ppl_change", val.perplexity_change)
     ticker.close()
     for row in table:
         row["chosen"] = row is scored[choice]
     return choice, table
 
 
-def _rank_key(row: dict, budgets: Budgets) -> tuple:
-    # feasible rows by refusal score; infeasible ones after them, by how far they overshoot a budget
+def _violation(row: dict, budgets: Budgets) -> float:
+    """How far ``row`` overshoots its worse budget, as a multiple of it (an unmeasured ΔPPL counts as none)."""
     ppl, max_ppl = row["ppl_change"], budgets.max_ppl_increase
-    violation = max(row["kl"] / budgets.max_kl, 0.0 if ppl is None else ppl / max_ppl if max_ppl > 0 else math.inf)
-    if ppl is None and violation <= 1:  # not measured because it could not win: after every feasible row
-        violation = 1.0 + 1e-9
-    return (0, row["refusal_score"]) if violation <= 1 else (1, violation)
+    return max(row["kl"] / budgets.max_kl, 0.0 if ppl is None else ppl / max_ppl if max_ppl > 0 else math.inf)
