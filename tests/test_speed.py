@@ -198,8 +198,10 @@ def test_sra_evaluate_reads_the_base_numbers_sra_ablate_cached(tmp_path, capsys,
     tiny = _save_tiny(tmp_path / "tiny")
     SRAConfig(**SMALL).save_pretrained(tmp_path / "cfg")
     calls = []
-    real = judge.generate
-    monkeypatch.setattr("transformers_sra.evaluation.generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    for name in ("generate", "generate_scored"):  # the evaluation's replies (the harmful ones with their scores)
+        real = getattr(judge, name)
+        monkeypatch.setattr(f"transformers_sra.evaluation.{name}",
+                            lambda *a, real=real, **k: calls.append(len(a[2])) or real(*a, **k))
     assert main(["ablate", "--model", str(tiny), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "cfg"),
                  "--direction-layer", "1", "--eval-limit", "3", "--max-new-tokens", "3", "--quiet"]) == 0
     assert len(calls) == 9  # harmful, over-refusal and harmless replies for base, SRA and standard ablation
@@ -388,3 +390,28 @@ def test_a_repetition_penalty_is_applied_as_transformers_does_and_other_settings
     model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.0, 2
     assert not plain_greedy(model)  # decoded by model.generate itself
     assert _decoded(model, tok, texts, 12, None) == _generate_then_cut(model, tok, texts, 12, None)
+
+
+def test_generate_scored_reads_the_first_token_numbers_from_the_replies_own_pass():
+    """The refusal score from the pass that chose each reply's first token equals a separate first-token pass, in
+    every tiny family, under a repetition penalty (the raw logits, before it) and on `model.generate`'s path; the
+    replies are `generate`'s."""
+    from conftest import TINY_CONFIGS
+    from transformers_sra.judge import first_token_logprobs, generate, generate_scored, refusal_probability
+
+    tok, system = make_tokenizer(), "please tell me about history of rome why is sky blue short long answer"
+    ids = [tok.convert_tokens_to_ids(w) for w in ("i", "sorry", "cats")]
+    models = [(t, make_tiny_model(t)) for t in TINY_CONFIGS]
+    for name, setting in (("repetition_penalty", 1.8), ("no_repeat_ngram_size", 2)):
+        model = make_tiny_model("llama")
+        setattr(model.generation_config, name, setting)
+        models.append((name, model))
+    for label, model in models:
+        kwargs = dict(max_new_tokens=6, batch_size=4, system_prompt=system)
+        replies, scores = generate_scored(model, tok, _FAMILY_PROMPTS, lambda logp: refusal_probability(logp, ids),
+                                          **kwargs)
+        assert replies == generate(model, tok, _FAMILY_PROMPTS, **kwargs), label
+        separate = refusal_probability(first_token_logprobs(model, tok, _FAMILY_PROMPTS, batch_size=4,
+                                                            system_prompt=system), ids)
+        assert scores.shape == (len(_FAMILY_PROMPTS),) and scores.std() > 0, label
+        torch.testing.assert_close(scores, separate, rtol=1e-4, atol=1e-6, msg=label)

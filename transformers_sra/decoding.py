@@ -73,12 +73,17 @@ def greedy_decode(
     stop: Optional[Stop] = None,
     ignore_eos: bool = False,
     on_step: Optional[Callable[[int], None]] = None,
+    first_logits: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> list[list[int]]:
     """The greedy reply tokens ``model`` appends to each row of a left-padded `batching.Batch`, in row order, EOS
     included when it came. A row ends at an id in ``eos_ids`` (unless ``ignore_eos``), after ``max_new_tokens`` or
     once ``stop(its tokens so far)`` holds, and leaves the batch then. ``on_step(rows)`` is called before each
-    token is chosen, with the number of rows the forward pass that made its logits computed (a clock, or a counter)."""
+    token is chosen, with the number of rows the forward pass that made its logits computed (a clock, or a counter).
+    ``first_logits(logits)`` gets the model's logits ``(rows, vocab)`` for each row's first reply token, before any
+    repetition penalty: the first-token distribution, read from the pass that decoding runs anyway."""
     if not plain_greedy(model):
+        if first_logits is not None:  # model.generate keeps no raw logits: one pass over the prompts
+            first_logits(model(**batch.model_inputs(model), logits_to_keep=1).logits[:, -1, :])
         return [_cut(r, [] if ignore_eos else eos_ids, stop) for r in _generate(model, batch, max_new_tokens, ignore_eos)]
     replies: list[list[int]] = [[] for _ in batch.indices]
     inputs = batch.model_inputs(model)
@@ -87,6 +92,8 @@ def greedy_decode(
     active = torch.arange(len(replies), device=mask.device)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=mask.device)
     out = model(**inputs, use_cache=True, logits_to_keep=1)
+    if first_logits is not None:
+        first_logits(out.logits[:, -1, :])
     penalty = repetition_penalty(model)
     if penalty != 1.0:  # the tokens seen so far, per row: the prompt without its left padding, as transformers does
         seen = torch.zeros(out.logits.shape[0], out.logits.shape[-1], dtype=torch.int8, device=mask.device)

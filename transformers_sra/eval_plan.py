@@ -220,8 +220,8 @@ class EvalCost:
         kl = min(plan["reply_kl_prompts"], n["harmless"])
         judged = {"harmful": n["harmful"], "over_refusal": n["over_refusal"],
                   "harmless": min(plan["judged_harmless"], n["harmless"])}
+        # the harmful replies' first decode pass also gives the refusal score (`judge.generate_scored`)
         replies = sum(self.prefill(k, m) + self.decode(m, max_new_tokens) for k, m in judged.items())
-        replies += self.first_token("harmful", n["harmful"])  # the refusal score
         collateral = (self.first_token("harmless", n["harmless"]) + self.reply_logits(kl)
                       + sum(self.perplexity(s, n[s]) for s in _PERPLEXITY_SETS))
         judging = models if plan["baseline_replies"] else min(models, 2)
@@ -239,7 +239,8 @@ def plan_evaluation(model: nn.Module, tokenizer, budget_s: float, *, models: int
     * judged replies (harmful, over-refusal, harmless; standard ablation only while ``baseline_replies``): the
       prompts in batches of ``reply_batch_size`` and ``max_new_tokens`` decode steps per batch. Every reply runs to
       full length: one that stops early saves time;
-    * first-token passes (harmful: the refusal score; harmless: the first-token KL);
+    * a first-token pass over the harmless prompts (the first-token KL; the harmful prompts' refusal score comes
+      from their replies' first pass);
     * the multi-token KL (prompt + 32 reply tokens) and the perplexity sets, at the every-position-logits rate;
 
     plus, once, the base model's 32-token replies, and the sum times `COST_MARGIN`."""

@@ -38,6 +38,7 @@ from .judge import (
     degenerate_labelled,
     first_token_logprobs,
     generate,
+    generate_scored,
     is_shipped_judge,
     judge_accuracy,
     judge_name,
@@ -219,13 +220,17 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
         return part
 
     def judged_rate(name: str, prompts: list, metric) -> Evaluation:
-        replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_when=stop_when, **replying)
+        scores = None
+        if name == "refusal":  # the first-token refusal score (the signal the search uses), from the replies' own pass
+            ids = refusal_token_ids(tokenizer)
+            replies, scores = generate_scored(model, tokenizer, prompts, lambda logp: refusal_probability(logp, ids),
+                                              max_new_tokens=max_new_tokens, stop_when=stop_when, **replying)
+        else:
+            replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_when=stop_when, **replying)
         outcomes = [classify_reply(r) for r in replies]  # the judge reads each reply once
         replay = iter(outcomes)
         metrics = metric.compute(predictions=replies, judge=lambda reply: next(replay).value)
-        if name == "refusal":  # the first-token score needs no generation: the same signal the search uses
-            scores = refusal_probability(first_token_logprobs(model, tokenizer, prompts, **batching),
-                                         refusal_token_ids(tokenizer))
+        if scores is not None:
             metrics["refusal_score"] = float(scores.mean())
         # a few replies of each set, and up to 40 of every outcome that is not an answer: to be read, not counted
         samples = {name: [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies))[:5]]}

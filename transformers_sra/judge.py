@@ -346,15 +346,40 @@ def generate(
     """Greedy replies to the chat-formatted prompts, in input order. A row ends at EOS or, with ``stop_when``
     (e.g. `VerdictStop.refusal_settled`), as soon as ``stop_when(reply so far)`` holds, and leaves its batch then
     (`decoding.greedy_decode`)."""
+    return _replies(model, tokenizer, prompts, max_new_tokens, batch_size, system_prompt, stop_when)[0]
+
+
+@torch.no_grad()
+def generate_scored(model: nn.Module, tokenizer, prompts: Sequence[str], score: Callable[[torch.Tensor], torch.Tensor], *,
+                    max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16, system_prompt: Optional[str] = None,
+                    stop_when: Optional[Callable[[str], bool]] = None) -> tuple[list[str], torch.Tensor]:
+    """`generate`'s replies and, per prompt in input order, ``score(log-probabilities of the first reply token)``
+    (``(rows, vocab)`` in, one row per prompt out), read from the forward pass that chose that token: the first-token
+    numbers of `first_token_logprobs` without a second pass over the prompts::
+
+        replies, refusal = generate_scored(model, tok, prompts, lambda logp: refusal_probability(logp, ids))
+    """
+    return _replies(model, tokenizer, prompts, max_new_tokens, batch_size, system_prompt, stop_when, score)
+
+
+def _replies(model, tokenizer, prompts, max_new_tokens, batch_size, system_prompt, stop_when, score=None):
     texts = format_chat(tokenizer, prompts, system_prompt)
     stop = VerdictStop(tokenizer, stop_when) if stop_when is not None else None
     eos = eos_token_ids(model, tokenizer)
     out: dict[int, str] = {}
+    scores = Rows(len(texts))
     for batch in bar(shard(reply_batches(model, tokenizer, texts, batch_size)),
                      total=-(-len(texts) // batch_size), desc=f"generate {len(texts)} replies", unit="batch"):
-        for i, reply in zip(batch.indices, greedy_decode(model, batch, max_new_tokens, eos_ids=eos, stop=stop)):
+        def first(logits: torch.Tensor, rows: list[int] = batch.indices) -> None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            check_finite(logp, "the first response token's logits", [prompts[i] for i in rows])
+            scores.put(rows, score(logp).cpu())
+
+        replies = greedy_decode(model, batch, max_new_tokens, eos_ids=eos, stop=stop,
+                                first_logits=first if score is not None else None)
+        for i, reply in zip(batch.indices, replies):
             out[i] = tokenizer.decode(reply, skip_special_tokens=True)
-    return list(gather_texts(out).values())
+    return list(gather_texts(out).values()), scores.result() if score is not None else None
 
 
 @torch.no_grad()
