@@ -212,6 +212,20 @@ def _row_seconds(plan: dict) -> list[float]:
     return [plan["step_s"] / plan["reply_batch_size"], plan["batch_step_s"] / plan["batch_size"]]
 
 
+def _stage_seconds(record: dict, *stages: str) -> float:
+    """Seconds of the named stages of a make_demo_record.py file (``sra ablate: extract``, ...)."""
+    return sum(row["seconds"] for row in record["rows"] if row["name"] in stages)
+
+
+def _min_s(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {round(seconds % 60):d} s"
+
+
+_PIPELINE = ("sra ablate: validate", "sra ablate: extract", "sra ablate: validation", "sra ablate: search",
+             "sra ablate: bake", "sra ablate: mine")
+_EVALUATION = ("sra ablate: plan evaluation", "sra ablate: evaluate base", "sra ablate: evaluate edit")
+
+
 _SECONDS = "[extraction][seconds]"
 TABLES: dict[str, Spec] = {
     # benchmarks/speed.py, both models side by side (docs/performance.md, Benchmarks)
@@ -276,6 +290,25 @@ TABLES: dict[str, Spec] = {
               ("multiplied natively (by {f[native_by]})", *_dtypes("{{f[native][{}]}}")),
               ("`--dtype auto` computes a checkpoint saved in it in", *_dtypes("{{f[auto_computes][{}]}}")))),
     # the real-model suite's measured run, fp32 against the dtype sra ablate picks here (docs/performance.md, CI)
+    # benchmarks/make_demo_record.py: make demo as a new user runs it, in each compute dtype (README, Performance)
+    "make_demo_totals": Spec(
+        files=(("make_demo.json", "bf16 (a CPU that multiplies it natively)"),
+               ("make_demo-fp32.json", "fp32 (what a CPU without native bf16 computes in)")),
+        writer="benchmarks/make_demo_record.py",
+        header=("`make demo`, fresh clone, 2 CPU cores", "{name}"),
+        rows=(("**wall time, install included**", "**{f[total]}**"),
+              ("install, load (the demo model assembled and converted), start-up, save", "{f[setup]}"),
+              ("`sra ablate`'s pipeline: extract, validation, search, bake", "{f[pipeline]}"),
+              ("held-out evaluation of base, SRA and standard ablation (timed plan included)", "{f[evaluation]}"),
+              ("held-out prompts: harmful / harmless", "{f[sets][harmful]} / {f[sets][harmless]}"),
+              ("peak RSS", "{f[peak_rss_gib]:.1f} GiB"),
+              ("commit", "`{f[short_commit]}`")),
+        derived={"total": lambda d: _min_s(_stage_seconds(d, "total (GNU time, elapsed)")),
+                 "pipeline": lambda d: _min_s(_stage_seconds(d, *_PIPELINE)),
+                 "evaluation": lambda d: _min_s(_stage_seconds(d, *_EVALUATION)),
+                 "setup": lambda d: _min_s(_stage_seconds(d, "total (GNU time, elapsed)")
+                                           - _stage_seconds(d, *_PIPELINE, *_EVALUATION)),
+                 "short_commit": lambda d: d["commit"][:7]}),
     "suite_stages": Spec(
         files=(("headline-fp32.json", "fp32"), ("headline.json", "as `sra ablate` computes here")),
         writer="SRA_RESULTS=<file> python -m pytest -m real_model",
