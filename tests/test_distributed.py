@@ -25,7 +25,7 @@ from test_pipeline_cli import SMALL
 from transformers_sra import EvalSets, SRAConfig, apply_surgical_ablation, evaluate_model
 from transformers_sra.architectures import decoder_layers
 from transformers_sra.cli import main
-from transformers_sra.distributed import Rows, all_ranks, gather, gather_texts, shard, world
+from transformers_sra.distributed import Rows, all_ranks, gather, gather_texts, shard, slowest, world
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ["tell me about the history of rome and the weather", "cats and dogs why is the sky blue",
@@ -85,7 +85,8 @@ def _helpers(rank: int) -> dict:
     return {"rows": rows.result().tolist(), "gather": {k: v.tolist() for k, v in gather(mine).items()},
             "gather_empty": {k: v.tolist() for k, v in gather(empty_on_1).items()},
             "texts": gather_texts({rank: "ünï ✓ " * rank, 3 + rank: ""}), "shard": list(shard(iter(range(5)))),
-            "all_true": all_ranks(True), "all_rank0": all_ranks(rank == 0), "world": list(world())}
+            "all_true": all_ranks(True), "all_rank0": all_ranks(rank == 0), "world": list(world()),
+            "slowest": slowest([float(rank), 5.0 - rank, 0.25])}
 
 
 def _worker(rank: int, size: int, port: int, root: str) -> None:
@@ -118,7 +119,7 @@ def _load(folder: Path) -> tuple[dict, dict, dict]:
 def test_helpers_pass_through_without_a_process_group():
     items = [3, 1, 2]
     assert world() == (0, 1) and shard(items) is items
-    assert all_ranks(True) and not all_ranks(False)
+    assert all_ranks(True) and not all_ranks(False) and slowest([2, 0.5]) == [2.0, 0.5]
     rows = Rows(3)
     rows.put([2, 0], torch.tensor([[2.0], [0.0]]))
     rows.put([1], torch.tensor([[1.0]]))
@@ -137,6 +138,7 @@ def test_helpers_gather_uneven_shards_into_input_order_on_every_rank(runs):
         assert r["gather_empty"] == {"5": [[1.0] * 3] * 2}
         assert r["texts"] == {"0": "", "1": "ünï ✓ ", "3": "", "4": ""}
         assert r["all_true"] and not r["all_rank0"]
+        assert r["slowest"] == [1.0, 5.0, 0.25]  # each value's largest over the ranks
 
 
 def test_two_ranks_give_the_single_process_directions_search_weights_and_evaluation(runs):

@@ -279,6 +279,25 @@ def test_the_plan_keeps_64_harmful_and_harmless_prompts_and_gives_way_elsewhere_
     assert set(plans[-1].interval_widths()) == {"harmful", "over_refusal", "harmless"}
 
 
+def test_every_rank_plans_with_the_slowest_ranks_speed(monkeypatch):
+    """Under several ranks each measures its own speed; the plan takes `distributed.slowest`'s agreed figures, so
+    every rank chooses the same sizes. Here the other rank is three times slower: the plan is the one a machine of
+    a third of this speed makes."""
+    from transformers_sra import eval_plan
+
+    budget = 600.0
+    alone = _plans(monkeypatch, [budget])[0]
+    # the four speed figures come back three times slower; the time spent measuring them as it was
+    monkeypatch.setattr(eval_plan, "slowest", lambda seconds: [3 * x for x in seconds] if len(seconds) == 4 else seconds)
+    agreed = _plans(monkeypatch, [budget])[0]
+    third = Speed(*(getattr(SLOW, k) / 3 if k.endswith("per_s") else getattr(SLOW, k) * 3 for k in Speed._fields))
+    monkeypatch.undo()
+    slow_machine = _plans(monkeypatch, [budget], speed=third)[0]
+    assert _sizes(agreed) == _sizes(slow_machine) != _sizes(alone)
+    assert agreed.step_s == pytest.approx(3 * SLOW.step_s)
+    assert agreed.tokens_per_s == pytest.approx(SLOW.tokens_per_s / 3, rel=1e-3)
+
+
 def test_sra_ablate_with_a_small_budget_keeps_the_floor_and_prints_each_sets_size(tmp_path, capsys, monkeypatch):
     """A budget that holds 64 harmful and harmless prompts but not standard ablation's own replies: the run
     completes, the report and summary carry the planned sizes, and standard ablation gets its collateral numbers."""
@@ -310,6 +329,59 @@ def test_sra_ablate_with_a_small_budget_keeps_the_floor_and_prints_each_sets_siz
     card = (tmp_path / "out" / "README.md").read_text()  # the card gives each row its own n
     assert any("Multi-token KL" in row and f"n={plan.reply_kl_prompts})" in row for row in card.splitlines())
     assert report.timings["plan evaluation"] < budget
+
+
+def test_the_pipelines_predicted_time_grows_with_its_passes_and_shrinks_with_the_speed():
+    """`pipeline_seconds` counts each search candidate's validation passes once (linear in the candidates), runs at
+    the measured speed (twice as fast: half the time) and stops the extraction of unscreened sets after the deepest
+    candidate layer (more of the depth, more time)."""
+    from transformers_sra.eval_plan import pipeline_seconds
+
+    model, tok = make_tiny_model("qwen2"), make_tokenizer()
+
+    def predicted(speed=SLOW, **overrides) -> float:
+        return pipeline_seconds(model, tok, SRAConfig(**{**SMALL, **overrides}), speed)
+
+    one, two, three = (predicted(candidate_layers=layers) for layers in ([2], [1, 2], [0, 1, 2]))
+    assert 0 < one < two < three and three - one == pytest.approx(2 * (two - one))  # the deepest layer is 2 in all
+    faster = Speed(*(2 * v if k.endswith("per_s") else v for k, v in zip(Speed._fields, SLOW)))
+    assert predicted(faster, candidate_layers=[2]) == pytest.approx(one / 2)
+    assert predicted(candidate_layers=[1]) > predicted(candidate_layers=[0]) > 0  # a deeper pass costs more
+    # the behaviour filter runs the screened sets through the whole depth: without it they stop after layer 1
+    assert predicted(candidate_layers=[1], filter_prompts=False) < predicted(candidate_layers=[1])
+    assert predicted(candidate_layers=[2], filter_prompts=False) == pytest.approx(predicted(candidate_layers=[2]))
+
+
+def test_without_a_budget_the_evaluation_gets_what_the_pipeline_leaves_and_keeps_the_floor(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """No --eval-budget: the plan fits what loading and the pipeline's predicted time leave of `RUN_BUDGET_S`, at
+    most `EVAL_BUDGET_S`; a pipeline predicted to take it all leaves the floor of 64 harmful and 64 harmless
+    prompts, which the plan keeps. The summary says so."""
+    from transformers_sra import eval_plan
+    from transformers_sra.cli.ablate import plan_line
+    from transformers_sra.cli.args import EVAL_BUDGET_S, RUN_BUDGET_S
+
+    monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
+    tiny = _save_tiny(tmp_path / "tiny")
+    SRAConfig(**SMALL).save_pretrained(tmp_path / "cfg")
+    monkeypatch.setattr(eval_plan, "measure_speed", lambda *a, **k: SLOW)
+    argv = ["ablate", "--model", str(tiny), "--config", str(tmp_path / "cfg"), "--direction-layer", "1",
+            "--max-new-tokens", "2"]
+    for predicted, expect_floor in ((RUN_BUDGET_S, True), (1.0, False)):
+        monkeypatch.setattr(eval_plan, "pipeline_seconds", lambda *a, predicted=predicted, **k: predicted)
+        out_dir = tmp_path / f"out{predicted:.0f}"
+        assert main(argv + ["--output", str(out_dir), "--json"]) == 0, capsys.readouterr().err
+        result = json.loads(capsys.readouterr().out)
+        plan, load = result["evaluation_plan"], result["timings"]["load"]
+        assert plan["pipeline_s"] == predicted
+        assert plan["budget_s"] == pytest.approx(min(EVAL_BUDGET_S, RUN_BUDGET_S - load - predicted), abs=0.01)
+        line = plan_line(plan)
+        assert f"(what the pipeline, predicted at {predicted:.0f} s, leaves" in line
+        if expect_floor:  # nothing left: the floor, whatever it costs
+            assert plan["sizes"]["harmful"] == plan["sizes"]["harmless"] == 64 and plan["estimate_s"] > plan["budget_s"]
+            assert "the floor of 64 + 64 prompts is kept" in line
+        else:
+            assert plan["budget_s"] == EVAL_BUDGET_S and plan["sizes"]["harmful"] > 64
 
 
 def test_plain_sra_ablate_on_a_tiny_model_fits_its_default_budget(tmp_path, capsys, monkeypatch):

@@ -87,6 +87,16 @@ def all_ranks(flag: bool) -> bool:
     return bool(value.item())
 
 
+def slowest(seconds: Sequence[float]) -> list[float]:
+    """Each of ``seconds``, the largest any rank measured: timings every rank plans with alike (the slowest rank
+    sets the pace of a sharded loop, and ranks that planned apart would fall out of step)."""
+    if world()[1] == 1:
+        return [float(x) for x in seconds]
+    value = torch.tensor([float(x) for x in seconds], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.cpu().tolist()
+
+
 def gather(chunks: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Every rank's ``{key: tensor}`` chunks in one dict, in key order; on CPU.
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .batching import _encode, cached_prefix_length
 from .decoding import greedy_decode, reply_batches
+from .distributed import slowest
 from .evaluation import EvalSets
 from .judge import JUDGE_TOKENS, VerdictStop
 from .metrics import chunk_token_ids, clopper_pearson
@@ -70,6 +71,7 @@ class EvalPlan:
     batch_step_s: float  # one of batch_size replies (the cost of a last, partial batch of at most as many)
     reply_batch_size: int
     batch_size: int
+    pipeline_s: Optional[float] = None  # the pipeline's predicted seconds the budget was cut by (`pipeline_seconds`)
 
     def sets(self) -> EvalSets:
         full = EvalSets.default()
@@ -229,12 +231,15 @@ class EvalCost:
         return COST_MARGIN * (judging * replies + models * collateral + base_replies)
 
 
-def plan_evaluation(model: nn.Module, tokenizer, budget_s: float, *, models: int = 3,
+def plan_evaluation(model: nn.Module, tokenizer, budget_s: Union[float, Callable[[Speed], float]], *, models: int = 3,
                     max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16, reply_batch_size: Optional[int] = None,
                     system_prompt: Optional[str] = None, judged_harmless: int = 64,
-                    reply_kl_prompts: int = 64) -> EvalPlan:
+                    reply_kl_prompts: int = 64, keep_floor: bool = False) -> EvalPlan:
     """The richest sizes (`_size_ladder`) whose worst-case cost (`EvalCost`) for ``models`` models (base, SRA,
-    standard ablation) fits ``budget_s``, the speed measurement (`measure_speed`) included. Per model that runs it:
+    standard ablation) fits ``budget_s``, the speed measurement (`measure_speed`) included. ``budget_s`` may be a
+    function of the measured `Speed` (`sra ablate` takes the pipeline's predicted time from its run's budget). With
+    ``keep_floor`` the plan never goes below 64 harmful and 64 harmless prompts, whatever the budget. Per model that
+    runs it:
 
     * judged replies (harmful, over-refusal, harmless; standard ablation only while ``baseline_replies``): the
       prompts in batches of ``reply_batch_size`` and ``max_new_tokens`` decode steps per batch. Every reply runs to
@@ -249,10 +254,17 @@ def plan_evaluation(model: nn.Module, tokenizer, budget_s: float, *, models: int
     full = EvalSets.default()
     speed = measure_speed(model, tokenizer, full.harmless, full.text, batch_size=batch_size,
                           reply_batch_size=reply_batch, system_prompt=system_prompt)
+    # under several ranks each measured its own speed: all plan with the slowest, so all choose the same sizes
+    per_token, per_logit, step, batch_step = slowest([1 / speed.tokens_per_s, 1 / speed.logits_tokens_per_s,
+                                                      speed.step_s, speed.batch_step_s])
+    speed = Speed(1 / per_token, 1 / per_logit, step, batch_step)
     costs = EvalCost(model, tokenizer, speed, batch_size=batch_size, reply_batch_size=reply_batch,
                      system_prompt=system_prompt, sets=full)
-    spent = time.perf_counter() - start
+    spent = slowest([time.perf_counter() - start])[0]
+    budget_s = budget_s(speed) if callable(budget_s) else budget_s
     ladder = _size_ladder(max(map(len, costs.lengths.values())), batch_size, judged_harmless, reply_kl_prompts)
+    if keep_floor:
+        ladder = [plan for plan in ladder if plan["harmful"] >= min(PLAN_FLOOR, len(costs.lengths["harmful"]))]
 
     def cost(plan: dict) -> float:
         return spent + costs.cost(plan, models=models, max_new_tokens=max_new_tokens)
@@ -264,6 +276,43 @@ def plan_evaluation(model: nn.Module, tokenizer, budget_s: float, *, models: int
                     float(budget_s), round(cost(chosen), 1), round(speed.tokens_per_s, 1),
                     round(speed.logits_tokens_per_s, 1), round(speed.step_s, 4), round(speed.batch_step_s, 4), reply_batch,
                     batch_size)
+
+
+def pipeline_seconds(model: nn.Module, tokenizer, config, speed: Speed, registry=None) -> float:
+    """`apply_surgical_ablation(model, tokenizer, config)`'s predicted seconds at ``speed`` (`measure_speed`), its
+    passes counted in token positions as `batching` forms them, times `COST_MARGIN`: every extraction set once
+    (through the whole depth where the behaviour filter reads the next token, else to the deepest candidate layer),
+    the fluency text, the validation prompts (first token) once for the base and once per search candidate and
+    set (its KL and its refusal score: the search's worst case), and the held-back text (every position's logits)
+    for the base and for the chosen candidate. Mining (``iterations`` > 0, off by default) is not counted."""
+    from .architectures import decoder_layers
+    from .atoms import AtomRegistry
+    from .config import AUTO
+    from .inputs import resolve_inputs
+    from .search import default_profiles
+
+    inputs = resolve_inputs(model, config, registry or AtomRegistry.default(), tokenizer)
+    reach = (max(inputs.layers) + 1) / len(decoder_layers(model))  # extraction stops after the deepest layer
+    screened = {inputs.sources["harmful"], inputs.sources["harmless"]} if config.filter_prompts else set()
+
+    def prompts(texts: Sequence[str], depth: float = 1.0) -> float:
+        encoded = _encode(tokenizer, format_chat(tokenizer, list(texts), config.system_prompt))
+        shared = cached_prefix_length(model, encoded)
+        return depth * (shared + _padded([len(e) - shared for e in encoded], config.batch_size)) / speed.tokens_per_s
+
+    def passages(texts: Sequence[str], rate: float, depth: float = 1.0) -> float:
+        return depth * _padded([len(c) for c in chunk_token_ids(tokenizer, list(texts))],
+                               max(1, config.batch_size // 2)) / rate
+
+    ranks = list(config.fluency_ranks) if config.fluency_rank == AUTO else [config.fluency_rank]
+    profiles = len(default_profiles()) if config.strength == AUTO else 1
+    candidates = len(inputs.layers) + len(ranks) - 1 + profiles - 1
+    extraction = sum(prompts(inputs.texts[k], 1.0 if k in screened else reach) for k in inputs.to_extract())
+    if max(ranks) > 0:
+        extraction += passages(inputs.fluency_text, speed.tokens_per_s, reach)
+    validation = prompts(inputs.prompts("harmful_val")) + prompts(inputs.prompts("harmless_val"))
+    perplexity = passages(inputs.budget_text, speed.logits_tokens_per_s)
+    return COST_MARGIN * (extraction + (1 + candidates) * validation + 2 * perplexity)
 
 
 def _padded(lengths: list[int], rows: int) -> int:

@@ -12,14 +12,14 @@ import torch
 from ..baselines import LABELS
 from ..config import PROMPT_FIELDS, SRAConfig
 from ..demo import DEMO_LICENSE, DEMO_MODEL_ID
-from ..distributed import is_main_process
+from ..distributed import is_main_process, slowest
 from ..errors import ConfigError
 from ..progress import _say as say
 from ..progress import stage, step_logger
 from ..prompts import chat_template_kwargs, load_corpus, load_prompts
 from ..report import SRAReport, peak_memory
 from . import summary
-from .args import config_from
+from .args import EVAL_BUDGET_S, RUN_BUDGET_S, config_from
 from .loading import check_model_source, load_model, resolve_dtypes
 
 
@@ -42,7 +42,7 @@ def check_inputs(args: argparse.Namespace) -> SRAConfig:
     load_corpus(config.text_corpus)
     if args.eval_limit is not None and args.eval_limit < 1:
         raise ConfigError(f"--eval-limit must be >= 1, got {args.eval_limit}")
-    if not args.eval_budget > 0:
+    if args.eval_budget is not None and not args.eval_budget > 0:
         raise ConfigError(f"--eval-budget must be a positive number of seconds, got {args.eval_budget}")
     check_output_dir(args.output, args.overwrite)
     check_model_source(args.model)
@@ -79,15 +79,24 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     dtypes = {"compute": _name(computed), "saved": _name(saved or computed)}
     plan = None
     if args.evaluate:
-        from ..eval_plan import REPLY_BATCH_SIZE, plan_evaluation
+        from ..eval_plan import REPLY_BATCH_SIZE, pipeline_seconds, plan_evaluation
         from ..evaluation import EvalSets, cached_evaluation, evaluate_edit
 
         measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                        system_prompt=config.system_prompt, reply_batch_size=max(REPLY_BATCH_SIZE, config.batch_size))
         if args.eval_limit is None:
             with timed(timings, "plan evaluation"):
-                plan = plan_evaluation(model, tokenizer, args.eval_budget, models=2 + args.standard,
+                pipeline = {}
+
+                def budget(speed) -> float:  # what the run's budget leaves once loaded and the pipeline is done
+                    pipeline["s"] = round(pipeline_seconds(model, tokenizer, config, speed), 1)
+                    load = slowest([timings["load"]])[0]  # every rank plans alike (`speed` is agreed already)
+                    return min(EVAL_BUDGET_S, RUN_BUDGET_S - load - pipeline["s"])
+
+                plan = plan_evaluation(model, tokenizer, args.eval_budget or budget, models=2 + args.standard,
+                                       keep_floor=args.eval_budget is None,
                                        **{k: v for k, v in measure.items() if k != "judge"})
+                plan.pipeline_s = pipeline.get("s")
             say(plan_line(plan))
             sets, sizes = plan.sets(), plan.evaluate_kwargs()
         else:
@@ -156,9 +165,13 @@ def plan_line(plan) -> str:
         "judged replies too" if plan["baseline_replies"] else "KLs and perplexity only, no judged replies")
     steps = (f" ({plan['batch_step_s']:.3f} s of {plan['batch_size']})"
              if plan["reply_batch_size"] != plan["batch_size"] else "")
+    pipeline = "" if plan.get("pipeline_s") is None else (
+        f" (what the pipeline, predicted at {plan['pipeline_s']:.0f} s, leaves"
+        + ("; the floor of 64 + 64 prompts is kept" if plan["estimate_s"] > plan["budget_s"] else "") + ")")
     return (f"harmful {judged('harmful', sizes['harmful'])}, harmless {harmless}, over-refusal "
             f"{judged('over_refusal', sizes['over_refusal'])}, text {sizes['text']}, math {sizes['math']}, code "
-            f"{sizes['code']}{standard}; worst case {plan['estimate_s']:.0f} s of the {plan['budget_s']:.0f} s budget "
+            f"{sizes['code']}{standard}; worst case {plan['estimate_s']:.0f} s of the {plan['budget_s']:.0f} s budget"
+            f"{pipeline} "
             f"(every reply at full length: {plan['step_s']:.3f} s per decode step of {plan['reply_batch_size']} "
             f"replies{steps}, {plan['tokens_per_s']:.0f} prompt tokens/s, {plan['logits_tokens_per_s']:.0f} tokens/s "
             "with every position's logits)"

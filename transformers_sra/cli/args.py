@@ -22,8 +22,12 @@ from transformers import HfArgumentParser
 from ..config import CONFIG_NAME, SRAConfig
 from ..errors import ConfigError
 
-#: Default seconds for `sra ablate`'s evaluation; docs/performance.md shows how `make demo` fits 15 minutes.
+#: The most seconds `sra ablate`'s evaluation takes by default; docs/performance.md shows how `make demo` fits 15 minutes.
 EVAL_BUDGET_S = 340.0
+#: `sra ablate`'s share of `make demo`'s 15 minutes: 900 s less about 150 s to install and 25 s to start up and save.
+#: Without --eval-budget the evaluation gets what loading and the pipeline's predicted time leave of it (at most
+#: EVAL_BUDGET_S, never below 64 harmful and 64 harmless prompts).
+RUN_BUDGET_S = 725.0
 
 
 class ArgumentParser(HfArgumentParser):
@@ -117,10 +121,11 @@ class AblateArguments:
     standard: bool = _arg(True, "Leave standard ablation (the dirty direction) out of the evaluation.")
     eval_limit: Optional[int] = _arg(None, "At most N prompts per test set in the evaluation (faster, wider intervals); "
                                            "default: sizes that fit --eval-budget.", metavar="N")
-    eval_budget: float = _arg(EVAL_BUDGET_S, "Seconds for the evaluation of base, standard ablation and SRA: each test "
-                                            "set's size is chosen to fit, from a measured speed, keeping 64 harmful "
-                                            "and 64 harmless prompts while other sets can give way.",
-                              metavar="SECONDS")
+    eval_budget: Optional[float] = _arg(
+        None, "Seconds for the evaluation of base, standard ablation and SRA: each test set's size is chosen to fit, from "
+              "a measured speed, keeping 64 harmful and 64 harmless prompts while other sets can give way. Default: "
+              f"what loading and the pipeline's predicted time leave of {RUN_BUDGET_S:.0f} s, at most "
+              f"{EVAL_BUDGET_S:.0f} s and never below 64 + 64 prompts.", metavar="SECONDS")
 
 
 def _cli_type(name: str, hint, default):
