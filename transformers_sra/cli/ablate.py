@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
                 def budget(speed) -> float:  # what the run's budget leaves once loaded and the pipeline is done
                     pipeline["s"] = round(pipeline_seconds(model, tokenizer, config, speed), 1)
                     load = slowest([timings["load"]])[0]  # every rank plans alike (`speed` is agreed already)
-                    return min(EVAL_BUDGET_S, RUN_BUDGET_S - load - pipeline["s"])
+                    return max(0.0, min(EVAL_BUDGET_S, RUN_BUDGET_S - load - pipeline["s"]))
 
                 plan = plan_evaluation(model, tokenizer, args.eval_budget or budget, models=2 + args.standard,
                                        keep_floor=args.eval_budget is None,
@@ -166,7 +166,7 @@ def plan_line(plan) -> str:
     steps = (f" ({plan['batch_step_s']:.3f} s of {plan['batch_size']})"
              if plan["reply_batch_size"] != plan["batch_size"] else "")
     pipeline = "" if plan.get("pipeline_s") is None else (
-        f" (what the pipeline, predicted at {plan['pipeline_s']:.0f} s, leaves"
+        f" (what the pipeline leaves, estimated at {plan['pipeline_s']:.0f} s with its search at worst"
         + ("; the floor of 64 + 64 prompts is kept" if plan["estimate_s"] > plan["budget_s"] else "") + ")")
     return (f"harmful {judged('harmful', sizes['harmful'])}, harmless {harmless}, over-refusal "
             f"{judged('over_refusal', sizes['over_refusal'])}, text {sizes['text']}, math {sizes['math']}, code "
