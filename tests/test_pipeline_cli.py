@@ -146,7 +146,9 @@ class _ScriptedValidation:
         return self._number("ppl_change")
 
 
-def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(monkeypatch):
+@pytest.fixture
+def probed_search(monkeypatch):
+    """`search` whose hook ablation only records which (layer, peak) is hooked in, for `_ScriptedValidation`."""
     from contextlib import contextmanager
 
     from transformers_sra import editing, search
@@ -158,6 +160,13 @@ def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(monkeyp
         yield
 
     monkeypatch.setattr(search, "ablate_activations", probe)
+    return search
+
+
+def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(probed_search):
+    from transformers_sra.profile import StrengthProfile
+
+    search = probed_search
     numbers = {  # (layer, peak) -> validation numbers
         (10, 1.0): {"refusal_score": 0.01, "kl": 0.20, "ppl_change": 0.001},  # lowest refusal, KL over budget
         (11, 1.0): {"refusal_score": 0.10, "kl": 0.04, "ppl_change": 0.002},
@@ -203,19 +212,12 @@ def _scored_everything_choice(numbers, layers, peaks, max_kl, max_ppl):
     return min(visited, key=key)
 
 
-def test_search_skipping_passes_chooses_what_scoring_everything_chooses(monkeypatch):
+def test_search_skipping_passes_chooses_what_scoring_everything_chooses(probed_search):
     import random
-    from contextlib import contextmanager
 
-    from transformers_sra import editing, search
     from transformers_sra.profile import StrengthProfile
 
-    @contextmanager
-    def probe(model, direction, strength, layers=None):
-        editing._active_probe = (int(direction[0]), StrengthProfile.parse(strength).peak)
-        yield
-
-    monkeypatch.setattr(search, "ablate_activations", probe)
+    search = probed_search
     layers, peaks = [10, 11, 12, 13, 14], [1.0, 1.2, 1.4, 2.0]
     directions = {(l, 0): torch.full((4,), float(l)) for l in layers}
     profiles = [StrengthProfile(peak=p) for p in peaks]
