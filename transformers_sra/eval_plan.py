@@ -18,14 +18,19 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .architectures import decoder_layers
+from .atoms import AtomRegistry
 from .batching import _encode, cached_prefix_length
+from .config import AUTO
 from .decoding import greedy_decode, reply_batches
 from .distributed import slowest
 from .evaluation import EvalSets
+from .inputs import resolve_inputs
 from .judge import JUDGE_TOKENS, VerdictStop
 from .metrics import chunk_token_ids, clopper_pearson
 from .nll import token_nll
 from .prompts import format_chat
+from .search import default_profiles
 from .sequence_kl import REPLY_TOKENS
 
 #: Harmful and harmless prompts a plan keeps while anything else can still give way (issue #19: at least 64 each).
@@ -189,9 +194,7 @@ class EvalCost:
         return [n for item in self.lengths[name][:k] for n in item]
 
     def _prompts(self, name: str, k: int, batch_size: int) -> float:
-        # `batching.prompt_batches` runs the prompts' shared chat opening once
-        shared = self.prefix[name] if k > 1 else 0
-        return (shared + _padded([m - shared for m in self._rows(name, k)], batch_size)) / self.speed.tokens_per_s
+        return _prompt_seconds(self._rows(name, k), self.prefix[name] if k > 1 else 0, batch_size, self.speed)
 
     def prefill(self, name: str, k: int) -> float:
         """The prompts of a generation over the first ``k`` items of set ``name`` (`decoding.reply_batches`)."""
@@ -285,20 +288,14 @@ def pipeline_seconds(model: nn.Module, tokenizer, config, speed: Speed, registry
     the fluency text, the validation prompts (first token) once for the base and once per search candidate and
     set (its KL and its refusal score: the search's worst case), and the held-back text (every position's logits)
     for the base and for the chosen candidate. Mining (``iterations`` > 0, off by default) is not counted."""
-    from .architectures import decoder_layers
-    from .atoms import AtomRegistry
-    from .config import AUTO
-    from .inputs import resolve_inputs
-    from .search import default_profiles
-
     inputs = resolve_inputs(model, config, registry or AtomRegistry.default(), tokenizer)
     reach = (max(inputs.layers) + 1) / len(decoder_layers(model))  # extraction stops after the deepest layer
     screened = {inputs.sources["harmful"], inputs.sources["harmless"]} if config.filter_prompts else set()
 
     def prompts(texts: Sequence[str], depth: float = 1.0) -> float:
         encoded = _encode(tokenizer, format_chat(tokenizer, list(texts), config.system_prompt))
-        shared = cached_prefix_length(model, encoded)
-        return depth * (shared + _padded([len(e) - shared for e in encoded], config.batch_size)) / speed.tokens_per_s
+        return depth * _prompt_seconds([len(e) for e in encoded], cached_prefix_length(model, encoded),
+                                       config.batch_size, speed)
 
     def passages(texts: Sequence[str], rate: float, depth: float = 1.0) -> float:
         return depth * _padded([len(c) for c in chunk_token_ids(tokenizer, list(texts))],
@@ -313,6 +310,12 @@ def pipeline_seconds(model: nn.Module, tokenizer, config, speed: Speed, registry
     validation = prompts(inputs.prompts("harmful_val")) + prompts(inputs.prompts("harmless_val"))
     perplexity = passages(inputs.budget_text, speed.logits_tokens_per_s)
     return COST_MARGIN * (extraction + (1 + candidates) * validation + 2 * perplexity)
+
+
+def _prompt_seconds(lengths: list[int], shared: int, rows: int, speed: Speed) -> float:
+    """A pass over chat-formatted prompts of ``lengths`` tokens: their shared opening once (`batching.prompt_batches`
+    caches it), then each prompt's own tokens in length-sorted batches of ``rows``, at the prompt rate."""
+    return (shared + _padded([m - shared for m in lengths], rows)) / speed.tokens_per_s
 
 
 def _padded(lengths: list[int], rows: int) -> int:
