@@ -292,23 +292,20 @@ TABLES: dict[str, Spec] = {
     # the real-model suite's measured run, fp32 against the dtype sra ablate picks here (docs/performance.md, CI)
     # benchmarks/make_demo_record.py: make demo as a new user runs it, in each compute dtype (README, Performance)
     "make_demo_totals": Spec(
-        files=(("make_demo.json", "bf16 (a CPU that multiplies it natively)"),
-               ("make_demo-fp32.json", "fp32 (what a CPU without native bf16 computes in)")),
+        files=(("make_demo.json", "bf16 (native here)"), ("make_demo-fp32.json", "fp32 (a CPU without native bf16)")),
         writer="benchmarks/make_demo_record.py",
         header=("`make demo`, fresh clone, 2 CPU cores", "{name}"),
         rows=(("**wall time, install included**", "**{f[total]}**"),
-              ("install, load (the demo model assembled and converted), start-up, save", "{f[setup]}"),
-              ("`sra ablate`'s pipeline: extract, validation, search, bake", "{f[pipeline]}"),
-              ("held-out evaluation of base, SRA and standard ablation (timed plan included)", "{f[evaluation]}"),
+              ("install, demo model conversion, start-up, save", "{f[setup]}"),
+              ("pipeline: extract, validation, search, bake", "{f[pipeline]}"),
+              ("evaluation: base, SRA, standard ablation", "{f[evaluation]}"),
               ("held-out prompts: harmful / harmless", "{f[sets][harmful]} / {f[sets][harmless]}"),
-              ("peak RSS", "{f[peak_rss_gib]:.1f} GiB"),
-              ("commit", "`{f[short_commit]}`")),
+              ("peak RSS", "{f[peak_rss_gib]:.1f} GiB")),
         derived={"total": lambda d: _min_s(_stage_seconds(d, "total (GNU time, elapsed)")),
                  "pipeline": lambda d: _min_s(_stage_seconds(d, *_PIPELINE)),
                  "evaluation": lambda d: _min_s(_stage_seconds(d, *_EVALUATION)),
                  "setup": lambda d: _min_s(_stage_seconds(d, "total (GNU time, elapsed)")
-                                           - _stage_seconds(d, *_PIPELINE, *_EVALUATION)),
-                 "short_commit": lambda d: d["commit"][:7]}),
+                                           - _stage_seconds(d, *_PIPELINE, *_EVALUATION))}),
     "suite_stages": Spec(
         files=(("headline-fp32.json", "fp32"), ("headline.json", "as `sra ablate` computes here")),
         writer="SRA_RESULTS=<file> python -m pytest -m real_model",
@@ -355,6 +352,9 @@ TABLES: dict[str, Spec] = {
               _check("64 judged 128-token replies to harmful prompts (one batch, no row stopping early)",
                      "64 judged 128-token replies"))),
 }
+
+# the same ratios for the demo model alone: the README's compact copy of docs/performance.md's table
+TABLES["speed_demo"] = TABLES["speed"]._replace(files=TABLES["speed"].files[:1], caption="")
 
 
 def render_document(text: str, results_dir: Path = RESULTS, tables: Mapping[str, Spec] | None = None) -> str:
