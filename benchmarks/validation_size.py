@@ -28,7 +28,7 @@ from transformers_sra.cli.loading import compute_dtype
 from transformers_sra.editing import ablate_activations
 from transformers_sra.evaluation import git_commit
 from transformers_sra.inputs import resolve_inputs
-from transformers_sra.judge import first_token_logprobs, refusal_probability, refusal_token_ids
+from transformers_sra.judge import first_token_kls, first_token_logprobs, refusal_probability, refusal_token_ids
 from transformers_sra.model_directions import build_directions
 from transformers_sra.search import default_profiles
 
@@ -39,7 +39,7 @@ def per_prompt(model, tok, inputs, config, direction, profile, base_harmless, id
     with ablate_activations(model, direction, profile, config.layers):
         refusal = refusal_probability(first_token_logprobs(model, tok, inputs.prompts("harmful_val"), **batching), ids)
         harmless = first_token_logprobs(model, tok, inputs.prompts("harmless_val"), **batching)
-    return refusal, (base_harmless.exp() * (base_harmless - harmless)).sum(-1)
+    return refusal, first_token_kls(base_harmless, harmless)
 
 
 def layer_choice(refusal: dict, kl: dict, max_kl: float, harmful: torch.Tensor, harmless: torch.Tensor):

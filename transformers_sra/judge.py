@@ -371,9 +371,7 @@ def _replies(model, tokenizer, prompts, max_new_tokens, batch_size, system_promp
     for batch in bar(shard(reply_batches(model, tokenizer, texts, batch_size)),
                      total=-(-len(texts) // batch_size), desc=f"generate {len(texts)} replies", unit="batch"):
         def first(logits: torch.Tensor, rows: list[int] = batch.indices) -> None:
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            check_finite(logp, "the first response token's logits", [prompts[i] for i in rows])
-            scores.put(rows, score(logp).cpu())
+            scores.put(rows, score(_first_logprobs(logits, [prompts[i] for i in rows])).cpu())
 
         replies = greedy_decode(model, batch, max_new_tokens, eos_ids=eos, stop=stop,
                                 first_logits=first if score is not None else None)
@@ -400,9 +398,7 @@ def first_token_logprobs(
     for batch in bar(shard(prompt_batches(model, tokenizer, texts, batch_size, run)),
                      total=-(-len(texts) // batch_size), desc=f"score {len(texts)} prompts", unit="batch"):
         logits = run(batch.model_inputs(model))
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        check_finite(logp, "the first response token's logits", [prompts[i] for i in batch.indices])
-        out.put(batch.indices, logp)
+        out.put(batch.indices, _first_logprobs(logits, [prompts[i] for i in batch.indices]).cpu())
     return out.result()
 
 
@@ -411,9 +407,21 @@ def refusal_probability(logprobs: torch.Tensor, token_ids: Sequence[int]) -> tor
     return logprobs[:, list(token_ids)].exp().sum(-1)
 
 
+def _first_logprobs(logits: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """Float32 log-probabilities of the first response token from its logits, checked finite (row k: ``prompts[k]``)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    check_finite(logp, "the first response token's logits", prompts)
+    return logp
+
+
+def first_token_kls(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per prompt, KL(base ‖ new) of the first response token's distribution."""
+    return (base_logprobs.exp() * (base_logprobs - new_logprobs)).sum(-1)
+
+
 def first_token_kl(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> float:
     """Mean KL(base ‖ new) of the first response token's distribution."""
-    kl = float((base_logprobs.exp() * (base_logprobs - new_logprobs)).sum(-1).mean())
+    kl = float(first_token_kls(base_logprobs, new_logprobs).mean())
     if math.isnan(kl):
         raise NumericsError(f"first-token KL is NaN: a log-probability is NaN or -inf in both models; {NUMERICS_HINT}")
     return kl
