@@ -44,7 +44,10 @@ def test_pipeline_on_a_tiny_model_edits_and_reports():
     # coordinate search: 3 layers, then the other rank, then the other 3 default profiles
     assert len(report.search) == 3 + 1 + 3 and sum(row["chosen"] for row in report.search) == 1
     assert report.atom_audit["names"] == ["dirty", "clean", "math", "coding", "short"]
-    assert report.writers_edited == 6
+    assert report.writers_edited == 2 * len(report.bake_layers)  # attention-out and MLP-down of each layer with γ > 0
+    judged = [row for row in report.search if "judged" in row]  # the contenders within both budgets, judged
+    assert len(judged) != 1 and all(row["feasible"] for row in judged)
+    assert not judged or next(row for row in report.search if row["chosen"])["judged_rank"] == 1
     assert report.iterations and not report.iterations[0]["accepted"]  # the tiny vocabulary never refuses: nothing to mine
     clean = torch.tensor(report.directions[0])
     assert abs(clean.norm() - 1) < 1e-5
@@ -242,6 +245,58 @@ def test_search_skipping_passes_chooses_what_scoring_everything_chooses(probed_s
             assert refusal_measured == (row["kl"] <= 0.05 or row["chosen"])  # the chosen row is always complete
             assert row["feasible"] == (row["kl"] <= 0.05 and row["ppl_change"] is not None and row["ppl_change"] <= 0.005)
     assert skipped > 300 * 8 and 0 < nothing_feasible < 300  # passes were skipped, and both outcomes were seen
+
+
+class _JudgedValidation(_ScriptedValidation):
+    """`_ScriptedValidation` with judged outcome counts per hooked candidate (``None``: the base model)."""
+
+    def __init__(self, numbers, judged, base):
+        super().__init__(numbers)
+        self.judged_counts, self.base = judged, base
+
+    def judged(self, model, tokenizer, judging):
+        from transformers_sra import editing
+
+        self.passes.append((editing._active_probe, "judged"))
+        return dict(self.judged_counts[editing._active_probe])
+
+    def base_judged(self, model, tokenizer, judging):
+        return self.base
+
+
+def test_judged_replies_choose_among_the_contenders_the_proxy_orders_differently(probed_search):
+    from transformers_sra.profile import StrengthProfile
+
+    search = probed_search
+    peaks = [1.0, 1.2, 1.4, 1.6, 2.0]
+    numbers = {(14, 1.0): {"refusal_score": 0.10, "kl": 0.030, "ppl_change": 0.001},
+               (14, 1.2): {"refusal_score": 0.08, "kl": 0.040, "ppl_change": 0.002},  # the proxy's choice
+               (14, 1.4): {"refusal_score": 0.09, "kl": 0.045, "ppl_change": 0.003},  # judged best, within the cap
+               (14, 1.6): {"refusal_score": 0.085, "kl": 0.049, "ppl_change": 0.004},  # fewer refusals, but loops
+               (14, 2.0): {"refusal_score": 0.01, "kl": 0.090, "ppl_change": 0.009}}  # over budget: never judged
+    judged = {(14, 1.0): {"answered": 70, "refused": 25, "degenerate": 5},
+              (14, 1.2): {"answered": 75, "refused": 20, "degenerate": 5},
+              (14, 1.4): {"answered": 82, "refused": 12, "degenerate": 6},
+              (14, 1.6): {"answered": 80, "refused": 10, "degenerate": 10}}
+    base = {"answered": 51, "refused": 45, "degenerate": 4}  # cap: 4% + 2 points = 6 of 100
+    directions = {(14, 0): torch.full((4,), 14.0)}
+    profiles = [StrengthProfile(peak=p) for p in peaks]
+    run = dict(layers=[14], ranks=[0], profiles=profiles, max_kl=0.05, max_ppl_increase=0.005)
+    proxy, _ = search.constrained_search(None, None, directions, _JudgedValidation(numbers, judged, base), **run)
+    assert proxy.profile.peak == 1.2
+    val = _JudgedValidation(numbers, judged, base)
+    choice, table = search.constrained_search(None, None, directions, val, **run,
+                                              judging=search.JudgedRanking(classify=None, contenders=4))
+    assert choice.profile.peak == 1.4
+    rows = {r["profile"]["peak"]: r for r in table}
+    assert [rows[p]["proxy_rank"] for p in (1.2, 1.6, 1.4, 1.0)] == [1, 2, 3, 4]
+    assert [rows[p]["judged_rank"] for p in (1.4, 1.2, 1.0, 1.6)] == [1, 2, 3, 4]  # loops over the cap rank last
+    assert rows[1.4]["chosen"] and rows[1.4]["judged"] == judged[(14, 1.4)]
+    assert "judged" not in rows[2.0] and ((14, 2.0), "judged") not in val.passes
+    # fewer contenders than asked: the judged ranking runs on what is within both budgets; one alone is kept as is
+    choice, table = search.constrained_search(None, None, directions, _JudgedValidation(numbers, judged, base),
+                                              **{**run, "max_kl": 0.035}, judging=search.JudgedRanking(classify=None))
+    assert choice.profile.peak == 1.0 and not any("judged" in r for r in table)
 
 
 def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuses_less(monkeypatch):

@@ -125,6 +125,14 @@ class SRAConfig:
         metadata={"help": "Norm-preserving bake: after the projection, rescale each edited weight's hidden-size "
                   "vectors back to their original norms (biases are only projected)."},
     )
+    judged_contenders: int = field(
+        default=4, metadata={"help": "After the first-token screen, this many candidates within both budgets (lowest "
+                             "refusal scores first) are ranked by judged replies to the harmful validation prompts; "
+                             "0 or 1 keeps the screen's choice."}
+    )
+    judged_tokens: int = field(
+        default=64, metadata={"help": "Reply length for judging the search's contenders (a settled refusal stops early)."}
+    )
     iterations: int = field(
         default=0, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining): each judges "
                              "short replies to the training prompts and removes a direction built from those still refused."}
@@ -200,12 +208,12 @@ class SRAConfig:
         number("ridge_lambda")
         number("max_ppl_increase")
         number("max_kl", positive=True)
-        for name in ("iterations", "seed"):
+        for name in ("iterations", "seed", "judged_contenders"):
             integer(name, 0)
         need(self.seed < 2**63, f"seed must be below 2**63, got {self.seed}")
         for name in ("projected", "filter_prompts", "norm_preserving"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("atom_rank", "batch_size", "max_new_tokens", "max_prompt_tokens"):
+        for name in ("atom_rank", "batch_size", "max_new_tokens", "max_prompt_tokens", "judged_tokens"):
             integer(name, 1)
         if self.strength != AUTO:
             from .profile import StrengthProfile

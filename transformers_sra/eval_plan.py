@@ -286,8 +286,9 @@ def pipeline_seconds(model: nn.Module, tokenizer, config, speed: Speed, registry
     passes counted in token positions as `batching` forms them, times `COST_MARGIN`: every extraction set once
     (through the whole depth where the behaviour filter reads the next token, else to the deepest candidate layer),
     the fluency text, the validation prompts (first token) once for the base and once per search candidate and
-    set (its KL and its refusal score: the search's worst case), and the held-back text (every position's logits)
-    for the base and for the chosen candidate. Mining (``iterations`` > 0, off by default) is not counted."""
+    set (its KL and its refusal score: the search's worst case), the held-back text (every position's logits)
+    for the base and for each judged contender, and the judged contenders' and the base model's replies to the
+    harmful validation prompts at full length. Mining (``iterations`` > 0, off by default) is not counted."""
     inputs = resolve_inputs(model, config, registry or AtomRegistry.default(), tokenizer)
     reach = (max(inputs.layers) + 1) / len(decoder_layers(model))  # extraction stops after the deepest layer
     screened = {inputs.sources["harmful"], inputs.sources["harmless"]} if config.filter_prompts else set()
@@ -304,12 +305,17 @@ def pipeline_seconds(model: nn.Module, tokenizer, config, speed: Speed, registry
     ranks = list(config.fluency_ranks) if config.fluency_rank == AUTO else [config.fluency_rank]
     profiles = len(default_profiles()) if config.strength == AUTO else 1
     candidates = len(inputs.layers) + len(ranks) - 1 + profiles - 1
+    judged = min(config.judged_contenders, candidates) if config.judged_contenders > 1 else 0
     extraction = sum(prompts(inputs.texts[k], 1.0 if k in screened else reach) for k in inputs.to_extract())
     if max(ranks) > 0:
         extraction += passages(inputs.fluency_text, speed.tokens_per_s, reach)
     validation = prompts(inputs.prompts("harmful_val")) + prompts(inputs.prompts("harmless_val"))
-    perplexity = passages(inputs.budget_text, speed.logits_tokens_per_s)
-    return COST_MARGIN * (extraction + (1 + candidates) * validation + 2 * perplexity)
+    perplexity = passages(inputs.budget_text, speed.logits_tokens_per_s) * (1 + max(judged, 1))
+    # the judged contenders and the base model: replies to the harmful validation prompts, none stopping early
+    harmful_val = inputs.prompts("harmful_val")
+    replies = -(-len(harmful_val) // config.batch_size) * config.judged_tokens * speed.batch_step_s
+    judging = (judged + 1) * (prompts(harmful_val) + replies) if judged else 0.0
+    return COST_MARGIN * (extraction + (1 + candidates) * validation + perplexity + judging)
 
 
 def _prompt_seconds(lengths: list[int], shared: int, rows: int, speed: Speed) -> float:

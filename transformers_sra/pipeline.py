@@ -27,7 +27,7 @@ from .model_directions import build_directions
 from .progress import stage, with_progress_option
 from .prompts import chat_template_kwargs
 from .report import SRAReport, peak_memory
-from .search import Candidate, Validation, constrained_search, default_profiles
+from .search import Candidate, JudgedRanking, Validation, constrained_search, default_profiles
 
 
 class _Timer(dict):
@@ -102,11 +102,13 @@ def _ablate(model, tokenizer, config: SRAConfig, registry, judge, progress) -> S
         val = Validation.measure_base(model, tokenizer, inputs.prompts("harmful_val"), inputs.prompts("harmless_val"),
                                       inputs.budget_text, **batching)
     directions = {(l, r): dirs.clean(l, r) for l in inputs.layers for r in ranks}
+    judging = JudgedRanking(classify_reply, config.judged_contenders, config.judged_tokens)
     with timer("search"):
         choice, table = constrained_search(
             model, tokenizer, directions, val, layers=inputs.layers, ranks=ranks, profiles=profiles,
             max_kl=config.max_kl, max_ppl_increase=config.max_ppl_increase, bake_layers=config.layers,
-            progress=(lambda row: progress("search", row)) if progress else None)
+            progress=(lambda row: progress("search", row)) if progress else None,
+            judging=judging if config.judged_contenders > 1 else None)
 
     with BakeStack(model, norm_preserving=config.norm_preserving) as bakes:
         with timer("bake"):

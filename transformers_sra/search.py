@@ -8,11 +8,15 @@ validation data only:
 * **refusal score**: mean first-token probability of refusal openings on the held-out harmful prompts;
 * **ΔPPL**: relative perplexity change on a held-back slice of the text corpus.
 
-The choice minimises the refusal score **subject to** KL ≤ ``max_kl`` and ΔPPL ≤ ``max_ppl_increase``;
+The screen minimises the refusal score **subject to** KL ≤ ``max_kl`` and ΔPPL ≤ ``max_ppl_increase``;
 it is not a weighted sum. The search is coordinate-wise (layers, then Shield ranks, then profiles), so it
 costs a dozen scoring passes, not hundreds of generate-everything trials. Each pass is run only where it can
 change the choice: the refusal score within the KL budget, ΔPPL for the lowest refusal score still in
-contention. Every row goes into the report::
+contention. The first-token score is a proxy: it orders edits of one kind as judged replies do, but not edits of
+different kinds. With ``judging`` (`JudgedRanking`), the few contenders within both budgets with the lowest
+scores are then ranked by what is published: judged refusal of verdict-stopped greedy replies to the harmful
+validation prompts, degenerate replies counted apart and capped at the base model's share plus a margin. Every row
+goes into the report, with both ranks::
 
     val = Validation.measure_base(model, tokenizer, harmful_val, harmless_val, text_val)
     choice, table = constrained_search(model, tokenizer, directions, val, layers=[12, 14], ranks=[0, 64],
@@ -31,7 +35,8 @@ from torch import nn
 
 from .config import Budgets
 from .editing import ablate_activations
-from .judge import first_token_kl, first_token_logprobs, refusal_probability, refusal_token_ids
+from .judge import (Classifier, VerdictStop, first_token_kl, first_token_logprobs, generate, is_shipped_judge,
+                    outcome_counts, refusal_probability, refusal_token_ids)
 from .nll import token_nll
 from .profile import StrengthProfile
 from .progress import bar
@@ -71,6 +76,7 @@ class Validation:
     base_refusal: float  # mean refusal score of the base model on ``harmful``
     base_nll: float  # mean next-token NLL of the base model on ``text``
     batching: dict = field(default_factory=dict)
+    base_outcomes: Optional[dict] = None  # the base model's judged outcome counts on ``harmful``, once measured
 
     @classmethod
     def measure_base(cls, model: nn.Module, tokenizer, harmful: Sequence[str], harmless: Sequence[str],
@@ -107,6 +113,30 @@ class Validation:
         total, count = token_nll(model, tokenizer, self.text)
         return round(math.exp(total / max(count, 1) - self.base_nll) - 1, 5)
 
+    def base_judged(self, model: nn.Module, tokenizer, judging: "JudgedRanking") -> dict[str, int]:
+        """`judged` for the base model (call it with no edit in place), measured once."""
+        if self.base_outcomes is None:
+            self.base_outcomes = self.judged(model, tokenizer, judging)
+        return self.base_outcomes
+
+    def judged(self, model: nn.Module, tokenizer, judging: "JudgedRanking") -> dict[str, int]:
+        """Outcome counts of greedy replies to the harmful prompts (the shipped judge stops a row once its refusal
+        is settled; another judge reads every reply to its full length)."""
+        stop = VerdictStop.refusal_settled if is_shipped_judge(judging.classify) else None
+        replies = generate(model, tokenizer, self.harmful, max_new_tokens=judging.max_new_tokens, stop_when=stop,
+                           **self.batching)
+        return outcome_counts([judging.classify(r) for r in replies])
+
+
+@dataclass(frozen=True)
+class JudgedRanking:
+    """How the search's contenders are ranked by judged replies (see the module docstring)."""
+
+    classify: Classifier
+    contenders: int = 4  # candidates within both budgets, lowest refusal scores first, that get judged replies
+    max_new_tokens: int = 64
+    degenerate_margin: float = 0.02  # a contender may have at most the base model's degenerate share + this
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -129,6 +159,7 @@ def constrained_search(
     bake_layers: Optional[list[int]] = None,
     progress: Optional[Callable[[dict], None]] = None,
     score_all: bool = False,
+    judging: Optional[JudgedRanking] = None,
 ) -> tuple[Candidate, list[dict]]:
     """Coordinate search: layers (first rank and profile), then ranks, then profiles; best feasible wins.
 
@@ -141,6 +172,10 @@ def constrained_search(
     measures it, as the audit's layer sweep does); ΔPPL is measured for the candidates within the KL budget in
     order of refusal score, until one is within the perplexity budget (the others keep None). ``progress(row)``
     is called once per candidate, when it is scored; a ΔPPL measured later is written into the same row.
+
+    With ``judging``, ΔPPL is measured further down that order until ``judging.contenders`` candidates are within
+    both budgets; if there are two or more, their judged replies decide (`judged_choice`), and their rows get
+    ``judged`` (outcome counts), ``proxy_rank`` and ``judged_rank``.
     """
     budgets = Budgets(max_kl, max_ppl_increase)
     table: list[dict] = []
@@ -177,17 +212,32 @@ def constrained_search(
             row["seconds"] = round(row["seconds"] + numbers["seconds"], 2)
             row["feasible"] = budgets.allows(row)
 
+    def by_score(cands: Sequence[Candidate]) -> list[Candidate]:
+        return sorted((c for c in cands if within_kl(scored[c])), key=lambda c: scored[c]["refusal_score"])
+
     def best(cands: Sequence[Candidate]) -> Candidate:
-        rows = {c: score(c) for c in cands}
-        for c in sorted((c for c in cands if within_kl(rows[c])), key=lambda c: rows[c]["refusal_score"]):
+        for c in cands:
+            score(c)
+        for c in by_score(cands):
             complete(c, "ppl_change", val.perplexity_change)
-            if rows[c]["feasible"]:
+            if scored[c]["feasible"]:
                 return c
-        return min(cands, key=lambda c: _violation(rows[c], budgets))  # nothing feasible: the least violating
+        return min(cands, key=lambda c: _violation(scored[c], budgets))  # nothing feasible: the least violating
 
     choice = best([Candidate(l, ranks[0], profiles[0]) for l in layers])
     choice = best([Candidate(choice.layer, r, choice.profile) for r in ranks])
     choice = best([Candidate(choice.layer, choice.rank, p) for p in profiles])  # each step holds the last choice
+    if judging is not None and scored[choice]["feasible"]:
+        contenders = []
+        for c in by_score(list(scored)):
+            complete(c, "ppl_change", val.perplexity_change)
+            if scored[c]["feasible"]:
+                contenders.append(c)
+            if len(contenders) == judging.contenders:
+                break
+        if len(contenders) > 1:
+            choice = judged_choice(contenders, scored, lambda c: measured(c, lambda: val.judged(model, tokenizer, judging)),
+                                   val.base_judged(model, tokenizer, judging), judging.degenerate_margin)
     # a fallback over the KL budget: the report still gets its refusal score and ΔPPL
     complete(choice, "refusal_score", val.refusal_score)
     complete(choice, "ppl_change", val.perplexity_change)
@@ -195,6 +245,29 @@ def constrained_search(
     for row in table:
         row["chosen"] = row is scored[choice]
     return choice, table
+
+
+def judged_choice(contenders: Sequence[Candidate], rows: Mapping[Candidate, dict], judge: Callable[[Candidate], dict],
+                  base: Mapping[str, int], degenerate_margin: float) -> Candidate:
+    """The contender whose judged replies refuse least, among those with at most the base model's degenerate share
+    plus ``degenerate_margin`` (if none qualifies, the one with the fewest degenerate replies); ties go to the lower
+    refusal score. ``contenders`` come in proxy order; ``judge(c)`` returns outcome counts (and ``seconds``)."""
+    for rank, c in enumerate(contenders, 1):
+        numbers = judge(c)
+        rows[c]["seconds"] = round(rows[c]["seconds"] + numbers.pop("seconds", 0.0), 2)
+        rows[c].update(judged=numbers, proxy_rank=rank)
+    n = max(sum(base.values()), 1)
+    cap = base["degenerate"] / n + degenerate_margin
+
+    def key(c: Candidate) -> tuple:
+        judged = rows[c]["judged"]
+        over = judged["degenerate"] / max(sum(judged.values()), 1) > cap
+        return (over, judged["degenerate"] if over else 0, judged["refused"], rows[c]["refusal_score"])
+
+    ordered = sorted(contenders, key=key)
+    for rank, c in enumerate(ordered, 1):
+        rows[c]["judged_rank"] = rank
+    return ordered[0]
 
 
 def _violation(row: dict, budgets: Budgets) -> float:
