@@ -35,8 +35,17 @@ from torch import nn
 
 from .config import Budgets
 from .editing import ablate_activations
-from .judge import (Classifier, VerdictStop, first_token_kl, first_token_logprobs, generate, is_shipped_judge,
-                    outcome_counts, refusal_probability, refusal_token_ids)
+from .judge import (
+    Classifier,
+    VerdictStop,
+    first_token_kl,
+    first_token_logprobs,
+    generate,
+    is_shipped_judge,
+    outcome_counts,
+    refusal_probability,
+    refusal_token_ids,
+)
 from .nll import token_nll
 from .profile import StrengthProfile
 from .progress import bar
