@@ -67,7 +67,7 @@ class Writer:
     param: str  # "weight" or, for fused experts, "down_proj"
     hidden_axis: int  # axis of `param` that indexes the residual stream
     bias: Optional[str]  # bias parameter name (last axis is the hidden one), if any
-    post_norm: Optional[nn.Module]  # norm (RMSNorm, LayerNorm, ...) between this writer and the residual add
+    post_norms: tuple[nn.Module, ...]  # norms (RMSNorm, LayerNorm, ...) between this writer and the residual add, innermost first
     kind: str = "mlp"  # "attn" (attention out) or "mlp" (MLP down, experts): strength profiles treat them apart
     constant: bool = False  # a post-norm's bias: added as it is at every token, so u is v itself
 
@@ -156,7 +156,7 @@ def _table_specs(block: nn.Module, layout: Layout, hidden: int, prefix: str) -> 
     """Writers of one layer under its table layout; raises AttributeError/UnsupportedModelError if it does not fit."""
     specs = [WriterSpec(layout.attn_writer, "weight", *_linear_writer(block.get_submodule(layout.attn_writer),
                                                                       f"{prefix}.{layout.attn_writer}", hidden),
-                        layout.attn_post_norm, "attn")]
+                        _posts(layout.attn_post_norm), "attn")]
     root = block.get_submodule(layout.mlp_root)
     mlp = []
     for sub_name, module in root.named_modules():
@@ -166,18 +166,22 @@ def _table_specs(block: nn.Module, layout: Layout, hidden: int, prefix: str) -> 
             # v5 fused experts: (E, hidden, inter), or (E, inter, hidden) when the class says is_transposed.
             axis = 2 if getattr(module, "is_transposed", False) else 1
             bias = "down_proj_bias" if isinstance(module._parameters.get("down_proj_bias"), torch.Tensor) else None
-            mlp.append(WriterSpec(path, "down_proj", axis, bias, layout.mlp_post_norm, "mlp"))
+            mlp.append(WriterSpec(path, "down_proj", axis, bias, _posts(layout.mlp_post_norm), "mlp"))
         elif path.rsplit(".", 1)[-1] in _MLP_WRITER_NAMES and (isinstance(module, nn.Linear) or _is_conv1d(module)):
             mlp.append(WriterSpec(path, "weight", *_linear_writer(module, f"{prefix}.{path}", hidden),
-                                  layout.mlp_post_norm, "mlp"))
+                                  _posts(layout.mlp_post_norm), "mlp"))
     if not mlp:
         raise UnsupportedModelError(f"no MLP writer found under {prefix}.{layout.mlp_root}")
     specs += mlp
     for post, kind in ((layout.attn_post_norm, "attn"), (layout.mlp_post_norm, "mlp")):
         bias = block.get_submodule(post)._parameters.get("bias") if post else None
         if isinstance(bias, torch.Tensor):
-            specs.append(WriterSpec(post, "bias", 0, None, None, kind, constant=True))
+            specs.append(WriterSpec(post, "bias", 0, None, (), kind, constant=True))
     return specs
+
+
+def _posts(norm: Optional[str]) -> tuple[str, ...]:
+    return (norm,) if norm else ()
 
 
 def _writer(block: nn.Module, spec: WriterSpec, index: int, prefix: str, hidden: int) -> Writer:
@@ -185,8 +189,8 @@ def _writer(block: nn.Module, spec: WriterSpec, index: int, prefix: str, hidden:
     param = module._parameters.get(spec.param)
     if not isinstance(param, torch.Tensor) or param.shape[spec.hidden_axis] != hidden:
         raise UnsupportedModelError(f"{prefix}.{spec.path}.{spec.param} does not write a hidden-size ({hidden}) output")
-    post = block.get_submodule(spec.post_norm) if spec.post_norm else None
-    return Writer(index, f"{prefix}.{spec.path}", module, spec.param, spec.hidden_axis, spec.bias, post, spec.kind,
+    posts = tuple(block.get_submodule(n) for n in spec.post_norms)
+    return Writer(index, f"{prefix}.{spec.path}", module, spec.param, spec.hidden_axis, spec.bias, posts, spec.kind,
                   spec.constant)
 
 

@@ -44,11 +44,12 @@ def writer_direction(writer: Writer, v: torch.Tensor) -> torch.Tensor:
     """The unit vector ``u`` to project out of this writer so its residual contribution is ⟂ v.
 
     Behind a post-norm ``N(y) = A y / s(y) + b`` it is ``u ∝ Aᵀ v`` (``g ⊙ v`` for RMSNorm, centred ``g ⊙ v``
-    for LayerNorm), found by probing the norm (`probing.norm_transpose`).
+    for LayerNorm), found by probing the norm (`probing.norm_transpose`). Behind nested post-norms, innermost
+    ``N₁`` to outermost ``Nₖ`` (Gemma-4's MoE branches sit inside its post-feedforward norm), ``u ∝ A₁ᵀ⋯Aₖᵀ v``.
     """
     v = v.to(torch.float32)
-    if writer.post_norm is not None:
-        v = norm_transpose(writer.post_norm, v).to(v.device)
+    for norm in reversed(writer.post_norms):  # u ∝ A₁ᵀ…Aₖᵀ v: the outermost norm's transpose first
+        v = norm_transpose(norm, v).to(v.device)
     norm = v.norm()
     if not torch.isfinite(norm) or norm < 1e-12:
         raise ConfigError(f"direction for {writer.name} is zero or not finite")
@@ -230,7 +231,8 @@ def _completion_hook(p: _Planned):
 
 
 def _post_norm_note(writer: Writer) -> str:
-    return f" (post-norm {type(writer.post_norm).__name__})" if writer.post_norm is not None else ""
+    names = " then ".join(type(n).__name__ for n in writer.post_norms)
+    return f" (post-norm {names})" if names else ""
 
 
 def _verify(model: nn.Module, planned: list[_Planned], layers: list[int], calls: dict[int, LayerCall],

@@ -150,7 +150,7 @@ def _materialize_norms(model: nn.Module, writers: list[Writer], ckpt: _Checkpoin
     names = {id(m): n for n, m in model.named_modules()}
     norms = {}
     for w in writers:
-        for norm in (w.post_norm, w.module if w.constant else None):
+        for norm in (*w.post_norms, w.module if w.constant else None):
             if norm is None or names[id(norm)] in norms:
                 continue
             name = names[id(norm)]
