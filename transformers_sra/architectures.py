@@ -12,8 +12,8 @@ Encoder-decoder models and quantized weights are refused here, before anything i
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -70,6 +70,12 @@ class Writer:
     post_norms: tuple[nn.Module, ...]  # norms (RMSNorm, LayerNorm, ...) between this writer and the residual add, innermost first
     kind: str = "mlp"  # "attn" (attention out) or "mlp" (MLP down, experts): strength profiles treat them apart
     constant: bool = False  # a post-norm's bias: added as it is at every token, so u is v itself
+    carrier: Optional[nn.Module] = None  # where a constant is added when its own module is never called (JetMoE)
+
+    @property
+    def output_module(self) -> nn.Module:
+        """The module whose output holds this writer's write: what hooks that act on the write attach to."""
+        return self.carrier if self.carrier is not None else self.module
 
 
 _LAYER_LISTS = ("layers", "h", "blocks", "layer", "decoder_layers")
@@ -190,31 +196,57 @@ def _writer(block: nn.Module, spec: WriterSpec, index: int, prefix: str, hidden:
     if not isinstance(param, torch.Tensor) or param.shape[spec.hidden_axis] != hidden:
         raise UnsupportedModelError(f"{prefix}.{spec.path}.{spec.param} does not write a hidden-size ({hidden}) output")
     posts = tuple(block.get_submodule(n) for n in spec.post_norms)
+    carrier = block.get_submodule(spec.carrier) if spec.carrier else None
     return Writer(index, f"{prefix}.{spec.path}", module, spec.param, spec.hidden_axis, spec.bias, posts, spec.kind,
-                  spec.constant)
+                  spec.constant, carrier)
 
 
 def residual_writers(model: nn.Module, layers: Optional[list[int]] = None, *, method: str = "auto",
-                     calls: Optional[dict[int, LayerCall]] = None) -> list[Writer]:
+                     calls: Optional[dict[int, LayerCall]] = None, recorded: Optional[Mapping] = None) -> list[Writer]:
     """Every residual-stream writer of the chosen decoder layers (all by default), in layer order.
 
     ``method``: "auto" reads `LAYOUTS` for known families and probes the rest; "table" or "probe" forces one.
     ``calls`` are recorded layer calls to probe with (`probing.capture_layer_calls`); one forward is run if needed.
+    ``recorded``: the writers as `writer_record` wrote them down when the edit was made (the report keeps them);
+    they are used as they are, so the streaming bake edits a meta-device model, which cannot be probed, exactly
+    as the in-memory bake did.
     Raises `UnsupportedModelError` (before any edit) for encoder-decoder or quantized models, for a known family
     whose layers do not match its table entry, and for a layer in which probing finds no writer.
     """
     check_editable(model)
     blocks = decoder_layers(model)
     hidden = _hidden_size(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
     names = {id(m): n for n, m in model.named_modules()}
     indices = layer_indices(model, layers)
-    layout = LAYOUTS.get(model_type) if method != "probe" else None
-    if layout is None and method == "table":
+    specs = _layer_specs(model, indices, method, calls, recorded)
+    return [_writer(blocks[i], s, i, names[id(blocks[i])], hidden) for i in indices for s in specs[i]]
+
+
+def writer_record(model: nn.Module, layers: Optional[list[int]] = None) -> dict[str, list[dict]]:
+    """The writers of the chosen layers as plain data, ``{layer: [WriterSpec fields]}``, for `residual_writers`'s
+    ``recorded``: what probing found (tensor, hidden axis, post-norms) travels in the report to `sra bake`."""
+    specs = _layer_specs(model, layer_indices(model, layers), "auto", None, None)
+    return {str(i): [asdict(s) for s in layer] for i, layer in specs.items()}
+
+
+def _layer_specs(model: nn.Module, indices: list[int], method: str, calls: Optional[dict[int, LayerCall]],
+                 recorded: Optional[Mapping]) -> dict[int, list[WriterSpec]]:
+    blocks = decoder_layers(model)
+    hidden = _hidden_size(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = {id(m): n for n, m in model.named_modules()}
+    layout = LAYOUTS.get(model_type) if method != "probe" and recorded is None else None
+    if layout is None and method == "table" and recorded is None:
         raise UnsupportedModelError(f"model type {model_type!r} has no entry in transformers_sra.architectures.LAYOUTS")
 
     specs: dict[int, list[WriterSpec]] = {}
-    if layout is not None:
+    if recorded is not None:
+        missing = [i for i in indices if str(i) not in recorded]
+        if missing:
+            raise UnsupportedModelError(f"the recorded writers have no entry for layer {missing[0]}")
+        specs = {i: [WriterSpec(**{**s, "post_norms": tuple(s["post_norms"])}) for s in recorded[str(i)]]
+                 for i in indices}
+    elif layout is not None:
         for i in indices:
             try:
                 specs[i] = _table_specs(blocks[i], layout, hidden, names[id(blocks[i])])
@@ -222,14 +254,12 @@ def residual_writers(model: nn.Module, layers: Optional[list[int]] = None, *, me
                 raise UnsupportedModelError(f"layer {i} of {model_type!r} does not match its writer layout: {err}") from None
     else:
         specs = _probe(model, blocks, indices, hidden, calls)
-    writers = []
     for i in indices:
         if not specs[i]:
             raise UnsupportedModelError(
                 f"no residual-stream writer found in layer {i} ({type(blocks[i]).__name__}) of {model_type!r}: "
                 "its write to the residual stream does not pass through a linear map that a rank-one edit can reach")
-        writers += [_writer(blocks[i], s, i, names[id(blocks[i])], hidden) for s in specs[i]]
-    return writers
+    return specs
 
 
 _PROBED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

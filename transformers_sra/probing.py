@@ -50,6 +50,7 @@ class WriterSpec:
     post_norms: tuple[str, ...]  # norms between the writer and the residual add, innermost first (Gemma-4's MoE nests two)
     kind: str
     constant: bool = False  # a post-norm's bias: the same vector added at every token
+    carrier: Optional[str] = None  # for a vector whose own module is never called: the module whose output adds it
 
 
 @dataclass
@@ -446,7 +447,11 @@ def _constant_writers(layer, call, clean, base, frozen, norms, direct, specs, hi
                 continue
         kind = kind_of(owner, clean.modules) or next(
             (s.kind for s in specs if s.post_norms and s.post_norms[0] in (owner, *posts[:1])), "mlp")
-        found.append(WriterSpec(owner, pname.rsplit(".", 1)[-1], 0, None, posts, kind, constant=True))
+        # Hooks that act on the write (the self-check's completion, the activation preview) go on the innermost
+        # called module around the vector when its own module is never called.
+        carrier = None if owner in clean.calls else next(
+            (a for a in (owner.rsplit(".", k)[0] for k in range(1, owner.count(".") + 1)) if a in clean.calls), None)
+        found.append(WriterSpec(owner, pname.rsplit(".", 1)[-1], 0, None, posts, kind, constant=True, carrier=carrier))
     return found
 
 
@@ -456,7 +461,7 @@ def _assign_kinds(specs: list[WriterSpec], order: dict[str, int]) -> list[Writer
     first = min((order[s.path] for s in specs), default=0)
     for s in specs:
         kind = s.kind or ("attn" if order[s.path] == first and len(specs) > 1 else "mlp")
-        out.append(WriterSpec(s.path, s.param, s.hidden_axis, s.bias, s.post_norms, kind, s.constant))
+        out.append(WriterSpec(s.path, s.param, s.hidden_axis, s.bias, s.post_norms, kind, s.constant, s.carrier))
     return out
 
 
@@ -467,6 +472,41 @@ def layer_signature(layer: nn.Module) -> tuple:
 
 
 # -- the invariant -------------------------------------------------------------------------------------------
+def still_writing(layer: nn.Module, call: LayerCall, v: torch.Tensor, tol: float, most: int = 4) -> list[str]:
+    """Where a failed bake's residual component along v comes from (missed writers, or their post-norms): the
+    fewest modules of ``layer`` (up to ``most``, chosen greedily, the innermost among equals) whose outputs, made
+    ⟂ v together, leave the layer's write ⟂ v within ``tol``; empty if no such few modules do."""
+    clean, _ = _record(layer, call)
+    hidden = v.numel()
+    candidates = [n for n, calls in clean.calls.items()
+                  if all(o is not None and o.is_floating_point() and o.shape[-1] == hidden for _, _, o in calls)]
+
+    def perp(_module, _args, output):
+        y = first_tensor(output)
+        vv = v.to(device=y.device, dtype=y.dtype)
+        return replace_first(output, y - (y @ vv).unsqueeze(-1) * vv)
+
+    def ratio_without(names: list[str]) -> float:
+        handles = [layer.get_submodule(n).register_forward_hook(perp) for n in names]
+        try:
+            with torch.no_grad():
+                return write_ratio(layer_output(layer, call) - call.x.float(), v)
+        finally:
+            for h in handles:
+                h.remove()
+
+    chosen: list[str] = []
+    for _ in range(most):
+        ratios = {n: ratio_without(chosen + [n]) for n in candidates if n not in chosen}
+        if not ratios:
+            break
+        best = min(ratios, key=lambda n: (ratios[n] > tol, ratios[n] if ratios[n] > tol else 0.0, -n.count(".")))
+        chosen.append(best)
+        if ratios[best] <= tol:
+            return chosen
+    return []
+
+
 def write_ratio(write: torch.Tensor, v: torch.Tensor) -> float:
     """max over tokens of |⟨write, v⟩| / |write|: how much of the layer's residual write lies along unit v."""
     rows = write.reshape(-1, v.numel()).double()
