@@ -9,8 +9,9 @@ constant vector ``d``; if the layer's write then moves by a per-token multiple o
 added to the residual stream as it is. While one module is shifted, every other module with a weight matrix
 replays its clean output, so later sublayers that read the stream do not blur the test. A linear module whose
 output is added is a writer; a norm-like module (no matrix parameters) whose output is added and whose input
-moves by a multiple of ``d`` when a linear module's output does, is that module's post-norm. Each layer kind of
-a hybrid stack is probed on its own.
+moves by a multiple of ``d`` when a linear module's output does, is that module's post-norm; a norm whose output
+only moves the input of such a norm sits inside it, and the writer's post-norms are the chain (Gemma-4's MoE
+branches are each normed, summed and normed again). Each layer kind of a hybrid stack is probed on its own.
 
 Post-norm gains come from the norm's transpose, ``u ∝ Aᵀ v``, probed with one-hot inputs (see `norm_transpose`):
 that holds for RMSNorm (any gain convention) and for LayerNorm, whose centring a constant probe would zero out.
@@ -392,7 +393,7 @@ def probe_layer(layer: nn.Module, call: LayerCall, hidden: int, seed: int = 0) -
             if rest is not None:
                 chains.append((n,) + rest)
         # Fewest norms first; then a norm with a gain, then the first to run (the writer's own post-norm).
-        return min(chains, key=lambda c: (len(c), not any(True for _ in modules[c[0]].parameters()), order[c[0]]),
+        return min(chains, key=lambda c: (len(c), next(modules[c[0]].parameters(), None) is None, order[c[0]]),
                    default=None)
 
     specs = []
@@ -406,7 +407,7 @@ def probe_layer(layer: nn.Module, call: LayerCall, hidden: int, seed: int = 0) -
     specs = _assign_kinds(specs, order)
     frozen = {n: [o for _, _, o in clean.calls[n]] for n in matrix}
     _check_residual_passthrough(layer, call, base, frozen, gen)
-    return specs + _constant_writers(layer, call, clean, base, frozen, norms, direct, specs, hidden, gen, path_to_stream)
+    return specs + _constant_writers(layer, call, clean, base, frozen, norms, specs, hidden, gen, path_to_stream)
 
 
 def _check_residual_passthrough(layer, call, base, frozen, gen) -> None:
@@ -422,8 +423,7 @@ def _check_residual_passthrough(layer, call, base, frozen, gen) -> None:
             "scaled residual), so its write depends on the direction in a way no rank-one edit of weights can remove")
 
 
-def _constant_writers(layer, call, clean, base, frozen, norms, direct, specs, hidden, gen,
-                      path_to_stream) -> list[WriterSpec]:
+def _constant_writers(layer, call, clean, base, frozen, norms, specs, hidden, gen, path_to_stream) -> list[WriterSpec]:
     """Vectors added at every token: a post-norm's bias, a bias an MoE block adds to its output. Each hidden-size
     vector parameter not already a writer's bias is shifted by d; if the write (or a post-norm's input) moves by
     multiples of d, that vector is a writer of its own. Its module need not be called: JetMoE's attention experts
