@@ -47,18 +47,22 @@ def render(rows: dict[str, dict]) -> str:
         "Each family in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built tiny from its default config (random norm gains "
         "and biases), baked with `bake_direction` (self-check on) and checked again independently: no decoder layer "
         "writes more than 1e-4 of its write along the removed direction. Writers come from the `LAYOUTS` table where "
-        "the family has an entry, from probing otherwise.",
+        "the family has an entry, from probing otherwise. Rows with options in brackets, and DBRX and JetMoE, are "
+        "built from configs of their own (`tiny_families.VARIANTS`: Gemma-4 text in every combination its config "
+        "allows, DBRX and JetMoE also with square expert tensors), and `tests/test_families.py` also checks their undo, "
+        "stacked bakes, streaming bake and adapter export.",
         "",
         f"**{len(rows)} families listed, {tried} built and tried: {counts['exact']} exact, {counts['refused']} refused "
         f"with `UnsupportedModelError` (no weight changed), {counts['not built']} not buildable tiny from the default "
         "config without remote code.**",
         "",
-        "| family | writers found (in a layer, kind) | post-norms found | found by | verified |",
-        "|---|---|---|---|---|",
+        "| family | writers found (in a layer, kind) | post-norms found | found by | verified | proved by |",
+        "|---|---|---|---|---|---|",
     ]
     for family, r in rows.items():
         if r["status"] == "exact":
-            lines.append(f"| {family} | {_cell(r['writers'])} | {_cell(r['post_norms'])} | {r['method']} | yes |")
+            tests = _cell(r.get("tests", ["tests/test_coverage.py"]))
+            lines.append(f"| {family} | {_cell(r['writers'])} | {_cell(r['post_norms'])} | {r['method']} | yes | {tests} |")
     lines += ["", "## Refused (documented error, model left as it was)", "", "| family | reason |", "|---|---|"]
     lines += [f"| {f} | {_reason(r['reason'])} |" for f, r in rows.items() if r["status"] == "refused"]
     lines += ["", "## Not built by the generic tiny config", "",

@@ -1,10 +1,11 @@
 """Coverage: the bake is exact, or refused with the documented error, on every causal-LM family transformers lists.
 
-Each family is built tiny from its default config (`tiny_families.py`) with random norm gains and biases, baked
-through the public `bake_direction` (table fast path or probing, self-check on), and then checked independently:
-no decoder layer's write (output − input) keeps more than 1e-4 of its size along v. A refused family must raise
-`UnsupportedModelError` and leave every weight as it was. Set ``SRA_COVERAGE_JSON`` to a path to write one row per
-family (used by ``scripts/coverage_table.py`` to generate docs/coverage.md).
+Each family is built tiny from its default config (`tiny_families.py`; the `VARIANTS` rows from configs of their
+own) with random norm gains and biases, baked through the public `bake_direction` (table fast path or probing,
+self-check on), and then checked independently: no decoder layer's write (output − input) keeps more than 1e-4 of
+its size along v. A refused family must raise `UnsupportedModelError` and leave every weight as it was. Set
+``SRA_COVERAGE_JSON`` to a path to write one row per family (used by ``scripts/coverage_table.py`` to generate
+docs/coverage.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from tiny_families import HIDDEN, VOCAB, causal_lm_families, layer_write_components, make_family_model, one_thread
+from tiny_families import HIDDEN, VARIANTS, VOCAB, causal_lm_families, layer_write_components, make_family_model, one_thread
 from transformers_sra import UnsupportedModelError, bake_direction
 from transformers_sra.architectures import LAYOUTS, residual_writers
 
@@ -45,11 +46,12 @@ def _in_layer(name: str, layer: int) -> str:
 
 
 def _summary(model, writers) -> tuple[list[str], list[str]]:
-    """Writer paths inside a layer (with their kind) and post-norm paths (with their class), over all layers."""
+    """Writer paths inside a layer (with their kind) and post-norm paths (with their class; nested ones as a chain,
+    innermost first), over all layers."""
     names = {id(m): n for n, m in model.named_modules()}
     rel = sorted({f"{_in_layer(w.name, w.layer)} ({w.kind})" for w in writers if not w.constant})
-    posts = sorted({f"{_in_layer(names[id(w.post_norm)], w.layer)} ({type(w.post_norm).__name__})"
-                    for w in writers if w.post_norm is not None})
+    posts = sorted({" → ".join(f"{_in_layer(names[id(n)], w.layer)} ({type(n).__name__})" for n in w.post_norms)
+                    for w in writers if w.post_norms})
     return rel, posts
 
 
@@ -79,11 +81,13 @@ def test_family_is_baked_exactly_or_refused(model_type):
     after = max(layer_write_components(model, v, VOCAB - 1))
     ROWS[model_type] = {"status": "exact" if after <= 1e-4 else "FAILED", "writers": rel, "post_norms": posts,
                         "method": "table" if model_type in LAYOUTS else "probe",
-                        "invariant": handle.invariant, "independent_after": after}
+                        "invariant": handle.invariant, "independent_after": after,
+                        # VARIANTS rows are also proved by bake, undo, streaming and adapter tests of their own
+                        "tests": ["tests/test_coverage.py"] + (["tests/test_families.py"] if model_type in VARIANTS else [])}
     assert handle.invariant["after"] <= 1e-4 and handle.invariant["before"] > 1e-3
     assert after <= 1e-4, f"{model_type}: a layer still writes {after:.2e} along v"
     if model_type in LAYOUTS:  # the table is a fast path: probing must find the same writers
-        key = lambda w: (w.name, w.param, w.hidden_axis, w.bias, w.post_norm is None, w.kind, w.constant)  # noqa: E731
+        key = lambda w: (w.name, w.param, w.hidden_axis, w.bias, len(w.post_norms), w.kind, w.constant)  # noqa: E731
         assert sorted(map(key, residual_writers(model, method="probe"))) == sorted(map(key, writers))
 
 

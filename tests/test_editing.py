@@ -58,8 +58,8 @@ def test_moe_writers_cover_every_expert_and_shared_expert():
 def test_post_norm_writers_carry_their_norm():
     for model_type in ("gemma2", "gemma3_text", "olmo2"):
         writers = residual_writers(make_tiny_model(model_type), [0])
-        assert all(w.post_norm is not None for w in writers), model_type
-    assert all(w.post_norm is None for w in residual_writers(make_tiny_model("llama"), [0]))
+        assert all(len(w.post_norms) == 1 for w in writers), model_type
+    assert all(w.post_norms == () for w in residual_writers(make_tiny_model("llama"), [0]))
 
 
 def test_half_strength_halves_the_component():
@@ -127,14 +127,14 @@ def test_unknown_post_norm_family_is_probed_with_its_norms():
     model = make_tiny_model("gemma2")
     model.config.model_type = "mystery_sandwich"
     writers = residual_writers(model, [0])
-    assert [type(w.post_norm).__name__ for w in writers] == ["Gemma2RMSNorm", "Gemma2RMSNorm"]
+    assert [[type(n).__name__ for n in w.post_norms] for w in writers] == [["Gemma2RMSNorm"]] * 2
     bake_direction(model, unit())
     assert max(layer_write_components(model, unit())) <= 1e-4
 
 
 def _key(model, w):
     names = {id(m): n for n, m in model.named_modules()}
-    return (w.name, w.param, w.hidden_axis, w.bias, names.get(id(w.post_norm)), w.kind, w.constant)
+    return (w.name, w.param, w.hidden_axis, w.bias, tuple(names[id(n)] for n in w.post_norms), w.kind, w.constant)
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
@@ -166,7 +166,7 @@ def test_layernorm_post_norms_with_bias_are_baked_exactly(bias):
     model = _layernorm_sandwich(bias)
     v = unit()
     writers = residual_writers(model, [0])
-    assert sum(w.post_norm is not None for w in writers) == 2
+    assert sum(len(w.post_norms) for w in writers) == 2
     assert [w.name for w in writers if w.constant] == (
         ["model.layers.0.post_attention_layernorm", "model.layers.0.post_feedforward_layernorm"] if bias else [])
     assert min(layer_write_components(model, v)) > 1e-3

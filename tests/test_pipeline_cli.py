@@ -19,6 +19,7 @@ from transformers_sra import (
     apply_surgical_ablation,
 )
 from transformers_sra import pipeline as pipeline_module
+from transformers_sra.architectures import residual_writers
 from transformers_sra.config import Budgets
 from transformers_sra.judge import resolve_classifier
 
@@ -52,7 +53,9 @@ def test_pipeline_on_a_tiny_model_edits_and_reports():
     clean = torch.tensor(report.directions[0])
     assert abs(clean.norm() - 1) < 1e-5
     assert any(not torch.equal(v, original[k]) for k, v in model.state_dict().items())
-    json.loads(report.to_json())
+    # the writers the bake found travel in the JSON report: sra bake replays them
+    recorded = SRAReport.from_dict(json.loads(report.to_json())).writers
+    assert sorted(w.name for w in residual_writers(model, recorded=recorded)) == sorted(report._handles[0].writer_names)
     report.undo()
     assert all(torch.allclose(v, original[k], atol=1e-6) for k, v in model.state_dict().items())
 

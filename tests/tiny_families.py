@@ -42,8 +42,40 @@ _SIZES = {
 }
 
 
+_GEMMA4 = dict(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=16, global_head_dim=32, vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, sliding_window=32,
+               layer_types=["sliding_attention", "sliding_attention", "full_attention"], hidden_size_per_layer_input=0)
+_GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=48)
+_DBRX = dict(d_model=HIDDEN, n_heads=4, n_layers=3, max_seq_len=512, vocab_size=VOCAB,
+             # transformers' defaults do not run: attention reads rope_theta from attn_config, clamps with clip_qkv
+             attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10_000.0),
+             ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2))
+_JETMOE = dict(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=3, num_key_value_heads=2, kv_channels=16,
+               num_local_experts=4, num_experts_per_tok=2, vocab_size=VOCAB)
+
+# Rows the generic shrink cannot build or does not reach: (model_type, config). Gemma-4 text in every combination its
+# config allows (per-layer inputs, the MoE block, sliding and full attention layers; k = v, shared KV and a double-wide
+# MLP on the last); DBRX with its flattened experts, also square ((experts · ffn) = hidden: both axes of w2 are hidden
+# sized); JetMoE also with square attention experts, as JetMoE-8B has (kv_channels · kv heads = hidden).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "gemma4_text (dense)": ("gemma4_text", _GEMMA4),
+    "gemma4_text (per-layer inputs)": ("gemma4_text", dict(_GEMMA4, hidden_size_per_layer_input=16)),
+    "gemma4_text (MoE block)": ("gemma4_text", dict(_GEMMA4, **_GEMMA4_MOE)),
+    "gemma4_text (MoE block, per-layer inputs)": ("gemma4_text", dict(_GEMMA4, **_GEMMA4_MOE, hidden_size_per_layer_input=16)),
+    "gemma4_text (MoE block, per-layer inputs, k = v, shared KV, double-wide MLP)": (
+        "gemma4_text", dict(_GEMMA4, **_GEMMA4_MOE, hidden_size_per_layer_input=16, num_hidden_layers=4,
+                            layer_types=["sliding_attention", "full_attention"] * 2, attention_k_eq_v=True,
+                            num_global_key_value_heads=1, num_kv_shared_layers=2, use_double_wide_mlp=True)),
+    "dbrx": ("dbrx", _DBRX),
+    "dbrx (square flattened experts)": ("dbrx", dict(_DBRX, ffn_config=dict(_DBRX["ffn_config"], ffn_hidden_size=16))),
+    "jetmoe": ("jetmoe", _JETMOE),
+    "jetmoe (square attention experts)": ("jetmoe", dict(_JETMOE, num_key_value_heads=4)),
+}
+
+
 def causal_lm_families() -> list[str]:
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    """Every causal-LM model type transformers lists, and the `VARIANTS` rows."""
+    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(VARIANTS))
 
 
 def _shrink(values: dict) -> dict:
@@ -106,8 +138,10 @@ def _set(config, key, value) -> None:
 
 
 def make_family_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A random tiny model of ``model_type`` with random norm gains and biases (so post-norm gains matter)."""
-    config = tiny_config(model_type)
+    """A random tiny model of ``model_type`` (or a `VARIANTS` row) with random norm gains and biases (so post-norm
+    gains matter)."""
+    config = AutoConfig.for_model(VARIANTS[model_type][0], **VARIANTS[model_type][1]) if model_type in VARIANTS \
+        else tiny_config(model_type)
     with torch.device("meta"):  # count first: some defaults the shrink misses (hash embeddings) are huge
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, trust_remote_code=False).parameters())
     if n_params > MAX_PARAMS:

@@ -12,8 +12,8 @@ Encoder-decoder models and quantized weights are refused here, before anything i
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -67,9 +67,15 @@ class Writer:
     param: str  # "weight" or, for fused experts, "down_proj"
     hidden_axis: int  # axis of `param` that indexes the residual stream
     bias: Optional[str]  # bias parameter name (last axis is the hidden one), if any
-    post_norm: Optional[nn.Module]  # norm (RMSNorm, LayerNorm, ...) between this writer and the residual add
+    post_norms: tuple[nn.Module, ...]  # norms (RMSNorm, LayerNorm, ...) between this writer and the residual add, innermost first
     kind: str = "mlp"  # "attn" (attention out) or "mlp" (MLP down, experts): strength profiles treat them apart
     constant: bool = False  # a post-norm's bias: added as it is at every token, so u is v itself
+    carrier: Optional[nn.Module] = None  # where a constant is added when its own module is never called (JetMoE)
+
+    @property
+    def output_module(self) -> nn.Module:
+        """The module whose output holds this writer's write: what hooks that act on the write attach to."""
+        return self.carrier if self.carrier is not None else self.module
 
 
 _LAYER_LISTS = ("layers", "h", "blocks", "layer", "decoder_layers")
@@ -156,7 +162,7 @@ def _table_specs(block: nn.Module, layout: Layout, hidden: int, prefix: str) -> 
     """Writers of one layer under its table layout; raises AttributeError/UnsupportedModelError if it does not fit."""
     specs = [WriterSpec(layout.attn_writer, "weight", *_linear_writer(block.get_submodule(layout.attn_writer),
                                                                       f"{prefix}.{layout.attn_writer}", hidden),
-                        layout.attn_post_norm, "attn")]
+                        _posts(layout.attn_post_norm), "attn")]
     root = block.get_submodule(layout.mlp_root)
     mlp = []
     for sub_name, module in root.named_modules():
@@ -166,18 +172,22 @@ def _table_specs(block: nn.Module, layout: Layout, hidden: int, prefix: str) -> 
             # v5 fused experts: (E, hidden, inter), or (E, inter, hidden) when the class says is_transposed.
             axis = 2 if getattr(module, "is_transposed", False) else 1
             bias = "down_proj_bias" if isinstance(module._parameters.get("down_proj_bias"), torch.Tensor) else None
-            mlp.append(WriterSpec(path, "down_proj", axis, bias, layout.mlp_post_norm, "mlp"))
+            mlp.append(WriterSpec(path, "down_proj", axis, bias, _posts(layout.mlp_post_norm), "mlp"))
         elif path.rsplit(".", 1)[-1] in _MLP_WRITER_NAMES and (isinstance(module, nn.Linear) or _is_conv1d(module)):
             mlp.append(WriterSpec(path, "weight", *_linear_writer(module, f"{prefix}.{path}", hidden),
-                                  layout.mlp_post_norm, "mlp"))
+                                  _posts(layout.mlp_post_norm), "mlp"))
     if not mlp:
         raise UnsupportedModelError(f"no MLP writer found under {prefix}.{layout.mlp_root}")
     specs += mlp
     for post, kind in ((layout.attn_post_norm, "attn"), (layout.mlp_post_norm, "mlp")):
         bias = block.get_submodule(post)._parameters.get("bias") if post else None
         if isinstance(bias, torch.Tensor):
-            specs.append(WriterSpec(post, "bias", 0, None, None, kind, constant=True))
+            specs.append(WriterSpec(post, "bias", 0, None, (), kind, constant=True))
     return specs
+
+
+def _posts(norm: Optional[str]) -> tuple[str, ...]:
+    return (norm,) if norm else ()
 
 
 def _writer(block: nn.Module, spec: WriterSpec, index: int, prefix: str, hidden: int) -> Writer:
@@ -185,32 +195,58 @@ def _writer(block: nn.Module, spec: WriterSpec, index: int, prefix: str, hidden:
     param = module._parameters.get(spec.param)
     if not isinstance(param, torch.Tensor) or param.shape[spec.hidden_axis] != hidden:
         raise UnsupportedModelError(f"{prefix}.{spec.path}.{spec.param} does not write a hidden-size ({hidden}) output")
-    post = block.get_submodule(spec.post_norm) if spec.post_norm else None
-    return Writer(index, f"{prefix}.{spec.path}", module, spec.param, spec.hidden_axis, spec.bias, post, spec.kind,
-                  spec.constant)
+    posts = tuple(block.get_submodule(n) for n in spec.post_norms)
+    carrier = block.get_submodule(spec.carrier) if spec.carrier else None
+    return Writer(index, f"{prefix}.{spec.path}", module, spec.param, spec.hidden_axis, spec.bias, posts, spec.kind,
+                  spec.constant, carrier)
 
 
 def residual_writers(model: nn.Module, layers: Optional[list[int]] = None, *, method: str = "auto",
-                     calls: Optional[dict[int, LayerCall]] = None) -> list[Writer]:
+                     calls: Optional[dict[int, LayerCall]] = None, recorded: Optional[Mapping] = None) -> list[Writer]:
     """Every residual-stream writer of the chosen decoder layers (all by default), in layer order.
 
     ``method``: "auto" reads `LAYOUTS` for known families and probes the rest; "table" or "probe" forces one.
     ``calls`` are recorded layer calls to probe with (`probing.capture_layer_calls`); one forward is run if needed.
+    ``recorded``: the writers as `writer_record` wrote them down when the edit was made (the report keeps them);
+    they are used as they are, so the streaming bake edits a meta-device model, which cannot be probed, exactly
+    as the in-memory bake did.
     Raises `UnsupportedModelError` (before any edit) for encoder-decoder or quantized models, for a known family
     whose layers do not match its table entry, and for a layer in which probing finds no writer.
     """
     check_editable(model)
     blocks = decoder_layers(model)
     hidden = _hidden_size(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
     names = {id(m): n for n, m in model.named_modules()}
     indices = layer_indices(model, layers)
-    layout = LAYOUTS.get(model_type) if method != "probe" else None
-    if layout is None and method == "table":
+    specs = _layer_specs(model, indices, method, calls, recorded)
+    return [_writer(blocks[i], s, i, names[id(blocks[i])], hidden) for i in indices for s in specs[i]]
+
+
+def writer_record(model: nn.Module, layers: Optional[list[int]] = None) -> dict[str, list[dict]]:
+    """The writers of the chosen layers as plain data, ``{layer: [WriterSpec fields]}``, for `residual_writers`'s
+    ``recorded``: what probing found (tensor, hidden axis, post-norms) travels in the report to `sra bake`."""
+    specs = _layer_specs(model, layer_indices(model, layers), "auto", None, None)
+    return {str(i): [asdict(s) for s in layer] for i, layer in specs.items()}
+
+
+def _layer_specs(model: nn.Module, indices: list[int], method: str, calls: Optional[dict[int, LayerCall]],
+                 recorded: Optional[Mapping]) -> dict[int, list[WriterSpec]]:
+    blocks = decoder_layers(model)
+    hidden = _hidden_size(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = {id(m): n for n, m in model.named_modules()}
+    layout = LAYOUTS.get(model_type) if method != "probe" and recorded is None else None
+    if layout is None and method == "table" and recorded is None:
         raise UnsupportedModelError(f"model type {model_type!r} has no entry in transformers_sra.architectures.LAYOUTS")
 
     specs: dict[int, list[WriterSpec]] = {}
-    if layout is not None:
+    if recorded is not None:
+        missing = [i for i in indices if str(i) not in recorded]
+        if missing:
+            raise UnsupportedModelError(f"the recorded writers have no entry for layer {missing[0]}")
+        specs = {i: [WriterSpec(**{**s, "post_norms": tuple(s["post_norms"])}) for s in recorded[str(i)]]
+                 for i in indices}
+    elif layout is not None:
         for i in indices:
             try:
                 specs[i] = _table_specs(blocks[i], layout, hidden, names[id(blocks[i])])
@@ -218,14 +254,12 @@ def residual_writers(model: nn.Module, layers: Optional[list[int]] = None, *, me
                 raise UnsupportedModelError(f"layer {i} of {model_type!r} does not match its writer layout: {err}") from None
     else:
         specs = _probe(model, blocks, indices, hidden, calls)
-    writers = []
     for i in indices:
         if not specs[i]:
             raise UnsupportedModelError(
                 f"no residual-stream writer found in layer {i} ({type(blocks[i]).__name__}) of {model_type!r}: "
                 "its write to the residual stream does not pass through a linear map that a rank-one edit can reach")
-        writers += [_writer(blocks[i], s, i, names[id(blocks[i])], hidden) for s in specs[i]]
-    return writers
+    return specs
 
 
 _PROBED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -25,7 +25,7 @@ from torch import nn
 from ._torch_utils import first_tensor, project_out, replace_first
 from .architectures import Writer, _hidden_size, check_editable, decoder_layers, layer_indices, residual_writers
 from .errors import ConfigError, UnsupportedModelError
-from .probing import LayerCall, capture_layer_calls, layer_output, native_precision, norm_transpose, write_ratio
+from .probing import LayerCall, capture_layer_calls, layer_output, native_precision, norm_transpose, still_writing, write_ratio
 from .profile import StrengthProfile
 from .residualize import orthogonalize
 from .weights import read_param, write_param
@@ -44,11 +44,12 @@ def writer_direction(writer: Writer, v: torch.Tensor) -> torch.Tensor:
     """The unit vector ``u`` to project out of this writer so its residual contribution is ⟂ v.
 
     Behind a post-norm ``N(y) = A y / s(y) + b`` it is ``u ∝ Aᵀ v`` (``g ⊙ v`` for RMSNorm, centred ``g ⊙ v``
-    for LayerNorm), found by probing the norm (`probing.norm_transpose`).
+    for LayerNorm), found by probing the norm (`probing.norm_transpose`). Behind nested post-norms, innermost
+    ``N₁`` to outermost ``Nₖ`` (Gemma-4's MoE branches sit inside its post-feedforward norm), ``u ∝ A₁ᵀ⋯Aₖᵀ v``.
     """
     v = v.to(torch.float32)
-    if writer.post_norm is not None:
-        v = norm_transpose(writer.post_norm, v).to(v.device)
+    for norm in reversed(writer.post_norms):  # u ∝ A₁ᵀ…Aₖᵀ v: the outermost norm's transpose first
+        v = norm_transpose(norm, v).to(v.device)
     norm = v.norm()
     if not torch.isfinite(norm) or norm < 1e-12:
         raise ConfigError(f"direction for {writer.name} is zero or not finite")
@@ -230,7 +231,22 @@ def _completion_hook(p: _Planned):
 
 
 def _post_norm_note(writer: Writer) -> str:
-    return f" (post-norm {type(writer.post_norm).__name__})" if writer.post_norm is not None else ""
+    names = " then ".join(type(n).__name__ for n in writer.post_norms)
+    return f" (post-norm {names})" if names else ""
+
+
+def _check_failure(i: int, ratio: float, tol: float, mine: list[_Planned], layer: nn.Module, prefix: str,
+                   culprits: list) -> str:
+    """What the self-check says when it fails: which module still writes along v, and what to send to get it fixed."""
+    found = ", ".join(sorted({p.writer.name + _post_norm_note(p.writer) for p in mine}))
+    where = (f"still written along it by {', '.join(f'{prefix}.{c}' for c in culprits)} (made ⟂ v, their output "
+             "would leave the layer's write ⟂ v)" if culprits else "no few modules' outputs account for it")
+    return (f"bake check failed in decoder layer {i} ({type(layer).__name__}): after the edit its residual write still "
+            f"has {ratio:.1e} of its size along the direction (limit {tol:g}), {where}; writers edited: {found}. The bake "
+            "was undone. The layer writes to the residual stream through something these rank-one edits cannot reach (a "
+            "writer or post-norm that was missed, a norm over the residual stream itself, or a wrong LAYOUTS entry). "
+            "Please report it with this message, the model's config.json (or its Hub id) and the versions of "
+            "transformers and transformers-sra")
 
 
 def _verify(model: nn.Module, planned: list[_Planned], layers: list[int], calls: dict[int, LayerCall],
@@ -244,25 +260,22 @@ def _verify(model: nn.Module, planned: list[_Planned], layers: list[int], calls:
         v = v / v.norm()
         call = calls[i]
         before = max(before, write_ratio(call.out.float() - call.x.float(), v))
-        hooks = [p.writer.module.register_forward_hook(_completion_hook(p)) for p in mine if p.gamma != 1 or p.earlier]
-        try:
-            with torch.no_grad():
-                ratio = write_ratio(layer_output(blocks[i], call) - call.x.float(), v)
-        finally:
-            for h in hooks:
-                h.remove()
-        after = max(after, ratio)
         dtype = next(blocks[i].parameters()).dtype
         # bf16/fp16 weights hold the edit only up to their own rounding, which leaves ~eps/√d along v
         stored = max(INVARIANT_TOL, torch.finfo(dtype).eps / 2) if dtype.is_floating_point else INVARIANT_TOL
         tol = _NATIVE_TOL.get(dtype, 2e-2) if native_precision(blocks[i]) else stored
+        hooks = [p.writer.output_module.register_forward_hook(_completion_hook(p)) for p in mine if p.gamma != 1 or p.earlier]
+        try:
+            with torch.no_grad():
+                ratio = write_ratio(layer_output(blocks[i], call) - call.x.float(), v)
+                culprits = still_writing(blocks[i], call, v, tol) if not ratio <= tol else []
+        finally:
+            for h in hooks:
+                h.remove()
+        after = max(after, ratio)
         if not ratio <= tol:
-            found = ", ".join(sorted({p.writer.name + _post_norm_note(p.writer) for p in mine}))
-            raise UnsupportedModelError(
-                f"bake check failed in decoder layer {i}: after the edit its residual write still has {ratio:.1e} of its "
-                f"size along the direction (limit {tol:g}); writers found: {found}. The bake was undone. The layer writes "
-                "to the residual stream through something these rank-one edits cannot reach (a writer or post-norm that "
-                "was missed, a norm over the residual stream itself, or a wrong LAYOUTS entry)")
+            names = {id(m): n for n, m in model.named_modules()}
+            raise UnsupportedModelError(_check_failure(i, ratio, tol, mine, blocks[i], names[id(blocks[i])], culprits))
     return {"before": before, "after": after, "layers_checked": len(layers), "tolerance": INVARIANT_TOL}
 
 
@@ -295,7 +308,7 @@ def ablate_activations(
             if gamma > 0:
                 u = writer_direction(w, _layer_vector(direction, w))
                 constant = read_param(w.module, w.param) if w.constant else None
-                handles.append(w.module.register_forward_hook(make_hook(u, gamma, constant)))
+                handles.append(w.output_module.register_forward_hook(make_hook(u, gamma, constant)))
         yield
     finally:
         for h in handles:

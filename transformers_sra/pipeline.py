@@ -16,6 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from .architectures import writer_record
 from .atoms import AtomRegistry, cosine_matrix, subspace_cosine
 from .config import AUTO, SRAConfig
 from .directions import Directions
@@ -161,5 +162,6 @@ def _report(model: nn.Module, config: SRAConfig, run: _Run, bakes: BakeStack, ti
         timings=timings,
         invariant=bakes.invariant,
         peak_memory=peak_memory(),
+        writers=writer_record(model, config.layers),
         _handles=list(bakes.handles),
     )

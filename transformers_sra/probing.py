@@ -9,8 +9,9 @@ constant vector ``d``; if the layer's write then moves by a per-token multiple o
 added to the residual stream as it is. While one module is shifted, every other module with a weight matrix
 replays its clean output, so later sublayers that read the stream do not blur the test. A linear module whose
 output is added is a writer; a norm-like module (no matrix parameters) whose output is added and whose input
-moves by a multiple of ``d`` when a linear module's output does, is that module's post-norm. Each layer kind of
-a hybrid stack is probed on its own.
+moves by a multiple of ``d`` when a linear module's output does, is that module's post-norm; a norm whose output
+only moves the input of such a norm sits inside it, and the writer's post-norms are the chain (Gemma-4's MoE
+branches are each normed, summed and normed again). Each layer kind of a hybrid stack is probed on its own.
 
 Post-norm gains come from the norm's transpose, ``u ∝ Aᵀ v``, probed with one-hot inputs (see `norm_transpose`):
 that holds for RMSNorm (any gain convention) and for LayerNorm, whose centring a constant probe would zero out.
@@ -34,6 +35,7 @@ from .weights import read_param
 _ATTN_WORDS = ("attn", "attention", "mixer", "mamba", "ssm", "time_mix", "token_mix", "temporal", "recurrent",
                "linear_attn", "conv", "rwkv", "retention")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "expert", "moe", "channel_mix", "dense_4h", "fc", "down_proj")
+_ATTENTION_PARENTS = ("attn", "attention")  # unlike a hybrid's generic "mixer", these never hold the MLP
 _PARALLEL_TOL = 1e-3  # a perturbation response counts as "along d" within this relative residual (fp32 rounding)
 _PERP_TOL = 1e-4
 
@@ -46,9 +48,10 @@ class WriterSpec:
     param: str
     hidden_axis: int
     bias: Optional[str]
-    post_norm: Optional[str]
+    post_norms: tuple[str, ...]  # norms between the writer and the residual add, innermost first (Gemma-4's MoE nests two)
     kind: str
     constant: bool = False  # a post-norm's bias: the same vector added at every token
+    carrier: Optional[str] = None  # for a vector whose own module is never called: the module whose output adds it
 
 
 @dataclass
@@ -233,7 +236,9 @@ def kind_of(path: str, modules: Optional[dict] = None) -> Optional[str]:
         cls = type(modules[sub]).__name__.lower() if modules and sub in modules and end < len(parts) else ""
         for word in (parts[end - 1].lower(), cls):
             if any(w in word for w in _MLP_WORDS):
-                return "mlp"
+                # Experts inside an attention block are attention experts (JetMoE's mixture of attention heads).
+                outer = [p.lower() for p in parts[:end - 1]]
+                return "attn" if any(w in p for p in outer for w in _ATTENTION_PARENTS) else "mlp"
             if any(w in word for w in _ATTN_WORDS):
                 return "attn"
     return None
@@ -295,22 +300,26 @@ def _record(layer: nn.Module, call: LayerCall, shift: Optional[dict] = None, fre
     return rec, out
 
 
-def _writer_param(module: nn.Module, calls: list, hidden: int, seed: int) -> Optional[tuple[str, int, Optional[str]]]:
-    """(param, hidden axis, bias) of a module whose output is a writer: the tensor whose rank-one edit along its
-    hidden axis makes the module's output ⟂ a random u. Linear and Conv1D are read off; anything else (fused
-    experts in either axis order, custom projections) is found by trying each hidden-size axis."""
+def _writer_param(layer: nn.Module, call: LayerCall, name: str, outputs: list, hidden: int,
+                  seed: int) -> Optional[tuple[str, int, Optional[str]]]:
+    """(param, hidden axis, bias) of module ``name`` whose output is a writer: the tensor whose rank-one edit along
+    that axis makes every output of the module ⟂ a random u. Linear and Conv1D are read off; anything else (fused
+    experts in either axis order, DBRX's flattened 2-D ``w2`` that looks like its input-side ``w1``, custom
+    projections) is found by trying each hidden-size axis in a forward pass of the whole layer, so weights that a
+    parent slices and passes in as arguments count too."""
+    module = layer.get_submodule(name)
     if isinstance(module, nn.Linear) or _is_conv1d(module):
         axis = 1 if _is_conv1d(module) else 0
         if module.weight.shape[axis] != hidden:
             return None
         return "weight", axis, "bias" if getattr(module, "bias", None) is not None else None
-    args, kwargs, clean_out = calls[0]
+    clean_out = torch.cat([o.reshape(-1, hidden).float() for o in outputs])
     # A test direction the output still has a component along (a model already baked along u would pass any edit).
     gen = torch.Generator().manual_seed(seed + 7919)
     for _ in range(5):
         u = torch.randn(hidden, generator=gen)
         u = u / u.norm()
-        if not _perpendicular(clean_out.float(), u):
+        if not _perpendicular(clean_out, u):
             break
     else:
         return None  # the module writes nothing on the probe: it cannot be told apart
@@ -319,20 +328,21 @@ def _writer_param(module: nn.Module, calls: list, hidden: int, seed: int) -> Opt
                      key=lambda na: (-params[na[0]].dim(), -params[na[0]].numel()))
 
     def perp_after(edit: dict[str, int]) -> bool:
-        overrides = {n: project_out(read_param(module, n), u.to(params[n].device), a)[0] for n, a in edit.items()}
-        with torch.no_grad():
-            out = first_tensor(run_fp32(module, args, kwargs, overrides))
-        return out is not None and out.shape[-1] == hidden and _perpendicular(out, u)
+        overrides = {f"{name}.{n}": project_out(read_param(module, n), u.to(params[n].device), a)[0]
+                     for n, a in edit.items()}
+        rec, _ = _record(layer, call, overrides=overrides)
+        outs = [o for _, _, o in rec.calls.get(name, [])]
+        return bool(outs) and all(o is not None and o.shape[-1] == hidden and _perpendicular(o, u) for o in outs)
 
-    for name, axis in weights:
+    for pname, axis in weights:
         # A bias has one axis fewer than its weight (a vector, or one per expert) and the hidden size last.
-        biases = [n for n, p in params.items() if p.dim() == params[name].dim() - 1 and p.shape[-1] == hidden]
-        if not perp_after({name: axis, **{b: params[b].dim() - 1 for b in biases}}):
+        biases = [n for n, p in params.items() if p.dim() == params[pname].dim() - 1 and p.shape[-1] == hidden]
+        if not perp_after({pname: axis, **{b: params[b].dim() - 1 for b in biases}}):
             continue
-        needed = [b for b in biases if not perp_after({name: axis, **{c: params[c].dim() - 1 for c in biases if c != b}})]
+        needed = [b for b in biases if not perp_after({pname: axis, **{c: params[c].dim() - 1 for c in biases if c != b}})]
         if len(needed) > 1:
             return None
-        return name, axis, (needed[0] if needed else None)
+        return pname, axis, (needed[0] if needed else None)
     return None
 
 
@@ -372,22 +382,32 @@ def probe_layer(layer: nn.Module, call: LayerCall, hidden: int, seed: int = 0) -
             if n != name and moved is not None and moved.shape == before.shape and _along(moved - before, d):
                 feeds[name].add(n)
 
+    def path_to_stream(name: str, fed: set, seen: tuple = ()) -> Optional[tuple[str, ...]]:
+        """The post-norms from a module whose output moves the inputs of the norms ``fed`` to the residual add,
+        innermost first: the shortest chain of norms, each fed by the one before, the last added as it is."""
+        chains = []
+        for n in fed:
+            if n in seen or len(seen) >= 3 or n.startswith(name + ".") or name.startswith(n + "."):
+                continue
+            rest = () if direct[n] else path_to_stream(n, feeds[n], seen + (n,))
+            if rest is not None:
+                chains.append((n,) + rest)
+        # Fewest norms first; then a norm with a gain, then the first to run (the writer's own post-norm).
+        return min(chains, key=lambda c: (len(c), next(modules[c[0]].parameters(), None) is None, order[c[0]]),
+                   default=None)
+
     specs = []
     for name in linear:
-        post = None
-        if not direct[name]:
-            posts = [n for n in norms if direct[n] and n in feeds[name]
-                     and not n.startswith(name + ".") and not name.startswith(n + ".")]
-            if not posts:
-                continue
-            post = max(posts, key=lambda n: (len(list(modules[n].parameters())) > 0, -order[n]))
-        found = _writer_param(modules[name], clean.calls[name], hidden, seed)
+        posts = () if direct[name] else path_to_stream(name, feeds[name])
+        if posts is None:
+            continue
+        found = _writer_param(layer, call, name, [o for _, _, o in clean.calls[name]], hidden, seed)
         if found is not None:
-            specs.append(WriterSpec(name, *found, post, kind_of(name, modules) or ""))
+            specs.append(WriterSpec(name, *found, posts, kind_of(name, modules) or ""))
     specs = _assign_kinds(specs, order)
     frozen = {n: [o for _, _, o in clean.calls[n]] for n in matrix}
     _check_residual_passthrough(layer, call, base, frozen, gen)
-    return specs + _constant_writers(layer, call, clean, base, frozen, norms, direct, specs, hidden, gen)
+    return specs + _constant_writers(layer, call, clean, base, frozen, norms, specs, hidden, gen, path_to_stream)
 
 
 def _check_residual_passthrough(layer, call, base, frozen, gen) -> None:
@@ -403,30 +423,35 @@ def _check_residual_passthrough(layer, call, base, frozen, gen) -> None:
             "scaled residual), so its write depends on the direction in a way no rank-one edit of weights can remove")
 
 
-def _constant_writers(layer, call, clean, base, frozen, norms, direct, specs, hidden, gen) -> list[WriterSpec]:
+def _constant_writers(layer, call, clean, base, frozen, norms, specs, hidden, gen, path_to_stream) -> list[WriterSpec]:
     """Vectors added at every token: a post-norm's bias, a bias an MoE block adds to its output. Each hidden-size
     vector parameter not already a writer's bias is shifted by d; if the write (or a post-norm's input) moves by
-    multiples of d, that vector is a writer of its own."""
+    multiples of d, that vector is a writer of its own. Its module need not be called: JetMoE's attention experts
+    add their bare ``bias`` in a helper method (``reduce``) that the attention calls."""
     covered = {f"{s.path}.{s.bias}" for s in specs if s.bias} | {f"{s.path}.{s.param}" for s in specs}
     found = []
     for pname, p in layer.named_parameters():
         owner = pname.rsplit(".", 1)[0] if "." in pname else ""
-        if p.dim() != 1 or p.numel() != hidden or pname in covered or not owner or owner not in clean.calls:
+        if p.dim() != 1 or p.numel() != hidden or pname in covered or not owner:
             continue
         d = torch.randn(hidden, generator=gen)
         d = d / d.norm() * max(float(p.detach().float().norm()), 1.0)
         current = read_param(layer.get_submodule(owner), pname.rsplit(".", 1)[-1]).to(p.device)
         rec, out = _record(layer, call, freeze=frozen, overrides={pname: current + d.to(p.device)})
-        post = None
+        posts: Optional[tuple] = ()
         if not _along(out - base, d):
-            posts = [n for n in norms if direct[n] and n != owner and not owner.startswith(n + ".")
-                     and rec.input_of(n) is not None and rec.input_of(n).shape == clean.input_of(n).shape
-                     and _along(rec.input_of(n) - clean.input_of(n), d)]
-            if not posts:
+            fed = {n for n in norms if n != owner and rec.input_of(n) is not None
+                   and rec.input_of(n).shape == clean.input_of(n).shape and _along(rec.input_of(n) - clean.input_of(n), d)}
+            posts = path_to_stream(owner, fed)
+            if posts is None:
                 continue
-            post = posts[0]
-        kind = kind_of(owner, clean.modules) or next((s.kind for s in specs if s.post_norm in (owner, post)), "mlp")
-        found.append(WriterSpec(owner, pname.rsplit(".", 1)[-1], 0, None, post, kind, constant=True))
+        kind = kind_of(owner, clean.modules) or next(
+            (s.kind for s in specs if s.post_norms and s.post_norms[0] in (owner, *posts[:1])), "mlp")
+        # Hooks that act on the write (the self-check's completion, the activation preview) go on the innermost
+        # called module around the vector when its own module is never called.
+        carrier = None if owner in clean.calls else next(
+            (a for a in (owner.rsplit(".", k)[0] for k in range(1, owner.count(".") + 1)) if a in clean.calls), None)
+        found.append(WriterSpec(owner, pname.rsplit(".", 1)[-1], 0, None, posts, kind, constant=True, carrier=carrier))
     return found
 
 
@@ -436,7 +461,7 @@ def _assign_kinds(specs: list[WriterSpec], order: dict[str, int]) -> list[Writer
     first = min((order[s.path] for s in specs), default=0)
     for s in specs:
         kind = s.kind or ("attn" if order[s.path] == first and len(specs) > 1 else "mlp")
-        out.append(WriterSpec(s.path, s.param, s.hidden_axis, s.bias, s.post_norm, kind, s.constant))
+        out.append(WriterSpec(s.path, s.param, s.hidden_axis, s.bias, s.post_norms, kind, s.constant, s.carrier))
     return out
 
 
@@ -447,6 +472,41 @@ def layer_signature(layer: nn.Module) -> tuple:
 
 
 # -- the invariant -------------------------------------------------------------------------------------------
+def still_writing(layer: nn.Module, call: LayerCall, v: torch.Tensor, tol: float, most: int = 4) -> list[str]:
+    """Where a failed bake's residual component along v comes from (missed writers, or their post-norms): the
+    fewest modules of ``layer`` (up to ``most``, chosen greedily, the innermost among equals) whose outputs, made
+    ⟂ v together, leave the layer's write ⟂ v within ``tol``; empty if no such few modules do."""
+    clean, _ = _record(layer, call)
+    hidden = v.numel()
+    candidates = [n for n, calls in clean.calls.items()
+                  if all(o is not None and o.is_floating_point() and o.shape[-1] == hidden for _, _, o in calls)]
+
+    def perp(_module, _args, output):
+        y = first_tensor(output)
+        vv = v.to(device=y.device, dtype=y.dtype)
+        return replace_first(output, y - (y @ vv).unsqueeze(-1) * vv)
+
+    def ratio_without(names: list[str]) -> float:
+        handles = [layer.get_submodule(n).register_forward_hook(perp) for n in names]
+        try:
+            with torch.no_grad():
+                return write_ratio(layer_output(layer, call) - call.x.float(), v)
+        finally:
+            for h in handles:
+                h.remove()
+
+    chosen: list[str] = []
+    for _ in range(most):
+        ratios = {n: ratio_without(chosen + [n]) for n in candidates if n not in chosen}
+        if not ratios:
+            break
+        best = min(ratios, key=lambda n: (ratios[n] > tol, ratios[n] if ratios[n] > tol else 0.0, -n.count(".")))
+        chosen.append(best)
+        if ratios[best] <= tol:
+            return chosen
+    return []
+
+
 def write_ratio(write: torch.Tensor, v: torch.Tensor) -> float:
     """max over tokens of |⟨write, v⟩| / |write|: how much of the layer's residual write lies along unit v."""
     rows = write.reshape(-1, v.numel()).double()

@@ -1,9 +1,11 @@
 """Bake a saved edit into a checkpoint shard by shard, without instantiating the model: for checkpoints larger
 than memory.
 
-The model is built on the meta device from its config, only to find the residual writers (the `LAYOUTS`
-table; families that need probing are refused, since probing runs real forward passes) and the parameter
-names. Post-norms (for ``u ∝ Aᵀv``) get their real gains from the shards, which are small. Each shard is
+The model is built on the meta device from its config, only to find the residual writers and the parameter
+names. The writers are the ones the report recorded when the edit was made (`architectures.writer_record`: what
+probing found, tensor, hidden axis and post-norms), so the streamed edit is the in-memory one; a report without
+them falls back to the `LAYOUTS` table (probing runs real forward passes, which a meta model cannot).
+Post-norms (for ``u ∝ Aᵀv``) get their real gains from the shards, which are small. Each shard is
 then read with ``safe_open``, its writer tensors are edited in fp32 by `editing.edit_tensor` (the in-memory
 bake's own code, so an fp32 result equals ``reapply_edit`` + ``save_pretrained`` bit for bit) and cast back,
 and the shard is written under the same name; every other tensor is copied as it is (tied embeddings are not
@@ -89,7 +91,7 @@ class _Checkpoint:
             return f.get_slice(key).get_dtype()
 
 
-def _meta_model(folder: Path) -> nn.Module:
+def _meta_model(folder: Path, report: SRAReport) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -100,11 +102,12 @@ def _meta_model(folder: Path) -> nn.Module:
     if getattr(config, "quantization_config", None):
         raise UnsupportedModelError(f"{folder} holds quantized weights; a rank-one edit cannot be applied to packed or "
                                     "scaled weights: bake a dequantized (bf16/fp32) checkpoint and quantize after")
-    if config.model_type not in LAYOUTS:
+    if config.model_type not in LAYOUTS and not report.writers:
         raise UnsupportedModelError(
-            f"model type {config.model_type!r} has no entry in transformers_sra.architectures.LAYOUTS, so its writers must "
-            "be found by probing forward passes, which the streaming bake cannot run: load the model and bake it in "
-            "memory (sra ablate, or evaluation.reapply_edit + save_pretrained), or add a LAYOUTS entry")
+            f"model type {config.model_type!r} has no entry in transformers_sra.architectures.LAYOUTS and the report "
+            "records no writers, so they must be found by probing forward passes, which the streaming bake cannot run: "
+            "use a report written by this version of sra ablate, load the model and bake it in memory (sra ablate, or "
+            "evaluation.reapply_edit + save_pretrained), or add a LAYOUTS entry")
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config).eval()
 
@@ -150,7 +153,7 @@ def _materialize_norms(model: nn.Module, writers: list[Writer], ckpt: _Checkpoin
     names = {id(m): n for n, m in model.named_modules()}
     norms = {}
     for w in writers:
-        for norm in (w.post_norm, w.module if w.constant else None):
+        for norm in (*w.post_norms, w.module if w.constant else None):
             if norm is None or names[id(norm)] in norms:
                 continue
             name = names[id(norm)]
@@ -166,7 +169,7 @@ def _materialize_norms(model: nn.Module, writers: list[Writer], ckpt: _Checkpoin
 
 def _plan(model: nn.Module, report: SRAReport, ckpt: _Checkpoint) -> dict[str, _Group]:
     """Every writer tensor's checkpoint source and its edits, bake after bake as `evaluation.reapply_edit` does."""
-    writers = residual_writers(model, report.config.get("layers"), method="table")
+    writers = residual_writers(model, report.config.get("layers"), method="table", recorded=report.writers or None)
     norms = _materialize_norms(model, writers, ckpt)
     norm_preserving = bool(report.config.get("norm_preserving", False))
     bakes = report.bakes()
@@ -215,9 +218,10 @@ def stream_bake(model_dir: Union[str, os.PathLike], report: Union[SRAReport, str
     norm-preserving if the run was). The report may come from a run on any copy of the same model (offloaded with
     ``device_map="auto"`` included): it holds directions, not weights. Config, tokenizer and index files are copied,
     other weight formats are left out, and ``sra_report.json`` is written. The output folder is written all or
-    nothing; errors (no safetensors, a family that needs probing, quantized weights) are raised before writing.
-    ``progress(step, i, n)`` is called after each shard. Unlike the in-memory bake there is no forward-pass
-    self-check; the table's layout is trusted (the in-memory bake checks the same table on every family it lists).
+    nothing; errors (no safetensors, a family that needs probing and a report without writers, quantized weights)
+    are raised before writing. ``progress(step, i, n)`` is called after each shard. Unlike the in-memory bake there is
+    no forward-pass self-check; the report's writers (or the table) are trusted: the in-memory bake that recorded them
+    checked itself, and checks the table on every family it lists.
     """
     source = Path(model_dir)
     if not source.is_dir():
@@ -231,7 +235,7 @@ def stream_bake(model_dir: Union[str, os.PathLike], report: Union[SRAReport, str
     if target.resolve() == source.resolve():
         raise ConfigError("the output folder must differ from the model folder (the bake reads it while writing)")
     ckpt = _Checkpoint(source)
-    model = _meta_model(source)
+    model = _meta_model(source, report)
     if report.model_type and report.model_type != model.config.model_type:
         raise ConfigError(f"the report is for a {report.model_type!r} model but {source} holds a "
                           f"{model.config.model_type!r} model; pass the report of a run on this model")
