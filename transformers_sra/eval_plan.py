@@ -312,6 +312,7 @@ def pipeline_seconds(model: nn.Module, tokenizer, config, speed: Speed, registry
     validation = prompts(inputs.prompts("harmful_val")) + prompts(inputs.prompts("harmless_val"))
     perplexity = passages(inputs.budget_text, speed.logits_tokens_per_s) * (1 + max(judged, 1))
     # the judged contenders and the base model: replies to the harmful validation prompts, none stopping early
+    # (the search judges only those the base model refuses: at worst all of them)
     harmful_val = inputs.prompts("harmful_val")
     replies = -(-len(harmful_val) // config.batch_size) * config.judged_tokens * speed.batch_step_s
     judging = (judged + 1) * (prompts(harmful_val) + replies) if judged else 0.0

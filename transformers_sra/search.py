@@ -15,7 +15,8 @@ change the choice: the refusal score within the KL budget, ΔPPL for the lowest 
 contention. The first-token score is a proxy: it orders edits of one kind as judged replies do, but not edits of
 different kinds. With ``judging`` (`JudgedRanking`), the few contenders within both budgets with the lowest
 scores are then ranked by what is published: judged refusal of verdict-stopped greedy replies to the harmful
-validation prompts, degenerate replies counted apart and capped at the base model's share plus a margin. Every row
+validation prompts the base model refuses, degenerate replies counted apart and capped at the base model's share
+plus a margin. Every row
 goes into the report, with both ranks::
 
     val = Validation.measure_base(model, tokenizer, harmful_val, harmless_val, text_val)
@@ -85,7 +86,8 @@ class Validation:
     base_refusal: float  # mean refusal score of the base model on ``harmful``
     base_nll: float  # mean next-token NLL of the base model on ``text``
     batching: dict = field(default_factory=dict)
-    base_outcomes: Optional[dict] = None  # the base model's judged outcome counts on ``harmful``, once measured
+    base_outcomes: Optional[dict] = None  # the base model's judged outcome counts on `judged_prompts`, once measured
+    base_scores: Optional[list[float]] = None  # the base model's refusal score of each ``harmful`` prompt
 
     @classmethod
     def measure_base(cls, model: nn.Module, tokenizer, harmful: Sequence[str], harmless: Sequence[str],
@@ -95,7 +97,16 @@ class Validation:
         total, count = token_nll(model, tokenizer, text)
         return cls(list(harmful), list(harmless), list(text), ids,
                    first_token_logprobs(model, tokenizer, harmless, **batching), float(score.mean()),
-                   total / max(count, 1), batching)
+                   total / max(count, 1), batching, base_scores=score.tolist())
+
+    @property
+    def judged_prompts(self) -> list[str]:
+        """The harmful prompts whose replies rank the contenders: those the base model refuses by its first token
+        (score > 0.5, as the behaviour filter reads it), or all of them if fewer than 16 are. A prompt the base model
+        already answers stays answered under an edit that removes refusal, so it would cost replies and decide
+        nothing."""
+        refused = [p for p, s in zip(self.harmful, self.base_scores or []) if s > 0.5]
+        return refused if len(refused) >= 16 else list(self.harmful)
 
     def measure(self, model: nn.Module, tokenizer, refusal_if: Optional[Callable[[dict], bool]] = None,
                 text_if: Optional[Callable[[dict], bool]] = None) -> dict:
@@ -129,11 +140,11 @@ class Validation:
         return self.base_outcomes
 
     def judged(self, model: nn.Module, tokenizer, judging: "JudgedRanking") -> dict[str, int]:
-        """Outcome counts of greedy replies to the harmful prompts (the shipped judge stops a row once its refusal
-        is settled; another judge reads every reply to its full length)."""
+        """Outcome counts of greedy replies to `judged_prompts` (the shipped judge stops a row once its refusal is
+        settled; another judge reads every reply to its full length)."""
         stop = VerdictStop.refusal_settled if is_shipped_judge(judging.classify) else None
-        replies = generate(model, tokenizer, self.harmful, max_new_tokens=judging.max_new_tokens, stop_when=stop,
-                           **self.batching)
+        replies = generate(model, tokenizer, self.judged_prompts, max_new_tokens=judging.max_new_tokens,
+                           stop_when=stop, **self.batching)
         return outcome_counts([judging.classify(r) for r in replies])
 
 
