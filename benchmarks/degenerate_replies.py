@@ -5,7 +5,9 @@
 profile scaled ×2 and ×3 (the peak capped at the largest strength), which loop. Prompts that ask for structured text
 (steps, lists, stories, posts, letters, tables, dialogue, code) come first, since those are what a loop detector
 mistakes for loops. Writes one unlabelled JSON line per reply (prompt, reply, source, the detector's verdict); the
-labels are a reader's. One thread keeps a shared CPU from burning its time in spinning worker threads::
+labels are a reader's (refusals cut short by `VerdictStop` and repeats of one stock refusal were left out). One
+thread keeps a shared CPU from burning its time in spinning worker threads; this run, with its defaults, gave the
+real replies of ``data/degenerate_labelled.jsonl`` (about 25 minutes on 2 shared cores)::
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/degenerate_replies.py --out /tmp/replies.jsonl --report /tmp/r.json
 """
