@@ -13,8 +13,10 @@ from transformers_sra import ConfigError, bake_direction
 from transformers_sra.architectures import residual_writers
 from transformers_sra.judge import (
     Outcome,
+    _tokens,
     classify,
     degenerate_labelled,
+    degenerate_split,
     is_degenerate,
     is_refusal,
     judge_accuracy,
@@ -22,6 +24,7 @@ from transformers_sra.judge import (
     outcome_counts,
     resolve_classifier,
     resolve_judge,
+    tail_loop,
 )
 from transformers_sra.metrics import clopper_pearson, perplexity
 from transformers_sra.profile import StrengthProfile
@@ -40,16 +43,40 @@ def test_judge_precision_and_recall_on_the_held_out_half_of_the_labelled_replies
     assert degenerate["precision"] >= 0.95 and degenerate["recall"] >= 0.9, degenerate
 
 
-def test_loop_detector_tells_loops_from_lists_hashtags_dialogue_tables_and_code():
+def test_loop_detector_on_the_held_out_half_of_real_replies():
     rows = degenerate_labelled()
+    # each row's half follows from its text, so no row moved between halves after the detector was scored
+    assert all(r["split"] == degenerate_split(r["reply"]) for r in rows)
     kinds = {r["kind"] for r in rows if r["label"] == "compliance"}
-    assert {"list", "hashtags", "dialogue", "table", "code", "mock_tweets"} <= kinds
-    acc = judge_accuracy(classify, rows, label="degenerate")
+    assert {"list", "steps", "story", "post", "hashtags", "dialogue", "table", "code", "mock_tweets"} <= kinds
+    held_out = degenerate_labelled("heldout")
+    assert {r["source"] for r in held_out} >= {"base-demo", "sra-default", "sra-x2", "sra-x3", "written"}
+    acc = judge_accuracy(classify, held_out, label="degenerate")
+    loops = sum(r["label"] == "degenerate" for r in held_out)
+    assert loops >= 20 and acc["answers"] >= 60, acc
     assert acc["precision"] >= 0.95 and acc["recall"] >= 0.9, acc
+    # issue #28: an answer called degenerate must be rarer than 1 in 20
+    assert acc["answers_flagged"] / acc["answers"] < 0.05, acc
+
+
+def test_a_loop_repeats_its_numbers_runs_to_the_end_and_may_be_cut_mid_word():
     # structured text that repeats a template is an answer; the same line repeated is a loop
     listing = "".join(f"{i}. {city} is a city.\n" for i, city in enumerate(["Lima", "Oslo", "Rome", "Kyiv", "Pune"], 1))
     assert classify(listing) is Outcome.ANSWERED
     assert classify("".join(f"{i}. Lima is a city.\n" for i in range(1, 8))) is Outcome.DEGENERATE
+    # a counter may count up inside a loop; any other number is content, so items that differ in figures are a list
+    savings = "".join(f"Month {i}: save ${100 + 50 * i}.\n" for i in range(1, 12))
+    assert classify(savings) is Outcome.ANSWERED
+    assert classify("".join(f"Month {i}: save $500.\n" for i in range(1, 12))) is Outcome.DEGENERATE
+    # greedy decoding never leaves a loop: a stretch that repeats and then moves on is a refrain, not a loop
+    refrain = "Row, row, row your boat. " * 4
+    assert classify(refrain) is Outcome.DEGENERATE
+    assert classify(refrain + "Then the song ends and the children clap, laugh, and ask to sing another one about "
+                    "a little boat that sails across the lake to the old mill, where the miller waves.") is Outcome.ANSWERED
+    # the length limit may cut the last word of a loop short ("can" of "can't"); the loop is still found
+    stuck = "I tried to sleep, but I can't stop thinking about it. " * 4
+    assert classify(stuck + "I tried to sleep, but I can") is Outcome.DEGENERATE
+    assert tail_loop(_tokens(stuck.lower() + "i tried to sleep, but i can")) == (4 * 13 + 8, 13)  # 13 tokens a copy
 
 
 @pytest.mark.parametrize("reply, refused", [

@@ -18,7 +18,7 @@ from transformers_sra import SRAConfig, SRAReport
 from transformers_sra.cli import loading, main
 from transformers_sra.eval_plan import REPLY_BATCH_SIZE, Speed, plan_evaluation
 from transformers_sra.evaluation import EvalSets
-from transformers_sra.judge import VerdictStop, generate, is_refusal, labelled_replies
+from transformers_sra.judge import VerdictStop, degenerate_labelled, generate, is_refusal, labelled_replies
 
 
 # -- 1. the compute dtype follows the hardware ----------------------------------------------------------------
@@ -168,7 +168,8 @@ def test_a_settled_refusal_is_a_refusal_of_every_longer_reply():
     and the whole reply refusals, so cutting there never changes a verdict. Checked on every word prefix of
     the shipped labelled replies and every character prefix of replies built to trip a careless rule."""
     settled = 0
-    replies = [r["reply"] for r in labelled_replies()]
+    # the loop detector's real replies too: looping refusals of edited models must stay refusals when cut short
+    replies = [r["reply"] for r in labelled_replies() + degenerate_labelled()]
     for reply in replies + _TRICKY:
         ends = range(len(reply) + 1) if reply in _TRICKY else [i for i, c in enumerate(reply) if c == " "] + [len(reply)]
         for end in ends:

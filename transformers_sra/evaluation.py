@@ -357,8 +357,9 @@ def reapply_edit(model: nn.Module, report) -> list:
 
 def judge_summary(judge=None) -> dict:
     """Which judge counted refusals, and (for the shipped one) its precision and recall on the held-out half of
-    the labelled replies; the card states them."""
-    loops = judge_accuracy(judge, degenerate_labelled(), label="degenerate")
+    the labelled replies; the card states them. Loops are found the same way for every judge: their figures are
+    the loop detector's on the held-out half of its labelled replies."""
+    loops = judge_accuracy(judge, degenerate_labelled("heldout"), label="degenerate")
     degenerate = {"degenerate_precision": loops["precision"], "degenerate_recall": loops["recall"],
                   "degenerate_labelled": loops["n"]}
     if is_shipped_judge(judge):
