@@ -21,7 +21,7 @@ passages of ``general_val``. The test splits are never read. The points, all at 
 
 Writes ``levers.json`` (the shared results shape, one row per point) and ``levers.png``::
 
-    python benchmarks/levers.py                       # about 40 minutes on 2 CPU cores in bf16
+    python benchmarks/levers.py                       # about 30 minutes on 2 CPU cores in bf16
     python benchmarks/levers.py --model tiny --limit 4 --layer 1 --rank 2   # a smoke run
 """
 
@@ -129,9 +129,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=128, help="fluency Shield rank (the search's choice)")
     parser.add_argument("--tokens", type=int, default=64, help="reply length (the search's judged contenders')")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.8, 1.0, 1.1, 1.2, 1.35])
-    parser.add_argument("--read-gammas", type=float, nargs="+", default=[0.5, 1.0])
-    parser.add_argument("--separation", type=float, nargs="+", default=[2.0, 1.2], help="Cohen's d thresholds")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.1, 1.2, 1.35])
+    parser.add_argument("--read-gammas", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--separation", type=float, nargs="+", default=[2.0], help="Cohen's d thresholds")
     parser.add_argument("--second", type=float, nargs="+", default=[1.0], help="tent scales of the second direction")
     args = parser.parse_args()
     command = "python benchmarks/levers.py " + " ".join(
@@ -142,7 +142,9 @@ def main() -> None:
     dtype = compute_dtype(DEMO_DTYPE) if args.dtype == "auto" else getattr(torch, args.dtype)
     model.to(dtype)
     config = SRAConfig() if args.model != "tiny" else tiny_config(0)
-    config = dataclasses.replace(config, candidate_layers=[args.layer], fluency_rank=args.rank)
+    n_layers = len(model.model.layers)
+    others = [layer for layer in (args.layer - 2, args.layer + 2) if 0 <= layer < n_layers]  # the cone's other depths
+    config = dataclasses.replace(config, candidate_layers=sorted({args.layer, *others}), fluency_rank=args.rank)
     inputs = resolve_inputs(model, config, AtomRegistry.default(), tok)
     cut = (lambda xs: xs[: args.limit]) if args.limit else (lambda xs: xs)
     sets = EvalSets(harmful=cut(inputs.prompts("harmful_val")), harmless=cut(inputs.prompts("harmless_val")),
@@ -157,15 +159,10 @@ def main() -> None:
         acts[name], logp = record_residuals(model, tok, inputs.prompts(name), next_token=True, **batching)
         refused[name] = refusal_probability(logp, refusal_token_ids(tok)) > 0.5
     d = separation(acts["harmful"], acts["harmless"], v)
-    n_layers = len(d)
-    others = [layer for layer in (args.layer - 2, args.layer + 2) if 0 <= layer < n_layers and layer != args.layer]
-    depth_dirs, _ = build_directions(model, tok, inputs, dataclasses.replace(config, candidate_layers=others),
-                                     dict(layers=others, positions=config.positions, **batching), [args.rank]) \
-        if others else (None, None)
     categories = prompt_categories(config.harmful_prompts) if isinstance(config.harmful_prompts, str) else []
     seconds = second_directions(acts["harmful"][:, args.layer], refused["harmful"], acts["harmless"][:, args.layer],
                                 ~refused["harmless"], categories, v, atoms, config.ridge_lambda,
-                                {layer: depth_dirs.clean(layer, args.rank) for layer in others} if others else {})
+                                {layer: dirs.clean(layer, args.rank) for layer in others})
     after = list(range(args.layer + 1, n_layers))
     points = [("base", "base", {}, [])]
     points += [(f"rank 1, tent ×{s}", "rank1_tent", {"scale": s}, [ablate_activations(model, v, tent(s))])
