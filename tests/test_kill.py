@@ -291,3 +291,46 @@ def test_a_live_claim_is_never_cleaned_and_a_dead_ones_leftovers_are_reported(fo
     [tmp_name] = [name for name in held if ".tmp-" in name]
     assert f"removed 1 hidden leftover of killed runs beside {out} ({tmp_name}): 5.0 KB freed" in caplog.text
     assert _hidden(out) == [] and _digest(out) == {"result.txt": hashlib.sha256(b"new").hexdigest()}
+
+
+# -- files: temporary beside, flushed, renamed ----------------------------------------------------------------
+def test_a_file_is_replaced_whole_and_a_dead_writers_temporary_is_removed(tmp_path, caplog):
+    from transformers_sra.folders import atomic_file, write_text_atomic
+
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    stale = tmp_path / ".results.json.tmp-999999@elsewhere-abc"  # what a SIGKILL mid-write leaves
+    stale.write_bytes(b"x" * 2500)
+    old_umask = os.umask(0o022)
+    try:
+        with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+        assert target.read_text() == "old" and _hidden(target) == []
+        assert "removed 1 hidden leftover of killed runs" in caplog.text and "2.5 KB freed" in caplog.text
+        write_text_atomic(target, "new")
+    finally:
+        os.umask(old_umask)
+    assert target.read_text() == "new" and _hidden(target) == []
+    assert target.stat().st_mode & 0o777 == 0o644  # mkstemp's 0600 would hide it from other readers
+
+
+def test_an_evaluation_cache_entry_that_fails_mid_write_is_absent_not_torn(tmp_path, monkeypatch):
+    from transformers_sra import evaluation
+    from transformers_sra.evaluation import Evaluation
+
+    entry = Evaluation({"refusal_rate": 0.5}, harmless_logprobs=torch.zeros(2, 3))
+
+    def torn(tensors, path, **kwargs):
+        Path(path).write_bytes(b"half a header")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(evaluation, "save_file", torn)
+    with pytest.raises(OSError, match="no space"):
+        entry.save(tmp_path / "refusal-abc")
+    assert list(tmp_path.iterdir()) == []  # no JSON marker, so the next run measures again; no temporaries
+    monkeypatch.undo()
+    entry.save(tmp_path / "refusal-abc")
+    loaded = Evaluation.load(tmp_path / "refusal-abc")
+    assert loaded.metrics == {"refusal_rate": 0.5} and torch.equal(loaded.harmless_logprobs, torch.zeros(2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refusal-abc.json", "refusal-abc.safetensors"]
