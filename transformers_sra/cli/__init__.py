@@ -25,6 +25,7 @@ import threading
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
+from tqdm import tqdm as std_tqdm
 from tqdm.auto import tqdm
 
 from ..distributed import init_distributed, is_main_process, world
@@ -86,10 +87,11 @@ def build_parser() -> ArgumentParser:
 
 
 class _TqdmHandler(logging.Handler):
-    """Stage lines through `tqdm.write`, so they never tear a live progress bar."""
+    """Stage lines through `tqdm.write`, so they never tear a live progress bar; each line and its newline go in one
+    write, so a signal between the two cannot glue the error line that follows onto it."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
+        tqdm.write(self.format(record) + "\n", file=sys.stderr, end="")
 
 
 @contextmanager
@@ -110,6 +112,8 @@ def _console(quiet: bool):
         with show_progress(not quiet):
             yield
     finally:
+        for left_open in list(getattr(std_tqdm, "_instances", ())):  # bars an error or signal cut short: end their line first, so
+            left_open.close()                          # the error line that follows starts a line of its own
         logger.removeHandler(handler)
         logger.setLevel(level)
         transformers.logging.set_verbosity(verbosity)
