@@ -341,3 +341,18 @@ def test_an_evaluation_cache_entry_that_fails_mid_write_is_absent_not_torn(tmp_p
     loaded = Evaluation.load(tmp_path / "refusal-abc")
     assert loaded.metrics == {"refusal_rate": 0.5} and torch.equal(loaded.harmless_logprobs, torch.zeros(2, 3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["refusal-abc.json", "refusal-abc.safetensors"]
+
+
+def test_an_output_beside_which_nothing_can_be_written_is_one_clear_error(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):  # what a read-only folder answers (root, running the tests, is never denied)
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(ConfigError, match=r"cannot write beside .*out \(permission denied\); choose a folder"):
+        with atomic_folder(tmp_path / "out"):
+            pass
+    assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks here, so concurrent runs into one output are not caught
+except ImportError:  # Windows: no advisory locks, so a live writer cannot be told from a dead one (see `claimed`)
     fcntl = None
 
 logger = logging.getLogger("transformers_sra")  # the package's logger, named rather than imported: no torch here
@@ -114,10 +114,13 @@ def _lock(target: Path, wait: bool) -> int:
     """Take ``target``'s lock file and return its descriptor; without ``wait``, a live holder is a one-line error."""
     lock = target.with_name(_hidden(target, "lock"))
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            raise ConfigError(f"cannot write beside {target} (permission denied); choose a folder you can write to") \
+                from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
@@ -162,7 +165,8 @@ def claimed(target: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
     """Hold ``target``'s lock for the block, so no other run writes it meanwhile (a live one is a `ConfigError`,
     or awaited with ``wait``); on taking it, leftovers of killed runs beside ``target`` are put right. Nested
     claims of one target in one process share the lock. Callers take it before long work, so a second run into
-    the same output fails at once rather than at the end."""
+    the same output fails at once rather than at the end. Without advisory locks (Windows) there is no lock, and
+    leftovers are left alone, since a live run's could not be told from a dead one's."""
     target = Path(target).absolute()
     key = str(target)
     if key in _HELD:  # the outer claim releases it
@@ -170,17 +174,19 @@ def claimed(target: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
         return
     made = [p for p in [target.parent, *target.parent.parents] if not p.exists()]  # deepest first
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd = _lock(target, wait)
+    fd = None if fcntl is None else _lock(target, wait)
     _HELD.add(key)
     try:
-        _recover(target)
+        if fd is not None:
+            _recover(target)
         yield target
     finally:
         _HELD.discard(key)
-        try:
-            os.unlink(target.with_name(_hidden(target, "lock")))  # still held: a waiter that opened it retries
-        finally:
-            os.close(fd)
+        if fd is not None:
+            try:
+                os.unlink(target.with_name(_hidden(target, "lock")))  # still held: a waiter that opened it retries
+            finally:
+                os.close(fd)
         for folder in made:  # a failed run leaves no empty folders it made for the lock
             try:
                 folder.rmdir()
