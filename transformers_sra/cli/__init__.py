@@ -112,8 +112,9 @@ def _console(quiet: bool):
         with show_progress(not quiet):
             yield
     finally:
-        for left_open in list(getattr(std_tqdm, "_instances", ())):  # bars an error or signal cut short: end their line first, so
-            left_open.close()                          # the error line that follows starts a line of its own
+        # bars an error or a signal cut short end their line now, so the error line after them stands on its own
+        for left_open in list(getattr(std_tqdm, "_instances", ())):
+            left_open.close()
         logger.removeHandler(handler)
         logger.setLevel(level)
         transformers.logging.set_verbosity(verbosity)
@@ -186,6 +187,6 @@ def _run(command, args) -> int:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
-    # printed once the exception is gone: the progress bars of the frames it held have cleared their lines by now
+    # printed once the exception and the frames it held are gone, so nothing they own writes after this line
     print(line, file=sys.stderr)
     return code
