@@ -160,6 +160,14 @@ def _recover(target: Path) -> None:
                        f"{target} ({', '.join(p.name for p in removed)}): {_size_text(freed)} freed")
 
 
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an existing, non-empty output folder unless ``overwrite``; cheap, so callers run it first."""
+    target = Path(output_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ConfigError(f"output folder {target} exists and is not empty; choose another or pass --overwrite")
+    return target
+
+
 @contextmanager
 def claimed(target: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
     """Hold ``target``'s lock for the block, so no other run writes it meanwhile (a live one is a `ConfigError`,
@@ -236,18 +244,22 @@ def _new_file(**where) -> str:
 
 
 @contextmanager
-def atomic_folder(target: str | os.PathLike, *, wait: bool = False) -> Iterator[Path]:
+def atomic_folder(target: str | os.PathLike, *, overwrite: bool = True, wait: bool = False) -> Iterator[Path]:
     """Yield an empty folder beside ``target``; if the block succeeds it replaces ``target``, otherwise it is
     removed, so ``target`` is never half-written nor missing (an interrupt or a kill included). The finished
-    folder and its files get the permissions the umask asks for. ``wait``: see `claimed`::
+    folder and its files get the permissions the umask asks for. Without ``overwrite`` a non-empty ``target`` is
+    refused, checked again once the lock is held (a result a killed run had moved aside is back by then).
+    ``wait``: see `claimed`::
 
         with atomic_folder(Path("out")) as tmp:
             model.save_pretrained(tmp)
     """
-    with claimed(target, wait=wait) as target, _temporary(target, tempfile.mkdtemp) as tmp:
-        yield tmp
-        _settle(tmp)
-        _swap(tmp, target)
+    with claimed(target, wait=wait) as target:
+        check_output_dir(target, overwrite)
+        with _temporary(target, tempfile.mkdtemp) as tmp:
+            yield tmp
+            _settle(tmp)
+            _swap(tmp, target)
 
 
 @contextmanager
