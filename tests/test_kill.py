@@ -28,7 +28,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY_CONFIGS
-from test_cli import SMALL, _error_line, _save_tiny
+from test_cli import SMALL, _digest, _error_line, _save_tiny
 from transformers_sra import SRAConfig
 from transformers_sra.cli import main
 from transformers_sra.errors import ConfigError
@@ -120,10 +120,6 @@ POINTS = {
 
 def _hidden(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
-
-
-def _digest(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def _complete(folder: Path, like: dict) -> bool:
