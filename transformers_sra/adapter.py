@@ -36,8 +36,7 @@ from torch import nn
 
 from .architectures import residual_writers
 from .errors import ConfigError, UnsupportedModelError
-from .folders import atomic_folder
-from .hub import check_output_dir
+from .folders import atomic_folder, check_output_dir
 from .probing import _is_conv1d
 from .report import REPORT_NAME, SRAReport
 from .weights import read_param, write_param
@@ -247,7 +246,7 @@ def export_adapter(report: SRAReport, model: nn.Module, path: str | os.PathLike,
     known_id, _ = base_model_info(report.model_name)
     base = base_model or known_id or report.model_name
     config, tensors = _checked(model, targets, rank, base)
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         report.save(tmp / REPORT_NAME)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .errors import ConfigError
+from .folders import write_text_atomic
 
 CONFIG_NAME = "sra_config.json"
 
@@ -274,9 +275,7 @@ class SRAConfig:
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod

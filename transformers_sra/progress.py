@@ -75,7 +75,8 @@ def _say(message: str) -> None:
     if not is_main_process():
         return
     if _SHOW.get() and not logger.isEnabledFor(logging.INFO):
-        tqdm.write(message, file=sys.stderr)  # forced on without a logging set-up: still shown, and never through a bar
+        # forced on without a logging set-up: still shown, never through a bar, the line and its newline in one write
+        tqdm.write(message + "\n", file=sys.stderr, end="")
     else:
         logger.info(message)
 

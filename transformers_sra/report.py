@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import SRAError, UndoError
+from .folders import write_text_atomic
 
 REPORT_NAME = "sra_report.json"
 
@@ -100,8 +101,7 @@ class SRAReport:
 
     def save(self, path: str | os.PathLike) -> str:
         path = os.path.join(path, REPORT_NAME) if os.path.isdir(path) else os.fspath(path)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
+        write_text_atomic(path, self.to_json())
         return path
 
     @classmethod

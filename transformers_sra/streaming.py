@@ -33,8 +33,7 @@ from torch import nn
 from .architectures import LAYOUTS, Writer, residual_writers
 from .editing import edit_tensor, plan_writers
 from .errors import ConfigError, UnsupportedModelError
-from .folders import atomic_folder
-from .hub import check_output_dir
+from .folders import atomic_folder, check_output_dir
 from .report import REPORT_NAME, SRAReport
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -241,7 +240,7 @@ def stream_bake(model_dir: Union[str, os.PathLike], report: Union[SRAReport, str
                           f"{model.config.model_type!r} model; pass the report of a run on this model")
     groups = _plan(model, report, ckpt)
     owner = {k: key for key, g in groups.items() for k in g.source.keys}
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, overwrite=overwrite) as tmp:
         pending: dict[str, torch.Tensor] = {}  # edited pieces of a group whose other pieces live in later shards
         for n, shard in enumerate(ckpt.shards):
             out = {}

@@ -12,16 +12,20 @@
 
 Arguments are dataclasses parsed by `transformers.HfArgumentParser`; every `SRAConfig` field is a flag.
 Progress goes to stderr (``--quiet`` silences it), results to stdout (``--json``: one JSON line). Every
-error is one ``error: …`` line and a non-zero exit status (``--debug`` shows the traceback).
+error is one ``error: …`` line and a non-zero exit status (``--debug`` shows the traceback); so are Ctrl-C (130)
+and SIGTERM, a scheduler's time limit or ``kill`` (143), after which nothing is left half-written.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
+from tqdm import tqdm as std_tqdm
 from tqdm.auto import tqdm
 
 from ..distributed import init_distributed, is_main_process, world
@@ -83,10 +87,11 @@ def build_parser() -> ArgumentParser:
 
 
 class _TqdmHandler(logging.Handler):
-    """Stage lines through `tqdm.write`, so they never tear a live progress bar."""
+    """Stage lines through `tqdm.write`, so they never tear a live progress bar; each line and its newline go in one
+    write, so a signal between the two cannot glue the error line that follows onto it."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
+        tqdm.write(self.format(record) + "\n", file=sys.stderr, end="")
 
 
 @contextmanager
@@ -107,19 +112,44 @@ def _console(quiet: bool):
         with show_progress(not quiet):
             yield
     finally:
+        # bars an error or a signal cut short end their line now, so the error line after them stands on its own
+        for left_open in list(getattr(std_tqdm, "_instances", ())):
+            left_open.close()
         logger.removeHandler(handler)
         logger.setLevel(level)
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
 
 
-def _interrupted(args) -> str:
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt (not an Exception, so no handler swallows it) and so cleaned up alike."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_raises():
+    """SIGTERM raises `Terminated` in the main thread for the command's life (a signal handler can only be set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(args, how: str) -> str:
     if args.command == "ablate":
-        return (f"error: interrupted; {args.model or 'the demo model'} is untouched and {args.output} was not written "
+        return (f"error: {how}; {args.model or 'the demo model'} is untouched and {args.output} was not written "
                 "(run the same command again to start over)")
     if args.command == "bake":
-        return f"error: interrupted; {args.model} is untouched and {args.output} was not written"
-    return "error: interrupted; nothing was written"
+        return f"error: {how}; {args.model} is untouched and {args.output} was not written"
+    return f"error: {how}; nothing was written"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -128,6 +158,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     command = {"ablate": ablate.run, "evaluate": evaluate.run, "audit": audit.run, "chat": chat.run,
                "export-adapter": export_adapter.run, "bake": bake.run}[args.command]
+    with _sigterm_raises():
+        return _run(command, args)
+
+
+def _run(command, args) -> int:
     grouped = False
     try:
         grouped = init_distributed()  # under torchrun / accelerate launch: every rank scores its share of the batches
@@ -137,20 +172,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _console(args.quiet or not is_main_process()):  # rank 0 speaks for all
             return command(args)
     except SRAError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        line, code = f"error: {err}", 2
     except KeyboardInterrupt:
-        print(_interrupted(args), file=sys.stderr)
-        return 130
+        line, code = _stopped(args, "interrupted"), 130
+    except Terminated:
+        line, code = _stopped(args, "terminated (SIGTERM)"), 143
     except Exception as err:  # a bug or the machine (memory, disk): one line unless --debug
         if args.debug:
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"error: {type(err).__name__}: {first} (rerun with --debug for the traceback and report it)",
-              file=sys.stderr)
-        return 1
+        line, code = f"error: {type(err).__name__}: {first} (rerun with --debug for the traceback and report it)", 1
     finally:
         if grouped:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
+    # printed once the exception and the frames it held are gone, so nothing they own writes after this line
+    print(line, file=sys.stderr)
+    return code

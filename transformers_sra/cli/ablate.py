@@ -14,6 +14,7 @@ from ..config import PROMPT_FIELDS, SRAConfig
 from ..demo import DEMO_LICENSE, DEMO_MODEL_ID
 from ..distributed import is_main_process, slowest
 from ..errors import ConfigError
+from ..folders import claimed
 from ..progress import _say as say
 from ..progress import stage, step_logger
 from ..prompts import chat_template_kwargs, load_corpus, load_prompts
@@ -61,8 +62,10 @@ def check_inputs(args: argparse.Namespace) -> SRAConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = check_inputs(args)
-    with chat_template_kwargs(config.chat_template_kwargs):  # the evaluation formats prompts like the pipeline
-        return _run(args, config)
+    # rank 0 alone writes; its claim makes a second run into the same output fail now, not after the pipeline
+    with claimed(args.output) if is_main_process() else nullcontext():
+        with chat_template_kwargs(config.chat_template_kwargs):  # the evaluation formats prompts like the pipeline
+            return _run(args, config)
 
 
 def _run(args: argparse.Namespace, config: SRAConfig) -> int:

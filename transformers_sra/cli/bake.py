@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from ..folders import claimed
 from ..progress import stage, step_logger
 from . import summary
 
@@ -25,7 +26,7 @@ class BakeArguments:
 def run(args: argparse.Namespace) -> int:
     from ..streaming import stream_bake
 
-    with stage(f"bake {args.report} into {args.model}, shard by shard"):
+    with claimed(args.output), stage(f"bake {args.report} into {args.model}, shard by shard"):
         target = stream_bake(args.model, args.report, args.output, overwrite=args.overwrite,
                              progress=step_logger("bake"))
     shards = sorted(p.name for p in target.glob("*.safetensors"))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ..distributed import is_main_process
 from ..errors import ConfigError
+from ..folders import write_text_atomic
 from ..progress import stage, step_logger
 from ..prompts import chat_template_kwargs
 from . import summary
@@ -103,9 +103,7 @@ def _evaluate(args: argparse.Namespace) -> int:
               "samples": {"base": base.samples, "edited": edited.samples}}
     if not is_main_process():
         return 0  # every rank measured the same numbers; rank 0 writes and prints them
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    os.replace(tmp, target)  # a reader never sees half a file
+    write_text_atomic(target, json.dumps(result, indent=1))  # a reader never sees half a file
     del result["samples"]
     summary.emit(result, render(base.metrics, edited.metrics) + f"\n\nall numbers: {target}", args.json)
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
+from ..folders import claimed
 from ..progress import stage
 from . import summary
 from .loading import load_model
@@ -46,11 +47,18 @@ def _report(source: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapter import ADAPTER_WEIGHTS, check_adapter_dependencies, export_adapter
+    from ..adapter import check_adapter_dependencies
     from ..hub import check_output_dir
 
     check_adapter_dependencies()
     check_output_dir(args.output, args.overwrite)
+    with claimed(args.output):  # a second run into the same folder fails now, not after loading the model
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..adapter import ADAPTER_WEIGHTS, export_adapter
+
     report = _report(args.report)
     base = args.model or report.model_name
     if not base:
