@@ -147,7 +147,13 @@ STYLES = {"base": ("black", "s", "base"),
           "rank_k": ("tab:purple", "D", "SRA rank k (judged mining)"),
           "rank2_answered": ("tab:purple", "D", "SRA rank 2: + mined direction vs answered prompts"),
           "rank2_harmless": ("tab:pink", "D", "SRA rank 2: + mined direction vs harmless prompts"),
-          "sra_default": ("tab:green", "*", "SRA default (searched)")}
+          "sra_default": ("tab:green", "*", "SRA default (searched)"),
+          "read_side": ("tab:cyan", "^", "SRA rank 1 + read side (q/k/v, gate/up) after its layer"),
+          "read_side_only": ("tab:olive", "^", "read side only"),
+          "discriminative": ("tab:brown", "v", "SRA rank 1 on the separating layers only"),
+          "cone": ("tab:gray", "P", "SRA rank 1 + a second direction (cone)")}
+# methods whose points are one knob turned (drawn as a line); the others are separate edits (markers only)
+CURVES = {"standard", "standard_filtered", "rank1_flat", "rank1_tent", "rank_k"}
 
 
 def plot(rows, path, title: str = "Refusal vs KL, test split", sets: tuple = ("harmful_test", "harmless_test")) -> None:
@@ -167,7 +173,7 @@ def plot(rows, path, title: str = "Refusal vs KL, test split", sets: tuple = ("h
         err = [[100 * (r["refusal_rate"]["rate"] - r["refusal_rate"]["ci95"][0]) for r in pts],
                [100 * (r["refusal_rate"]["ci95"][1] - r["refusal_rate"]["rate"]) for r in pts]]
         ax.errorbar(x, y, yerr=err, color=color, marker=marker, markersize=10 if marker == "*" else 6, capsize=3,
-                    linestyle="-" if len(pts) > 1 else "none", label=label)
+                    linestyle="-" if len(pts) > 1 and method in CURVES else "none", label=label)
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel(f"first-token KL on {sets[1]} (lower is better)")
     ax.set_ylabel(f"refused on {sets[0]}, % (95% CI)")
