@@ -151,9 +151,10 @@ STYLES = {"base": ("black", "s", "base"),
           "read_side": ("tab:cyan", "^", "SRA rank 1 + read side (q/k/v, gate/up) after its layer"),
           "read_side_only": ("tab:olive", "^", "read side only"),
           "discriminative": ("tab:brown", "v", "SRA rank 1 on the separating layers only"),
-          "cone": ("tab:gray", "P", "SRA rank 1 + a second direction (cone)")}
+          "cone": ("tab:gray", "P", "SRA rank 1 + a second direction (cone)"),
+          "per_layer": ("tab:purple", "X", "each late layer's own direction, the tent scaled")}
 # methods whose points are one knob turned (drawn as a line); the others are separate edits (markers only)
-CURVES = {"standard", "standard_filtered", "rank1_flat", "rank1_tent", "rank_k"}
+CURVES = {"standard", "standard_filtered", "rank1_flat", "rank1_tent", "rank_k", "per_layer"}
 
 
 def plot(rows, path, title: str = "Refusal vs KL, test split", sets: tuple = ("harmful_test", "harmless_test")) -> None:

@@ -17,11 +17,15 @@ passages of ``general_val``. The test splits are never read. The points, all at 
   same tent: the top singular vectors of the per-prompt differences (refused harmful − mean answered harmless), the
   per-category differences of means of the categories the default still refuses most, and the clean directions
   of two other depths;
+* ``per_layer`` (``--per-layer``): each layer from ``--per-layer-from`` on removes its *own* direction (the clean
+  one where the pipeline builds it, else its difference of means over the prompts the behaviour filter keeps), the
+  layers before it the default direction, under the tent scaled;
 * ``standard``: the field's abliteration (`baselines`: the unfiltered difference of means, flat γ = 1).
 
 Writes ``levers.json`` (the shared results shape, one row per point) and ``levers.png``::
 
     python benchmarks/levers.py                       # about 30 minutes on 2 CPU cores in bf16
+    python benchmarks/levers.py --per-layer 0.6 0.75 1.0 --methods rank1_tent per_layer --name levers-per-layer
     python benchmarks/levers.py --model tiny --limit 4 --layer 1 --rank 2   # a smoke run
 """
 
@@ -39,6 +43,7 @@ from frontier import load, plot, tiny_config
 from transformers_sra import SRAConfig
 from transformers_sra.atoms import AtomRegistry
 from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype, cpu_flags
+from transformers_sra.directions import select_by_behaviour
 from transformers_sra.editing import ablate_activations
 from transformers_sra.evaluation import EvalSets, evaluate_model, git_commit, results_record, write_results
 from transformers_sra.extraction import record_residuals
@@ -119,6 +124,14 @@ def second_directions(harmful, refused, harmless, answered, categories, v, atoms
     return out
 
 
+def per_layer_directions(harmful: torch.Tensor, harmless: torch.Tensor, clean: dict) -> dict:
+    """Each layer's own unit direction: the clean one where the pipeline built it (``clean``), else the difference of
+    means of that layer's activations ``(n, layers, d)`` (the prompts the behaviour filter keeps)."""
+    raw = harmful.mean(0) - harmless.mean(0)
+    return {layer: (clean[layer] if layer in clean else raw[layer]) / (clean[layer] if layer in clean else raw[layer]).norm()
+            for layer in range(raw.shape[0])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -133,6 +146,10 @@ def main() -> None:
     parser.add_argument("--read-gammas", type=float, nargs="+", default=[1.0])
     parser.add_argument("--separation", type=float, nargs="+", default=[2.0], help="Cohen's d thresholds")
     parser.add_argument("--second", type=float, nargs="+", default=[1.0], help="tent scales of the second direction")
+    parser.add_argument("--per-layer", type=float, nargs="+", default=[], help="tent scales of per-layer directions")
+    parser.add_argument("--per-layer-from", type=int, default=15, help="first layer that removes its own direction")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these point methods (base always runs)")
+    parser.add_argument("--name", default="levers", help="results file stem: NAME.json and NAME.png")
     args = parser.parse_args()
     command = "python benchmarks/levers.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
@@ -180,8 +197,19 @@ def main() -> None:
         for s in args.second:
             points.append((f"tent ×1.0 + {name} ×{s}", "cone", {"scale": 1.0, "second": name, "scale2": s},
                            [ablate_activations(model, v, tent(1.0)), ablate_activations(model, second, tent(s))]))
+    if args.per_layer:
+        (kept_harmful, kept_harmless), _ = select_by_behaviour(acts["harmful"], refused["harmful"], acts["harmless"],
+                                                               ~refused["harmless"])
+        own = per_layer_directions(kept_harmful, kept_harmless,
+                                   {layer: dirs.clean(layer, args.rank) for layer in inputs.layers})
+        mapped = {layer: own[layer] if layer >= args.per_layer_from else v for layer in range(n_layers)}
+        for s in args.per_layer:
+            points.append((f"per-layer directions from layer {args.per_layer_from}, tent ×{s}", "per_layer",
+                           {"scale": s, "from": args.per_layer_from}, [ablate_activations(model, mapped, tent(s))]))
     standard = dirs.unit(dirs.unfiltered, args.layer)
     points.append(("standard ablation", "standard", {"gamma": 1.0}, [ablate_activations(model, standard, 1.0)]))
+    if args.methods:
+        points = [p for p in points if p[1] == "base" or p[1] in args.methods]
 
     evaluations, rows = {}, []
     measure = dict(max_new_tokens=args.tokens, batch_size=args.batch_size, judged_harmless=0)
@@ -203,8 +231,8 @@ def main() -> None:
                                 extra={**extra, "seconds": round(time.perf_counter() - start, 1)})
         for row, meta_row in zip(record["rows"], rows):
             row.update(meta_row)
-        write_results(Path(args.out) / "levers.json", record)
-    plot(record["rows"], Path(args.out) / "levers.png", "Refusal vs KL, validation split, each lever",
+        write_results(Path(args.out) / f"{args.name}.json", record)
+    plot(record["rows"], Path(args.out) / f"{args.name}.png", "Refusal vs KL, validation split, each lever",
          ("harmful_val", "harmless_val"))
 
 

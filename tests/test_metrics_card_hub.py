@@ -216,10 +216,12 @@ def test_baselines_swap_in_their_bake_and_sra_comes_back(ablated, name, directio
         with swapped_edit(model, report, name):
             swapped = model(IDS).logits
         after = model(IDS).logits
-        # inside the block: the base model (same seed) with the baseline's direction baked at its strength
+        # inside the block: the base model (same seed) with the baseline's direction baked at its strength, at every
+        # layer the config allows (a flat baseline edits the layers where SRA's profile may be 0 too)
         fresh = make_tiny_model("qwen2")
         vector = report.direction_tensor(0) if direction is None else torch.tensor(getattr(report, direction))
-        handle = bake_direction(fresh, vector, report.strength if strength is None else strength, report.bake_layers)
+        handle = bake_direction(fresh, vector, report.strength if strength is None else strength,
+                                report.config.get("layers"))
         expected = fresh(IDS).logits
         handle.undo()
     assert torch.allclose(swapped, expected, atol=1e-5)
