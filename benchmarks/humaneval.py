@@ -118,8 +118,29 @@ def main() -> None:
         print(f"{name}: pass@1 {m['humaneval_pass_rate']:.1%} in {seconds[name][0]:.0f} s "
               f"({seconds[name][1]:.0f} CPU s)", flush=True)
 
+    info = {"dtype": args.dtype, "threads": args.threads, "machine": cpu_flags(), "torch": torch.__version__,
+            "max_new_tokens": MAX_NEW_TOKENS, "batch_size": args.batch_size, "load_seconds": round(load_seconds, 1),
+            "problems_limit": args.limit}
+
+    def write(report=None) -> None:  # after every model, so an interrupted run keeps what it measured
+        record = results_record(evaluations, none, report=report, command=command,
+                                extra={**info, "load_average_now": os.getloadavg()}, commit=commit)
+        for row in record["rows"]:
+            name, m = row["name"], evaluations[row["name"]].metrics
+            row["seconds"], row["cpu_seconds"] = seconds[name]
+            if name != "base":
+                lo, hi = m["humaneval_pass_rate_change_ci95"]
+                row["change_ci95"] = [lo, hi]
+                row["change"] = f"{m['humaneval_pass_rate_change']:+.1%} [{lo:+.1%}, {hi:+.1%}]"
+                flips = evaluations[name].samples["humaneval:flipped"]
+                row["flipped"] = f"{len(flips['gained'])} / {len(flips['lost'])}"
+                row["flipped_ids"] = flips
+        write_results(args.output, {**record, "columns": COLUMNS})
+        print(f"wrote {args.output}", flush=True)
+
     measured("base")
-    report, pipeline_seconds = None, None
+    write()
+    report = None
     if "sra" in models or "standard" in models or args.proxies:
         begin = time.perf_counter()
         if args.report:
@@ -130,28 +151,14 @@ def main() -> None:
             saved = default_cache_dir() / f"humaneval-sra-report-{args.dtype}.json"
             report.save(saved)
             print(f"SRA report saved: {saved} (pass it as --report to skip the pipeline next time)", flush=True)
-        pipeline_seconds = round(time.perf_counter() - begin, 1)
+        info["sra_pipeline_seconds"] = round(time.perf_counter() - begin, 1)
     if "sra" in models:
         measured("sra")
+        write(report)
     if "standard" in models:
         with swapped_edit(model, report, "standard"):
             measured("standard")
-    info = {"dtype": args.dtype, "threads": args.threads, "machine": cpu_flags(), "torch": torch.__version__,
-            "max_new_tokens": MAX_NEW_TOKENS, "batch_size": args.batch_size, "load_seconds": round(load_seconds, 1),
-            "sra_pipeline_seconds": pipeline_seconds, "load_average_at_end": os.getloadavg(), "problems_limit": args.limit}
-    record = results_record(evaluations, none, report=report, command=command, extra=info, commit=commit)
-    for row in record["rows"]:
-        name, m = row["name"], evaluations[row["name"]].metrics
-        row["seconds"], row["cpu_seconds"] = seconds[name]
-        if name != "base":
-            lo, hi = m["humaneval_pass_rate_change_ci95"]
-            row["change_ci95"] = [lo, hi]
-            row["change"] = f"{m['humaneval_pass_rate_change']:+.1%} [{lo:+.1%}, {hi:+.1%}]"
-            flips = evaluations[name].samples["humaneval:flipped"]
-            row["flipped"] = f"{len(flips['gained'])} / {len(flips['lost'])}"
-            row["flipped_ids"] = flips
-    write_results(args.output, {**record, "columns": COLUMNS})
-    print(f"wrote {args.output}")
+        write(report)
     if args.proxies:
         proxy_points(model, tok, report, evaluations["base"], args, command, commit, measure, info)
 
