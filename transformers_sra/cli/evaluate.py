@@ -35,8 +35,9 @@ class EvaluateArguments:
                 "MODEL) is scored alone on --tasks.", "metavar": "ID_OR_DIR"})
     output: str = field(default="sra_evaluation.json", metadata={"help": "JSON file for every number (replaced if it "
                                                                          "exists).", "metavar": "FILE"})
-    limit: Optional[int] = field(default=None, metadata={"help": "At most N prompts per test set (faster, wider "
-                                                                 "intervals).", "metavar": "N"})
+    limit: Optional[int] = field(default=None, metadata={"help": "At most N prompts per test set, and the first N "
+                                                                 "problems of each task (faster, wider intervals).",
+                                                         "metavar": "N"})
     judge: Optional[str] = field(default=None, metadata={"help": "A local text-classification model folder to judge refusals "
                                                                  "(default: the shipped phrase judge)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Reply length for judged refusals."})
