@@ -226,6 +226,10 @@ _PIPELINE = ("sra ablate: validate", "sra ablate: extract", "sra ablate: validat
 _EVALUATION = ("sra ablate: plan evaluation", "sra ablate: evaluate base", "sra ablate: evaluate edit")
 
 
+def _cpu_per_problem(d: dict) -> float:
+    return sum(r["cpu_seconds"] for r in d["rows"]) / sum(r["humaneval_pass_rate"]["n"] for r in d["rows"])
+
+
 _SECONDS = "[extraction][seconds]"
 TABLES: dict[str, Spec] = {
     # benchmarks/speed.py, both models side by side (docs/performance.md, Benchmarks)
@@ -319,6 +323,23 @@ TABLES: dict[str, Spec] = {
               ("total", "**{f[total_s]:.0f} s** ({f[total_min]:.1f} min)")),
         derived={"short_commit": lambda d: d["commit"][:7], "total_s": lambda d: sum(d["stage_seconds"].values()),
                  "total_min": lambda d: sum(d["stage_seconds"].values()) / 60}),
+    # benchmarks/humaneval.py: what a HumanEval pass costs on the demo model (docs/performance.md, section 6)
+    "humaneval_cost": Spec(
+        files=(("humaneval.json", "measured"),),
+        writer="benchmarks/humaneval.py",
+        caption="{f[machine][cpu]} ({f[machine][cores]} cores, amx_bf16: {f[machine][amx_bf16]}), {f[threads]} torch "
+                "threads, {f[dtype]}, batches of {f[batch_size]}, at most {f[max_new_tokens]} new tokens, the first "
+                "{f[problems_limit]} problems; the cores were shared with other jobs (CPU seconds count this "
+                "process only):",
+        header=("HumanEval pass on the demo model", "{name}"),
+        rows=(("per model: wall / CPU seconds", "{f[per_model]}"),
+              ("CPU seconds per problem, mean over the models", "{f[cpu_per_problem]:.1f} s"),
+              ("all 164 problems, one model, on 2 idle cores (CPU seconds scaled to 164 problems, halved)",
+               "about {f[full_minutes]:.0f} min (an estimate)")),
+        derived={"per_model": lambda d: [f"{r['label']} {r['seconds']:.0f} s / {r['cpu_seconds']:.0f} s"
+                                         for r in d["rows"]],
+                 "cpu_per_problem": lambda d: _cpu_per_problem(d),
+                 "full_minutes": lambda d: _cpu_per_problem(d) * 164 / 2 / 60}),
     # benchmarks/eval_plan.py: the speed the plan was made from (docs/performance.md, section 4)
     "eval_plan_speed": Spec(
         files=(("eval_plan.json", "measured"),),

@@ -205,10 +205,12 @@ def test_help_is_readable(capsys):
     (["--push-to-hub", "not a repo"], "is not a repo id", "config"),
     (["--max-kl", "lots"], "invalid float value", "parse"),
     (["--no-such-flag"], "unrecognized arguments", "parse"),
+    (["--tasks", "humaneval"], "opt in with --allow-code-execution", "config"),
 ])
 def test_errors_are_one_line_and_leave_no_output(tmp_path, capsys, monkeypatch, argv, message, when):
     from transformers_sra.cli import ablate
 
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     tiny = _save_tiny(tmp_path / "tiny")
     files = {"EMPTY": ("empty.txt", b"\n \n"), "BINARY": ("bin.txt", b"\xff\xfe\x00bad"),
              "BADYAML": ("c.yaml", b"max_kl: [0.1\n"), "UNKNOWN": ("c.json", b'{"max_kll": 0.1}')}

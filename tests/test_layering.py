@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "transformers_sra"
 LOW_LEVEL = ["extraction", "editing", "search", "residualize", "directions", "weights", "architectures", "probing",
-             "nll", "batching", "_torch_utils", "mining", "inputs", "model_directions", "folders"]
+             "nll", "batching", "_torch_utils", "mining", "inputs", "model_directions", "folders", "sandbox"]
 HIGH_LEVEL = ("transformers_sra", "transformers_sra.metrics", "transformers_sra.card", "transformers_sra.cli",
               "transformers_sra.evaluation", "transformers_sra.pipeline", "transformers_sra.demo")
 

@@ -277,7 +277,9 @@ def test_card_parses_round_trips_and_lists_every_metric(ablated):
     assert reparsed.data.to_dict() == data
     listed = {m["type"] for r in data["model-index"][0]["results"] for m in r["metrics"]}
     sra = report.metrics["sra"]["metrics"]
-    assert {key for _, key, _, _ in METRICS} <= listed and {"first_token_kl", "code_perplexity_change"} <= listed
+    tasks = {"humaneval_pass_rate"}  # rows of --tasks, only when the run scored them
+    assert {key for _, key, _, _ in METRICS} - tasks <= listed and {"first_token_kl", "code_perplexity_change"} <= listed
+    assert not tasks & listed and "Capability on tasks" not in card.text
     refusal = next(m for r in data["model-index"][0]["results"] for m in r["metrics"] if m["type"] == "refusal_rate")
     assert refusal["value"] == pytest.approx(sra["refusal_rate"]) and refusal["args"]["ci95_low"] <= sra["refusal_rate"]
     text = card.text
@@ -287,6 +289,19 @@ def test_card_parses_round_trips_and_lists_every_metric(ablated):
     assert "| metric | Base model | Standard ablation | SRA (this model) |" in text
     assert f"{sra['refusal_rate']:.1%} [" in text and "precision" in text
     assert all(f"]({name})" in text for name in FIGURES.values())
+
+
+def test_card_shows_capability_on_tasks_when_the_run_scored_them(ablated):
+    _, _, report, _, _ = ablated
+    scored = {"humaneval_pass_rate": 0.25, "humaneval_pass_rate_ci95": [0.1, 0.5], "humaneval_pass_rate_n": 24}
+    metrics = {k: ({**v, "metrics": {**v["metrics"], **scored}} if k in ("base", "sra", "standard") else v)
+               for k, v in report.metrics.items()}
+    metrics["sra"]["metrics"]["humaneval_pass_rate_change"] = -0.125
+    card = render_card(SRAReport.from_dict({**report.to_dict(), "metrics": metrics}))
+    row = next(line for line in card.text.splitlines() if "Capability on tasks" in line)
+    assert "(HumanEval, n=24)" in row and row.count("25.0% [10.0%, 50.0%]") == 3 and "(-12.5% vs base)" in row
+    listed = {m["type"]: m for r in card.data.to_dict()["model-index"][0]["results"] for m in r["metrics"]}
+    assert listed["humaneval_pass_rate"]["value"] == 0.25 and listed["humaneval_pass_rate_change"]["value"] == -0.125
 
 
 def test_user_strings_cannot_inject_template_code_or_markup(ablated, tmp_path):

@@ -337,3 +337,70 @@ def test_a_chat_template_that_rejects_the_messages_is_a_config_error():
     assert format_chat(tok, ["why"]) == ["why"]
     with pytest.raises(ConfigError, match="System role not supported.*check system_prompt and chat_template_kwargs"):
         format_chat(tok, ["why"], system_prompt="be brief")
+
+
+# -- model-written code in the sandbox (issue #29): each bad program costs its problem, never the run ------------
+_BAD_PROGRAMS = {
+    "loops forever": ("while True:\n    pass", "timeout"),
+    "allocates without bound": ("chunks, size = [], 1 << 20\nwhile True:\n    chunks.append(bytes(size))\n"
+                                "    size *= 2", "failed"),
+    "forks": ("import os\nif os.fork() == 0:\n    while True:\n        pass", "failed"),
+    "forks through multiprocessing": ("import multiprocessing\nmultiprocessing.Process(target=print).start()", "failed"),
+    "writes a file outside its folder": ("open({outside!r}, 'w').write('x')", "failed"),
+    "deletes a file outside its folder": ("import os\nos.remove({victim!r})", "failed"),
+    "calls os.system": ("import os\nos.system('touch ' + {outside!r})", "failed"),
+    "runs a subprocess": ("import subprocess\nsubprocess.run(['touch', {outside!r}])", "failed"),
+    "exits the interpreter": ("import sys\nsys.exit(0)", "failed"),
+    "exits the process at once": ("import os\nos._exit(0)", "failed"),
+    "sleeps past the limit": ("import time\ntime.sleep(60)", "timeout"),
+}
+
+
+def test_bad_completions_fail_their_problem_and_leave_nothing_behind(tmp_path):
+    import os
+    import tempfile
+    import time
+
+    from transformers_sra.sandbox import run_program, run_programs
+
+    outside, victim = tmp_path / "written.txt", tmp_path / "keep.txt"
+    victim.write_text("mine")
+    before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("sra-sandbox-")}
+    sources = [src.format(outside=str(outside), victim=str(victim)) for src, _ in _BAD_PROGRAMS.values()]
+    good = "def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nopen('scratch.txt', 'w').write('own folder')"
+    start = time.perf_counter()
+    outcomes = run_programs(sources + [good], timeout=3.0, workers=len(sources) + 1)
+    assert time.perf_counter() - start < 30  # each is stopped by its own limit, in parallel
+    assert {name: o.status for name, o in zip(_BAD_PROGRAMS, outcomes)} == {k: v[1] for k, v in _BAD_PROGRAMS.items()}
+    assert outcomes[-1].passed, outcomes[-1]  # and a good program, writing in its own folder, still passes
+    assert "os.fork is not allowed" in outcomes[2].detail and "os.system is not allowed" in outcomes[6].detail
+    assert outcomes[1].detail == "MemoryError"
+    assert not outside.exists() and victim.read_text() == "mine"
+    assert {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("sra-sandbox-")} == before
+    # nothing keeps running: no process of this test's user still runs a sandbox program
+    time.sleep(0.2)
+    strays = [pid for pid in os.listdir("/proc") if pid.isdigit() and _runs_sandbox(pid)]
+    assert not strays, strays
+    assert run_program("assert False").status == "failed"  # the pass token needs the program's last line
+
+
+def _runs_sandbox(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"sra-sandbox-" in f.read()
+    except OSError:
+        return False
+
+
+def test_running_model_code_is_opt_in(monkeypatch):
+    from transformers_sra import ConfigError
+    from transformers_sra.metrics import PassRate
+
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    with pytest.raises(ConfigError, match="opt in with --allow-code-execution"):
+        PassRate().compute(predictions=["x = 1"], references=["assert x == 1"])
+    assert PassRate().compute(predictions=["x = 1"], references=["assert x == 1"],
+                              allow_code_execution=True)["pass_rate"] == 1.0
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    result = PassRate().compute(predictions=["x = 1", "x = 2"], references=["assert x == 1", "assert x == 1"])
+    assert result["pass_rate"] == 0.5 and result["passed"] == [True, False] and result["pass_rate_n"] == 2

@@ -39,9 +39,11 @@ METRICS = [
     ("Perplexity, general text", "perplexity", "ppl", "text"),
     ("Perplexity of worked math solutions", "math_perplexity", "ppl", "math"),
     ("Perplexity of reference code", "code_perplexity", "ppl", "code"),
+    ("Capability on tasks: pass@1, greedy completions run against the tests", "humaneval_pass_rate", "rate",
+     "humaneval"),  # only when the run scored --tasks humaneval
 ]
 _SETS = {"harmful": "harmful_test", "harmless": "harmless_test", "over_refusal": "over_refusal_test",
-         "text": "general_test", "math": "math_test", "code": "code_test"}
+         "text": "general_test", "math": "math_test", "code": "code_test", "humaneval": "HumanEval"}
 _COLUMNS = {**{k: v[0].upper() + v[1:] for k, v in LABELS.items()}, "sra": "SRA (this model)"}
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")  # what can open emphasis, code, links or table cells mid-line
 
@@ -115,7 +117,8 @@ def _fmt(kind: str, metrics: dict, key: str) -> str:
         return "–"
     if kind == "rate":
         lo, hi = metrics.get(f"{key}_ci95", (value, value))
-        return f"{value:.1%} [{lo:.1%}, {hi:.1%}]"
+        change = metrics.get(f"{key}_change")  # a task's paired change against the base model
+        return f"{value:.1%} [{lo:.1%}, {hi:.1%}]" + (f" ({change:+.1%} vs base)" if change is not None else "")
     if kind == "ppl":
         change = metrics.get(f"{key}_change")
         return f"{value:.3f}" + (f" ({change:+.2%})" if change is not None else "")
@@ -167,7 +170,8 @@ def _eval_results(report) -> list:
             if kind == "rate" and k == key and f"{key}_ci95" in metrics:
                 lo, hi = metrics[f"{key}_ci95"]
                 args = {"ci95_low": round(lo, 5), "ci95_high": round(hi, 5)}
-            out.append(EvalResult(task_type="text-generation", dataset_type=f"transformers-sra/{_SETS[data]}",
+            dataset = "openai_humaneval" if data == "humaneval" else f"transformers-sra/{_SETS[data]}"
+            out.append(EvalResult(task_type="text-generation", dataset_type=dataset,
                                   dataset_name=f"transformers-sra {_SETS[data]}", dataset_split="test",
                                   metric_type=k, metric_value=round(float(metrics[k]), 6), metric_name=name,
                                   metric_args=args))

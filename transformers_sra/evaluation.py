@@ -57,7 +57,9 @@ from .metrics import (
     RefusalRate,
 )
 from .prompts import current_template_kwargs, load_corpus, load_prompts
+from .sandbox import require_code_execution
 from .sequence_kl import ReplyDistribution, base_reply_distribution, multi_token_kl
+from .tasks import MAX_NEW_TOKENS, check_tasks, compare, completions, is_chat, load_humaneval, score
 
 Progress = Callable[[str, int, int], None]
 
@@ -178,7 +180,8 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
                    judge=None, max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16,
                    progress: Optional[Progress] = None, system_prompt: Optional[str] = None,
                    cache_dir: Optional[str | os.PathLike] = None, judged_harmless: int = 64,
-                   reply_kl_prompts: int = 64, reply_batch_size: Optional[int] = None) -> Evaluation:
+                   reply_kl_prompts: int = 64, reply_batch_size: Optional[int] = None, tasks: Sequence[str] = (),
+                   allow_code_execution: bool = False, task_limit: Optional[int] = None) -> Evaluation:
     """Measure ``model`` as it is now. With ``base``, also the KLs and perplexity changes against it.
 
     Metrics: the three outcomes of the harmful replies, ``refusal_rate``, ``degenerate_rate`` and ``answered_rate``
@@ -189,13 +192,20 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
     model's 32-token replies to the first ``reply_kl_prompts`` harmless prompts; the base model's replies are
     measured when ``base`` is None; ``multi_token_kl_n`` prompts) and ``*_change`` for each perplexity. Replies are
     generated ``reply_batch_size`` rows at a time (default ``batch_size``; every other pass reads ``batch_size``
-    rows). With ``cache_dir`` (only for an unedited model:
+    rows). ``tasks`` (`tasks.TASKS`, e.g. ``("humaneval",)``, the first ``task_limit`` problems) adds
+    ``<task>_pass_rate`` (pass@1, with ``_ci95``, ``_count``, ``_n``), one record per problem in
+    ``samples[<task>]`` and, with ``base``, the paired change (`tasks.compare`); it runs model-written code, so it
+    needs ``allow_code_execution=True`` (or ``HF_ALLOW_CODE_EVAL=1``), checked before anything is measured.
+    With ``cache_dir`` (only for an unedited model:
     see `cached_evaluation`) each step's numbers are read from, or written to, a file named by its set's hash.
 
     With the shipped phrase judge a reply stops once its refusal is settled (`VerdictStop`): the same verdicts
     as the full reply, and a refusing model's batches end early. Answers run to ``max_new_tokens``.
     """
     sets = sets or EvalSets.default()
+    if tasks:
+        require_code_execution(allow_code_execution)
+        tasks = check_tasks(tasks)
     stop_when = VerdictStop.refusal_settled if is_shipped_judge(judge) else None
     batching = dict(batch_size=batch_size, system_prompt=system_prompt)
     replying = {**batching, "batch_size": reply_batch_size or batch_size}
@@ -205,7 +215,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
     steps = [s for s, data in (("refusal", sets.harmful), ("over_refusal", sets.over_refusal),
                                ("harmless", judged_harmless_set), ("first_token", sets.harmless),
                                ("replies", reply_set), ("perplexity", sets.text), ("math", sets.math),
-                               ("code", sets.code)) if data]
+                               ("code", sets.code)) if data] + list(tasks)
     parts: list[Evaluation] = []
 
     def measured(step: str, items: list, compute: Callable[[], Evaluation]) -> Evaluation:
@@ -266,9 +276,24 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
             base_nll = base.metrics.get(f"{key}_nll") if base is not None else None
             measured(name, items, lambda: Evaluation(_nll_metrics(key, _perplexity(
                 model, tokenizer, items, base_nll, batch_size=max(1, batch_size // 2), system_prompt=system_prompt))))
+    for task in tasks:  # the settings that change a completion are part of the cache key
+        problems = load_humaneval(task_limit)
+        key = [MAX_NEW_TOKENS, system_prompt] + [p["prompt"] for p in problems]
+        done = measured(task, key, lambda: _task_evaluation(model, tokenizer, problems, task, batch_size=batch_size,
+                                                            system_prompt=system_prompt,
+                                                            allow_code_execution=allow_code_execution))
+        if base is not None and task in base.samples:
+            paired = compare(base.samples[task], done.samples[task], task)
+            parts.append(Evaluation(paired, {f"{task}:flipped": paired.pop(f"{task}_flipped")}))
     metrics = {k: v for part in parts for k, v in part.metrics.items()}
     samples = {k: v for part in parts for k, v in part.samples.items()}
     return Evaluation(metrics, samples, logp, replies_ref)
+
+
+def _task_evaluation(model, tokenizer, problems, task, *, batch_size, system_prompt, allow_code_execution):
+    texts = completions(model, tokenizer, problems, batch_size=batch_size, system_prompt=system_prompt)
+    result = score(problems, texts, is_chat(tokenizer), allow_code_execution=allow_code_execution, task=task)
+    return Evaluation(result.metrics, {task: result.problems})
 
 
 def _nll_metrics(key: str, result: dict) -> dict:

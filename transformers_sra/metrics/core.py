@@ -72,3 +72,24 @@ def _betainc(a: float, b: float, x: float) -> float:
         if abs(c * d - 1.0) < 1e-12:
             break
     return front * (f - 1.0) / a
+
+
+def paired_difference(before: Sequence[bool], after: Sequence[bool], confidence: float = 0.95,
+                      draws: int = 10_000, seed: int = 0) -> dict:
+    """The change in pass rate from ``before`` to ``after`` on the same items (paired outcomes), with a paired
+    bootstrap percentile interval (items resampled together, seeded) and the exact two-sided McNemar p-value
+    (a binomial test on the items that flipped; ties in neither direction give 1.0)."""
+    import torch
+
+    if len(before) != len(after) or not before:
+        raise ValueError("paired outcomes need the same, non-zero number of items")
+    diff = torch.tensor([float(a) - float(b) for b, a in zip(before, after)], dtype=torch.float64)
+    rows = torch.randint(len(diff), (draws, len(diff)), generator=torch.Generator().manual_seed(seed))
+    means = diff[rows].mean(1)
+    alpha = (1 - confidence) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    gained = sum(a and not b for b, a in zip(before, after))
+    lost = sum(b and not a for b, a in zip(before, after))
+    flips, low = gained + lost, min(gained, lost)
+    p = min(1.0, 2 * sum(math.comb(flips, i) for i in range(low + 1)) / 2 ** flips) if flips else 1.0
+    return {"difference": float(diff.mean()), "ci95": [lo, hi], "gained": gained, "lost": lost, "mcnemar_p": p}
