@@ -111,6 +111,9 @@ def test_ablate_summary_table_and_json_line(tiny, config_dir, tmp_path, capsys):
     assert result["output"] == str(tmp_path / "b") and result["direction_layer"] == 1
     assert result["validation"]["kl"] == report.chosen["kl"]
     assert result["validation"]["base_refusal_score"] == report.validation["base_refusal_score"]
+    # a fixed strength and layer leave one candidate per step: no contenders to judge, and no summary line for them
+    assert result["validation"]["contenders"] == sum("judged" in row for row in report.search) == 0
+    assert "judged contenders" not in text
     assert set(result["timings"]) >= {"load", "sra extract", "sra search", "save"} and result["memory"]["ram_mib"] > 0
 
 

@@ -138,7 +138,9 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
               "direction_layer": report.direction_layer, "fluency_rank": report.fluency_rank,
               "strength": report.strength, "bake_layers": report.bake_layers, "writers_edited": report.writers_edited,
               "validation": {"base_refusal_score": report.validation["base_refusal_score"],
-                             **{k: report.chosen[k] for k in ("refusal_score", "kl", "ppl_change")}},
+                             **{k: report.chosen[k] for k in ("refusal_score", "kl", "ppl_change")},
+                             **{k: report.chosen[k] for k in ("judged", "proxy_rank") if k in report.chosen},
+                             "contenders": sum("judged" in row for row in report.search)},
               "test": {k: report.metrics[k]["metrics"] for k in LABELS if k in report.metrics},
               "sets": report.metrics.get("sets", {}),
               "max_new_tokens": config.max_new_tokens, "timings": timings, "memory": peak_memory()}
@@ -224,6 +226,9 @@ def render(result: dict, report: SRAReport) -> str:
     lines += [summary.pairs([
         ("validation", f"refusal score {val['refusal_score']:.3f} (base {val['base_refusal_score']:.3f}), "
                        f"KL {val['kl']:.3f}, ΔPPL {summary.percent(val['ppl_change'])}"),
+        *([("judged contenders", f"{val['contenders']} ranked by judged replies; the chosen one refuses "
+                                 f"{val['judged']['refused']} of {sum(val['judged'].values())} (the first-token "
+                                 f"score ranked it {val['proxy_rank']})")] if "judged" in val else []),
         ("direction layer", report.direction_layer),
         ("fluency Shield rank", report.fluency_rank),
         ("strength", profile),
