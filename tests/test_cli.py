@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from conftest import make_tiny_model, make_tokenizer
 from test_pipeline_cli import SMALL as _SMALL
+from tiny_families import one_thread
 from transformers_sra import SRAConfig, SRAReport, apply_surgical_ablation
 from transformers_sra.cli import build_parser, main
 from transformers_sra.cli.args import config_from
@@ -25,12 +26,10 @@ SMALL = {**_SMALL, "atoms": (), "custom_atoms": {
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread():
     """Tiny models run 30x faster on one thread than on two contended ones (OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def _save_tiny(path, dtype=torch.float32, seed=0):

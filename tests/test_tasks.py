@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import make_tiny_model, make_tokenizer
+from tiny_families import one_thread
 from transformers_sra.cli import main
 from transformers_sra.evaluation import EvalSets, evaluate_model
 from transformers_sra.metrics import paired_difference
@@ -26,11 +26,10 @@ NONE = EvalSets([], [], [], [], [], [])
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    """Tiny models on one thread (OpenMP spin-waits make two contended ones slower)."""
+    with one_thread():
+        yield
 
 
 def test_canonical_solutions_pass_all_164_problems_and_a_wrong_one_none():
