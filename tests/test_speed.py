@@ -334,8 +334,8 @@ def test_sra_ablate_with_a_small_budget_keeps_the_floor_and_prints_each_sets_siz
 
 def test_the_pipelines_predicted_time_grows_with_its_passes_and_shrinks_with_the_speed():
     """`pipeline_seconds` counts each search candidate's validation passes once (linear in the candidates), runs at
-    the measured speed (twice as fast: half the time) and stops the extraction of unscreened sets after the deepest
-    candidate layer (more of the depth, more time)."""
+    the measured speed (twice as fast: half the time), prices the judged contenders' replies, and stops the extraction
+    of unscreened sets after the deepest candidate layer (more of the depth, more time)."""
     from transformers_sra.eval_plan import pipeline_seconds
 
     model, tok = make_tiny_model("qwen2"), make_tokenizer()
@@ -345,8 +345,12 @@ def test_the_pipelines_predicted_time_grows_with_its_passes_and_shrinks_with_the
 
     one, two, three = (predicted(candidate_layers=layers) for layers in ([2], [1, 2], [0, 1, 2]))
     assert 0 < one < two < three and three - one == pytest.approx(2 * (two - one))  # the deepest layer is 2 in all
-    faster = Speed(*(2 * v if k.endswith("per_s") else v for k, v in zip(Speed._fields, SLOW)))
+    faster = Speed(*(2 * v if k.endswith("per_s") else v / 2 for k, v in zip(Speed._fields, SLOW)))  # rates, seconds
     assert predicted(faster, candidate_layers=[2]) == pytest.approx(one / 2)
+    # the judged contenders cost their replies: the base model's and each contender's, at full length
+    unjudged = predicted(candidate_layers=[2], judged_contenders=0)
+    assert unjudged < one and predicted(candidate_layers=[2], judged_contenders=2) < one
+    assert predicted(candidate_layers=[2], judged_contenders=0, judged_tokens=999) == pytest.approx(unjudged)
     assert predicted(candidate_layers=[1]) > predicted(candidate_layers=[0]) > 0  # a deeper pass costs more
     # the behaviour filter runs the screened sets through the whole depth: without it they stop after layer 1
     assert predicted(candidate_layers=[1], filter_prompts=False) < predicted(candidate_layers=[1])

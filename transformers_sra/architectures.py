@@ -226,7 +226,8 @@ def writer_record(model: nn.Module, layers: Optional[list[int]] = None) -> dict[
     """The writers of the chosen layers as plain data, ``{layer: [WriterSpec fields]}``, for `residual_writers`'s
     ``recorded``: what probing found (tensor, hidden axis, post-norms) travels in the report to `sra bake`."""
     specs = _layer_specs(model, layer_indices(model, layers), "auto", None, None)
-    return {str(i): [asdict(s) for s in layer] for i, layer in specs.items()}
+    # JSON types throughout (post-norm paths as a list), so a saved and reloaded report compares equal
+    return {str(i): [{**asdict(s), "post_norms": list(s.post_norms)} for s in layer] for i, layer in specs.items()}
 
 
 def _layer_specs(model: nn.Module, indices: list[int], method: str, calls: Optional[dict[int, LayerCall]],
