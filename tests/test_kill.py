@@ -206,6 +206,25 @@ def test_sigterm_through_the_real_command_is_one_line_and_exit_143(made, tmp_pat
     assert _digest(out) == before and _hidden(out) == []
 
 
+def test_sigterm_that_a_library_turns_into_another_exception_is_still_143(made, tmp_path, monkeypatch, capsys):
+    """Raised inside a C call (safetensors' save in CI), `Terminated` can come back as a TypeError: still exit 143."""
+    from transformers_sra.cli import bake
+
+    def interrupted_save(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except BaseException:
+            raise TypeError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        return 0
+
+    monkeypatch.setattr(bake, "run", interrupted_save)
+    assert main(_argv("bake", made, tmp_path / "out")) == 143
+    assert _error_line(capsys.readouterr().err).startswith("error: terminated (SIGTERM);")
+    monkeypatch.setattr(bake, "run", lambda args: 1 / 0)  # the flag does not outlive its run
+    assert main(_argv("bake", made, tmp_path / "out")) == 1
+
+
 def test_a_second_run_into_a_live_runs_output_is_one_line_and_touches_nothing(forks, made, tmp_path, capsys):
     out, ready = tmp_path / "out", tmp_path / "ready"
     holder = forks.Process(target=kill_child.hold, args=(str(out), str(ready)))

@@ -131,8 +131,12 @@ class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt (not an Exception, so no handler swallows it) and so cleaned up alike."""
 
 
+_TERMINATED = threading.Event()
+
+
 def _terminate(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    _TERMINATED.set()  # raised inside a library's C call, Terminated can come back as another exception
     raise Terminated
 
 
@@ -142,6 +146,7 @@ def _sigterm_raises():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
@@ -184,10 +189,13 @@ def _run(command, args) -> int:
     except Terminated:
         line, code = _stopped(args, "terminated (SIGTERM)"), 143
     except Exception as err:  # a bug or the machine (memory, disk): one line unless --debug
-        if args.debug:
+        if _TERMINATED.is_set():  # Terminated, turned into another exception by the code it interrupted
+            line, code = _stopped(args, "terminated (SIGTERM)"), 143
+        elif args.debug:
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        line, code = f"error: {type(err).__name__}: {first} (rerun with --debug for the traceback and report it)", 1
+        else:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            line, code = f"error: {type(err).__name__}: {first} (rerun with --debug for the traceback and report it)", 1
     finally:
         if grouped:
             import torch.distributed
