@@ -235,7 +235,7 @@ def render_card(report, *, base_model: Optional[str] = None, license: Optional[s
     edit_lines = [f"Direction layer {report.direction_layer}; fluency Shield rank {report.fluency_rank}.",
                   f"Strength profile: {escape_md(json.dumps(report.strength))}.",
                   f"Edited layers: {escape_md(report.bake_layers)} ({report.writers_edited} residual writers); "
-                  f"{len(report.directions)} direction(s) removed."]
+                  f"{_removed(report)} removed."]
     if explained is not None:
         edit_lines.append(f"The Shield and Confound atoms (with the fluency Shield) explained {explained:.1%} of the "
                           "dirty direction at that layer; that share was kept, not removed.")
@@ -309,10 +309,18 @@ with rescale_adapter_scale(model, 0.5):                           # every streng
 merged = model.merge_and_unload()                                 # a plain checkpoint again
 ```
 
-Edited: {len(report.directions)} direction(s) from layer {report.direction_layer}, layers
+Edited: {_removed(report)} from layer {report.direction_layer}, layers
 {escape_md(report.bake_layers)}, {report.writers_edited} residual writers; `sra_report.json` holds every number.
 
 ## Limitations
 
 """ + "\n".join(f"- {line}" for line in _limitations(report)) + "\n"
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _removed(report) -> str:
+    """What the bakes removed, in words: per-layer directions count as one bake."""
+    first = "per-layer directions (each layer after the direction layer its own)" \
+        if report.directions and isinstance(report.directions[0], dict) else "1 direction"
+    more = len(report.directions) - 1
+    return first + (f" and {more} mined direction(s)" if more > 0 else "")
