@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ._version import __version__
 from .baselines import LABELS
@@ -261,7 +261,8 @@ def render_card(report, *, base_model: Optional[str] = None, license: Optional[s
     return card
 
 
-def render_adapter_card(report, *, base_model: Optional[str] = None, rank: int = 1, size_mb: Optional[float] = None):
+def render_adapter_card(report, *, base_model: Optional[str] = None, rank: int = 1, size_mb: Optional[float] = None,
+                        full_modules: Sequence[str] = ()):
     """The README of an `export_adapter` folder: ``library_name: peft``, the base model, the measured metrics and
     how to load, switch off or scale the edit. Plain Markdown (no template), so it needs no jinja2."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -280,12 +281,16 @@ def render_adapter_card(report, *, base_model: Optional[str] = None, rank: int =
     # a Python string literal inside the fenced block: one line, no backticks, quotes escaped by json
     source = json.dumps(" ".join(str(base_model or "PATH/TO/BASE/MODEL").replace("`", "").split()))
     size = f" ({size_mb:.1f} MB)" if size_mb is not None else ""
+    full = (f"\n\n{len(full_modules)} module(s) whose edit no LoRA layer holds (bare biases, expert tensors peft "
+            "cannot wrap) are carried whole, baked, as peft's `modules_to_save`, starting with "
+            f"{escape_md(full_modules[0])}: `disable_adapter()` switches them off too, but `rescale_adapter_scale` "
+            "leaves them as they are.") if full_modules else ""
     body = f"""
 # {shown} with refusal removed by Surgical Refusal Ablation (LoRA adapter)
 
 A PEFT LoRA adapter{size} written by transformers-sra {__version__}. Loaded on {shown} it reproduces the
 ablated checkpoint: each residual-stream writer's bake ``W − γ u (uᵀW)`` is held exactly as rank {rank}
-(one rank per removed direction, ``lora_alpha = r``, so peft's scaling is 1).
+(one rank per removed direction, ``lora_alpha = r``, so peft's scaling is 1).{full}
 
 ## Results of the edit
 
