@@ -71,7 +71,8 @@ def _run(out: Path) -> None:
                "harmless_logprobs": evaluation.harmless_logprobs}, str(out / "tensors.safetensors"))
     (out / "run.json").write_text(json.dumps({
         "search": [{k: v for k, v in row.items() if k != "seconds"} for row in report.search],
-        "iterations": report.iterations, "directions": report.directions, "metrics": evaluation.metrics, "samples": evaluation.samples,
+        "iterations": report.iterations, "directions": report.directions,
+        "metrics": evaluation.metrics, "samples": evaluation.samples,
         "rows_seen": seen[0]}))
 
 
