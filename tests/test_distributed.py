@@ -144,7 +144,7 @@ def test_helpers_gather_uneven_shards_into_input_order_on_every_rank(runs):
 
 def test_two_ranks_give_the_single_process_directions_search_weights_and_evaluation(runs):
     weights, tensors, run = _load(runs / "single")
-    assert len(run["search"]) == 3 + 1 + 3 and run["metrics"]["perplexity"] > 1
+    assert len(run["search"]) == 3 + 1 + 4 and run["metrics"]["perplexity"] > 1
     for rank in (0, 1):
         w, t, r = _load(runs / f"rank{rank}")
         assert w.keys() == weights.keys() and all(torch.equal(w[k], weights[k]) for k in weights)

@@ -42,8 +42,8 @@ def test_pipeline_on_a_tiny_model_edits_and_reports():
     original = {k: v.clone() for k, v in model.state_dict().items()}
     report = apply_surgical_ablation(model, tok, SRAConfig(**SMALL, candidate_layers=[0, 1, 2]))
     assert report.direction_layer in (0, 1, 2) and report.fluency_rank in (0, 2)
-    # coordinate search: 3 layers, then the other rank, then the other 3 default profiles
-    assert len(report.search) == 3 + 1 + 3 and sum(row["chosen"] for row in report.search) == 1
+    # coordinate search: 3 layers, then the other rank, then the other 4 default (per-layer) profiles
+    assert len(report.search) == 3 + 1 + 4 and sum(row["chosen"] for row in report.search) == 1
     assert report.atom_audit["names"] == ["dirty", "clean", "math", "coding", "short"]
     assert report.writers_edited == 2 * len(report.bake_layers)  # attention-out and MLP-down of each layer with γ > 0
     judged = [row for row in report.search if "judged" in row]  # the contenders within both budgets, judged

@@ -49,7 +49,7 @@ def _audit(model: nn.Module, tokenizer, config: SRAConfig, registry, sweep: bool
     batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
     with stage("extract"):
         dirs, kept = build_directions(model, tokenizer, inputs, config,
-                                      dict(layers=inputs.extract_layers, positions=config.positions, **batching), [rank])
+                                      dict(layers=inputs.layers, positions=config.positions, **batching), [rank])
     names = ["dirty", "clean"] + [a.name for a in inputs.atoms]
     cosine, explained = {}, {}
     for layer in inputs.layers:

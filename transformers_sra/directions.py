@@ -9,7 +9,7 @@ Built from activations alone (no model), so every step after extraction is testa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -19,7 +19,7 @@ from .residualize import difference_of_means, explained_share, ridge_residualize
 
 @dataclass
 class Directions:
-    layers: list[int]  # the extracted layers, in the order of every tensor's first axis
+    layers: list[int]  # the candidate layers, in the order of every tensor's first axis
     dirty: torch.Tensor  # (L, d): mean(harmful) − mean(harmless)
     atom_bases: dict[str, torch.Tensor]  # atom name -> (L, k, d) orthonormal basis
     removable: list[str]  # Shield and Confound atom names, regressed out of the dirty direction
@@ -27,6 +27,7 @@ class Directions:
     ridge_lambda: float
     harmless_mean: Optional[torch.Tensor] = None  # (L, d); set to make the dirty direction ⟂ to it ("projected")
     unfiltered: Optional[torch.Tensor] = None  # (L, d): difference of means over all training prompts ("standard")
+    later: dict = field(default_factory=dict)  # {layer: (d,)} after the candidates: their dirty directions (per-layer)
 
     @classmethod
     def build(cls, layers: Sequence[int], harmful: torch.Tensor, harmless: torch.Tensor,
@@ -64,10 +65,17 @@ class Directions:
         return ridge_residualize(self.dirty[self._index(layer)], self.atom_matrix(layer, rank), self.ridge_lambda)
 
     def per_layer(self, layer: int, rank: int = 0) -> dict[int, torch.Tensor]:
-        """``{layer: unit direction}`` for every layer up to the last extracted one: each layer after ``layer``
-        removes its own clean direction; ``layer`` and the layers before it remove ``layer``'s."""
+        """``{layer: unit direction}``: ``layer`` and the layers before it remove ``layer``'s clean direction; each
+        later candidate layer its own clean one; each layer after the candidates its own dirty direction (`later`).
+
+        Measured on the demo model's validation split (64-token replies; docs/results.md): the later layers' own
+        directions roughly halve what rank 1 leaves refused at the same first-token KL. Cleaning those later layers
+        with the atoms and the fluency Shield gave back most of that gain (9.2% refused at KL 0.047, against 8.5% at
+        0.050 dirty, and 5.4% against 8.5% past the KL budget), so only the candidate band is cleaned."""
         v = self.clean(layer, rank)
-        return {**{i: v for i in range(layer + 1)}, **{i: self.clean(i, rank) for i in self.layers if i > layer}}
+        own = {i: self.clean(i, rank) for i in self.layers if i > layer}
+        later = {i: d / d.norm() for i, d in self.later.items()}
+        return {**{i: v for i in range(layer + 1)}, **own, **later}
 
     def removed(self, layer: int, rank: int, per_layer: bool) -> Union[torch.Tensor, dict[int, torch.Tensor]]:
         """What an edit at direction layer ``layer`` removes: `per_layer`, or ``layer``'s clean direction alone."""

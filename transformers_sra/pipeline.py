@@ -95,7 +95,7 @@ def _ablate(model, tokenizer, config: SRAConfig, registry, judge, progress) -> S
         ranks = list(config.fluency_ranks) if config.fluency_rank == AUTO else [config.fluency_rank]
         profiles = default_profiles(config.per_layer_directions) if config.strength == AUTO else [config.profile()]
     batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
-    extract = dict(layers=inputs.extract_layers, positions=config.positions, **batching)
+    extract = dict(layers=inputs.layers, positions=config.positions, **batching)
 
     with timer("extract"):
         dirs, kept = build_directions(model, tokenizer, inputs, config, extract, ranks)

@@ -67,12 +67,12 @@ def default_profiles(per_layer: bool = False) -> list[StrengthProfile]:
     well inside the budgets where flat γ = 1 does not (flat γ = 1 never met the perplexity budget there,
     +1.1% to +1.7%); the steeper ones buy refusal with the KL left over. Per-layer directions move the
     model more per unit of γ (the first tent ×1.0 cost first-token KL 0.090 there, ×0.6 0.050), so they get the
-    first tent scaled from ×0.5 to ×0.8.
+    first tent scaled from ×0.5 to ×0.7.
     """
     if per_layer:
         first = default_profiles()[0]
         return [dataclasses.replace(first, peak=round(first.peak * s, 3), floor=round(first.floor * s, 3))
-                for s in (0.5, 0.6, 0.7, 0.8)]
+                for s in (0.5, 0.55, 0.6, 0.65, 0.7)]
     return [
         StrengthProfile(peak=1.2, floor=0.2, center=0.6, width=0.4),
         StrengthProfile(peak=1.4, floor=0.3, center=0.6, width=0.4),

@@ -136,6 +136,7 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     result = {"command": "ablate", "output": str(path), "pushed": url and str(url), "model": report.model_name,
               "dtype": dtypes, "evaluation_plan": plan and plan.to_dict(),
               "direction_layer": report.direction_layer, "fluency_rank": report.fluency_rank,
+              "per_layer_directions": bool(report.directions) and isinstance(report.directions[0], dict),
               "strength": report.strength, "bake_layers": report.bake_layers, "writers_edited": report.writers_edited,
               "validation": {"base_refusal_score": report.validation["base_refusal_score"],
                              **{k: report.chosen[k] for k in ("refusal_score", "kl", "ppl_change")},
@@ -229,7 +230,8 @@ def render(result: dict, report: SRAReport) -> str:
         *([("judged contenders", f"{val['contenders']} ranked by judged replies; the chosen one refuses "
                                  f"{val['judged']['refused']} of {sum(val['judged'].values())} (the first-token "
                                  f"score ranked it {val['proxy_rank']})")] if "judged" in val else []),
-        ("direction layer", report.direction_layer),
+        ("direction layer", f"{report.direction_layer}" + (" (each later layer removes its own direction)"
+                                                            if result["per_layer_directions"] else "")),
         ("fluency Shield rank", report.fluency_rank),
         ("strength", profile),
         ("baked layers", f"{layers} ({report.writers_edited} writers)"),
