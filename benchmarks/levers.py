@@ -20,6 +20,7 @@ passages of ``general_val``. The test splits are never read. The points, all at 
 * ``per_layer`` (``--per-layer``): each layer from ``--per-layer-from`` on removes its *own* direction (the clean
   one where the pipeline builds it, else its difference of means over the prompts the behaviour filter keeps), the
   layers before it the default direction, under the tent scaled;
+* ``default`` (``--default``): what `apply_surgical_ablation` bakes with ``SRAConfig()``, undone after;
 * ``standard``: the field's abliteration (`baselines`: the unfiltered difference of means, flat γ = 1).
 
 Writes ``levers.json`` (the shared results shape, one row per point) and ``levers.png``::
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 from frontier import load, plot, tiny_config
 
-from transformers_sra import SRAConfig
+from transformers_sra import SRAConfig, apply_surgical_ablation
 from transformers_sra.atoms import AtomRegistry
 from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype, cpu_flags
 from transformers_sra.directions import select_by_behaviour
@@ -132,6 +133,17 @@ def per_layer_directions(harmful: torch.Tensor, harmless: torch.Tensor, clean: d
             for layer in range(raw.shape[0])}
 
 
+@contextlib.contextmanager
+def pipeline_edit(model, tok, config: SRAConfig):
+    """The edit `apply_surgical_ablation` bakes with ``config`` (its search reads validation only), undone on exit."""
+    report = apply_surgical_ablation(model, tok, config)
+    print("pipeline's choice:", report.direction_layer, report.fluency_rank, report.strength, flush=True)
+    try:
+        yield
+    finally:
+        report.undo()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -150,6 +162,8 @@ def main() -> None:
     parser.add_argument("--per-layer-from", type=int, default=15, help="first layer that removes its own direction")
     parser.add_argument("--per-layer-clean", action="store_true",
                         help="clean (atoms + Shield) every per-layer direction, not only at the search's layers")
+    parser.add_argument("--default", action="store_true",
+                        help="add the pipeline's own choice: apply_surgical_ablation with SRAConfig(), undone after")
     parser.add_argument("--methods", nargs="+", default=None, help="only these point methods (base always runs)")
     parser.add_argument("--name", default="levers", help="results file stem: NAME.json and NAME.png")
     args = parser.parse_args()
@@ -160,7 +174,7 @@ def main() -> None:
     model, tok = load(args.model)
     dtype = compute_dtype(DEMO_DTYPE) if args.dtype == "auto" else getattr(torch, args.dtype)
     model.to(dtype)
-    config = SRAConfig() if args.model != "tiny" else tiny_config(0)
+    config = default = SRAConfig() if args.model != "tiny" else tiny_config(0)
     n_layers = len(model.model.layers)
     others = [layer for layer in (args.layer - 2, args.layer + 2) if 0 <= layer < n_layers]  # the cone's other depths
     cleaned = range(args.per_layer_from, n_layers) if args.per_layer and args.per_layer_clean else []
@@ -209,6 +223,8 @@ def main() -> None:
         for s in args.per_layer:
             points.append((f"per-layer directions from layer {args.per_layer_from}, tent ×{s}", "per_layer",
                            {"scale": s, "from": args.per_layer_from}, [ablate_activations(model, mapped, tent(s))]))
+    if args.default:
+        points.append(("SRA default (the pipeline's choice)", "default", {}, [pipeline_edit(model, tok, default)]))
     standard = dirs.unit(dirs.unfiltered, args.layer)
     points.append(("standard ablation", "standard", {"gamma": 1.0}, [ablate_activations(model, standard, 1.0)]))
     if args.methods:
