@@ -141,3 +141,11 @@ def test_evaluate_argument_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: ") and message in line
+
+
+def test_tasks_before_the_model_still_name_the_model(capsys, monkeypatch):
+    """`sra evaluate --tasks humaneval MODEL`: argparse gives MODEL to the task list; it goes back to the model."""
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    assert main(["evaluate", "--tasks", "humaneval", "./my-model"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: this task runs model-written code"), line  # not "unknown task ./my-model"

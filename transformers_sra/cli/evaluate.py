@@ -95,6 +95,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    from ..tasks import TASKS
+
+    if not args.model and args.tasks and args.tasks[-1] not in TASKS:
+        # `--tasks humaneval MODEL`: argparse hands the model to the task list; task names are a closed set
+        args.model = args.tasks.pop()
     if args.model and args.base:
         raise ConfigError(f"MODEL {args.model} and --base {args.base} name the same slot; give one of them")
     args.base = args.base or args.model
