@@ -365,3 +365,17 @@ def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuse
             assert "stopped" in rows[1]
         bakes.undo_all()
     assert all(torch.allclose(v, original[k], atol=1e-5) for k, v in model.state_dict().items())
+
+
+def test_per_layer_directions_leave_no_layer_between_candidates_unedited():
+    from transformers_sra.inputs import resolve_inputs
+
+    model, tok = make_tiny_model("qwen2"), make_tokenizer()
+    n = len(model.model.layers)
+    inputs = resolve_inputs(model, SRAConfig(**SMALL, candidate_layers=[0, 2]), AtomRegistry.default(), tok)
+    assert inputs.layers == [0, 2] and inputs.later_layers == [1, *range(3, n)]
+    single = resolve_inputs(model, SRAConfig(**SMALL, candidate_layers=[0, 2], per_layer_directions=False),
+                            AtomRegistry.default(), tok)
+    assert single.later_layers == []
+    report = apply_surgical_ablation(model, tok, SRAConfig(**{**SMALL, "fluency_ranks": (0,)}, direction_layer=0))
+    assert sorted(report.direction_tensor(0)) == list(range(n))  # every layer of the model removes a direction

@@ -148,3 +148,5 @@ def test_per_layer_directions_take_each_later_layers_own_direction():
     assert abs(mapped[5] @ atoms["math"][2, 0]) < 1e-5
     assert torch.allclose(mapped[6], dirs.later[6] / dirs.later[6].norm())  # after the candidates: its own, unit
     assert torch.equal(dirs.removed(4, 0, per_layer=False), dirs.clean(4))
+    dirs.later[2] = torch.randn(d)  # a layer between candidates, before the direction layer: the direction layer's
+    assert torch.equal(dirs.removed(4, 0, per_layer=True)[2], dirs.clean(4))

@@ -27,7 +27,7 @@ class Directions:
     ridge_lambda: float
     harmless_mean: Optional[torch.Tensor] = None  # (L, d); set to make the dirty direction ⟂ to it ("projected")
     unfiltered: Optional[torch.Tensor] = None  # (L, d): difference of means over all training prompts ("standard")
-    later: dict = field(default_factory=dict)  # {layer: (d,)} after the candidates: their dirty directions (per-layer)
+    later: dict = field(default_factory=dict)  # {layer: (d,)} the other layers' dirty directions (per-layer)
 
     @classmethod
     def build(cls, layers: Sequence[int], harmful: torch.Tensor, harmless: torch.Tensor,
@@ -74,7 +74,7 @@ class Directions:
         0.050 dirty, and 5.4% against 8.5% past the KL budget), so only the candidate band is cleaned."""
         v = self.clean(layer, rank)
         own = {i: self.clean(i, rank) for i in self.layers if i > layer}
-        later = {i: d / d.norm() for i, d in self.later.items()}
+        later = {i: d / d.norm() for i, d in self.later.items() if i > layer}
         return {**{i: v for i in range(layer + 1)}, **own, **later}
 
     def removed(self, layer: int, rank: int, per_layer: bool) -> Union[torch.Tensor, dict[int, torch.Tensor]]:

@@ -31,7 +31,7 @@ class RunInputs:
     layers: list[int]  # candidate direction layers
     fluency_text: list[str]  # passages for the fluency Shield
     budget_text: list[str]  # held-back passages for the perplexity budget
-    later_layers: list[int]  # with per-layer directions, the layers after the last candidate (each removes its own)
+    later_layers: list[int]  # with per-layer directions, the other layers after the first candidate (each its own)
 
     def prompts(self, role: str) -> list[str]:
         return self.texts[self.sources[role]]
@@ -77,6 +77,7 @@ def resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry, 
         layers = [config.direction_layer % n_layers]
     else:
         layers = sorted({i % n_layers for i in (config.candidate_layers or default_candidates(n_layers))})
-    later = list(range(layers[-1] + 1, n_layers)) if config.per_layer_directions else []
+    # every layer after the first candidate that is not one itself (between candidates too: no gap in the map)
+    later = [i for i in range(layers[0] + 1, n_layers) if i not in layers] if config.per_layer_directions else []
     return RunInputs(texts, {k: set_key(v) for k, v in sources.items()}, atoms, layers, corpus[0::2], corpus[1::2],
                      later)
