@@ -30,7 +30,7 @@ import torch
 
 from transformers_sra import load_prompts
 from transformers_sra.cli.loading import _NATIVE_FLAGS, compute_dtype, cpu_computes_natively, cpu_flags, matmul_seconds
-from transformers_sra.evaluation import git_commit
+from transformers_sra.measure.evaluation import git_commit
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPE = (16, 896, 4864)  # the demo model's MLP up-projection on a batch of 16 rows
@@ -53,7 +53,7 @@ def time_model(rounds: int, prompts: int, steps: int) -> dict:
     """The demo model's prompt forward pass and mean decode step in fp32 and in bf16 (loaded in each, as ``auto``
     loads it), best of ``rounds`` each; the first round is also the warm-up (allocator, kernels)."""
     from transformers_sra import load_demo_model
-    from transformers_sra.eval_plan import timed_generation
+    from transformers_sra.measure.plan import timed_generation
     from transformers_sra.prompts import format_chat
 
     model, tok = load_demo_model(dtype=torch.float32)

@@ -26,11 +26,18 @@ from transformers_sra import SRAConfig
 from transformers_sra.cli.ablate import plan_line
 from transformers_sra.cli.args import EVAL_BUDGET_S
 from transformers_sra.cli.loading import load_model
-from transformers_sra.eval_plan import COST_MARGIN, REPLY_BATCH_SIZE, EvalCost, measure_speed, plan_evaluation, timed_generation
-from transformers_sra.evaluation import _perplexity, git_commit
-from transformers_sra.judge import first_token_logprobs
+from transformers_sra.measure.evaluation import _perplexity, git_commit
+from transformers_sra.measure.plan import (
+    COST_MARGIN,
+    REPLY_BATCH_SIZE,
+    EvalCost,
+    measure_speed,
+    plan_evaluation,
+    timed_generation,
+)
 from transformers_sra.prompts import format_chat
-from transformers_sra.sequence_kl import base_reply_distribution
+from transformers_sra.signals.judge import first_token_logprobs
+from transformers_sra.signals.sequence_kl import base_reply_distribution
 
 
 def timed(run) -> float:

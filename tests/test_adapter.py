@@ -15,11 +15,11 @@ from peft.helpers import rescale_adapter_scale
 from conftest import make_tiny_model
 from tiny_families import VOCAB, causal_lm_families, make_family_model, one_thread
 from transformers_sra import SRAReport, UnsupportedModelError, export_adapter
-from transformers_sra.architectures import _hidden_size
 from transformers_sra.cli import main
 from transformers_sra.errors import ConfigError
-from transformers_sra.evaluation import reapply_edit
 from transformers_sra.folders import atomic_folder
+from transformers_sra.measure.evaluation import reapply_edit
+from transformers_sra.models.architectures import _hidden_size
 
 TOL = 1e-4  # the bar for fp32 logits
 # Two stacked bakes: a tent profile (γ differs by layer and writer kind) and a flat mining pass.

