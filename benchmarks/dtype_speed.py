@@ -30,7 +30,7 @@ import torch
 
 from transformers_sra import load_prompts
 from transformers_sra.cli.loading import _NATIVE_FLAGS, compute_dtype, cpu_computes_natively, cpu_flags, matmul_seconds
-from transformers_sra.measure.evaluation import git_commit
+from transformers_sra.measure.records import git_commit
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPE = (16, 896, 4864)  # the demo model's MLP up-projection on a batch of 16 rows

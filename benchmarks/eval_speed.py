@@ -23,7 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers_sra import load_demo_model
 from transformers_sra.batching import input_device, pad_id, sorted_batches
 from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype
-from transformers_sra.measure.evaluation import git_commit, write_results
+from transformers_sra.measure.records import git_commit, write_results
 from transformers_sra.prompts import format_chat, load_prompts
 from transformers_sra.signals.decoding import eos_token_ids, greedy_decode, reply_batches
 from transformers_sra.signals.judge import _ANSWER, _WORD, JUDGE_TOKENS, VerdictStop, classify, is_refusal, labelled_replies

@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 from transformers_sra import SRAConfig, apply_surgical_ablation, bake_direction, load_demo_model
-from transformers_sra.measure.evaluation import EvalSets, evaluate_model, git_commit, reapply_edit, results_record, write_results
+from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+from transformers_sra.measure.records import git_commit, results_record, write_results
+from transformers_sra.method.editing import reapply_edit
 
 COLUMNS = [["name", "point"], ["refusal_rate", "refused (95% CI)"], ["degenerate_rate", "degenerate (95% CI)"],
            ["first_token_kl", "first-token KL", "{:.3f}"], ["multi_token_kl", "KL along 32-token replies", "{:.4f}"],

@@ -42,7 +42,8 @@ from frontier import load, plot, tiny_config
 
 from transformers_sra import SRAConfig
 from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype, cpu_flags
-from transformers_sra.measure.evaluation import EvalSets, evaluate_model, git_commit, results_record, write_results
+from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+from transformers_sra.measure.records import git_commit, results_record, write_results
 from transformers_sra.method.atoms import AtomRegistry
 from transformers_sra.method.directions import select_by_behaviour
 from transformers_sra.method.editing import ablate_activations

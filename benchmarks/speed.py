@@ -47,7 +47,7 @@ import torch
 
 from transformers_sra import load_corpus, load_prompts
 from transformers_sra.batching import _encode, _shared_prefix_length, id_batches, input_device, pad_id, sorted_batches
-from transformers_sra.measure.evaluation import git_commit
+from transformers_sra.measure.records import git_commit
 from transformers_sra.method.editing import ablate_activations, bake_direction
 from transformers_sra.method.extraction import record_residuals
 from transformers_sra.method.search import Validation, default_candidates

@@ -24,7 +24,7 @@ from frontier import load, tiny_config
 
 from transformers_sra import SRAConfig
 from transformers_sra.cli.loading import compute_dtype
-from transformers_sra.measure.evaluation import git_commit
+from transformers_sra.measure.records import git_commit
 from transformers_sra.method.atoms import AtomRegistry
 from transformers_sra.method.editing import ablate_activations
 from transformers_sra.method.inputs import resolve_inputs

@@ -31,7 +31,8 @@ from frontier import load, machine_info, plot, tiny_config
 
 from transformers_sra import SRAConfig
 from transformers_sra.config import Budgets
-from transformers_sra.measure.evaluation import EvalSets, evaluate_model, git_commit, results_record, write_results
+from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+from transformers_sra.measure.records import git_commit, results_record, write_results
 from transformers_sra.method.atoms import AtomRegistry
 from transformers_sra.method.editing import BakeStack, ablate_activations
 from transformers_sra.method.inputs import resolve_inputs

@@ -95,14 +95,9 @@ def measured(demo_computed):
     import time
 
     from transformers_sra import SRAConfig, apply_surgical_ablation, load_prompts
-    from transformers_sra.measure.evaluation import (
-        EvalSets,
-        evaluate_edit,
-        evaluate_model,
-        git_commit,
-        results_record,
-        write_results,
-    )
+    from transformers_sra.measure.compare import evaluate_edit
+    from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+    from transformers_sra.measure.records import git_commit, results_record, write_results
     from transformers_sra.prompts import load_corpus
 
     model, tokenizer = demo_computed

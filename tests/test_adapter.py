@@ -18,7 +18,7 @@ from transformers_sra import SRAReport, UnsupportedModelError, export_adapter
 from transformers_sra.cli import main
 from transformers_sra.errors import ConfigError
 from transformers_sra.folders import atomic_folder
-from transformers_sra.measure.evaluation import reapply_edit
+from transformers_sra.method.editing import reapply_edit
 from transformers_sra.models.architectures import _hidden_size
 
 TOL = 1e-4  # the bar for fp32 logits

@@ -22,8 +22,7 @@ from test_adapter import assert_same_state, logits, make_report, peft_on, state
 from test_streaming import tensors
 from tiny_families import HIDDEN, VARIANTS, VOCAB, layer_write_components, make_family_model, one_thread
 from transformers_sra import UnsupportedModelError, bake_direction, export_adapter
-from transformers_sra.measure.evaluation import reapply_edit
-from transformers_sra.method.editing import ablate_activations
+from transformers_sra.method.editing import ablate_activations, reapply_edit
 from transformers_sra.models.architectures import LAYOUTS, residual_writers, writer_record
 from transformers_sra.publish.bake import stream_bake
 

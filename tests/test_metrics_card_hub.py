@@ -18,15 +18,8 @@ from conftest import make_tiny_model, make_tokenizer
 from test_pipeline_cli import SMALL
 from transformers_sra import SRAConfig, SRAError, SRAReport, apply_surgical_ablation
 from transformers_sra.demo import DEMO_LICENSE, DEMO_MODEL_ID
-from transformers_sra.measure.evaluation import (
-    EvalSets,
-    cached_evaluation,
-    evaluate_edit,
-    evaluate_model,
-    evaluate_pair,
-    load_pairs,
-    reapply_edit,
-)
+from transformers_sra.measure.compare import evaluate_edit
+from transformers_sra.measure.evaluation import EvalSets, cached_evaluation, evaluate_model, evaluate_pair, load_pairs
 from transformers_sra.measure.metrics import (
     AnswerPerplexity,
     FirstTokenKL,
@@ -39,7 +32,7 @@ from transformers_sra.measure.metrics import (
 )
 from transformers_sra.measure.metrics import refusal_rate as refusal_rate_file
 from transformers_sra.method.baselines import swapped_edit
-from transformers_sra.method.editing import bake_direction
+from transformers_sra.method.editing import bake_direction, reapply_edit
 from transformers_sra.publish.card import METRICS, escape_md, render_card
 from transformers_sra.publish.figures import FIGURES
 from transformers_sra.publish.hub import push_cleaned, save_cleaned

@@ -81,7 +81,7 @@ def test_the_judge_given_to_the_pipeline_decides_mining(monkeypatch):
     default.undo()
 
 def test_norm_preserving_switch_reaches_the_bake_and_its_replay():
-    from transformers_sra.measure.evaluation import reapply_edit
+    from transformers_sra.method.editing import reapply_edit
 
     model, tok = make_tiny_model("gemma2"), make_tokenizer()
     before = writer_vector_norms(model)

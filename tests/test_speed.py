@@ -222,7 +222,7 @@ _JUDGED = ("over_refusal", "judged_harmless")
 def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, model=None):
     """`plan_evaluation` of a tiny model (``model``: a saved one, as `sra ablate` loads it) at each budget, with
     ``speed`` in place of the measured one."""
-    from transformers_sra.measure import eval_plan
+    from transformers_sra.measure import plan as eval_plan
 
     model, tok = loading.load_model(str(model)) if model else (make_tiny_model("qwen2"), make_tokenizer())
     monkeypatch.setattr(eval_plan, "measure_speed", lambda *a, **k: speed)
@@ -284,7 +284,7 @@ def test_every_rank_plans_with_the_slowest_ranks_speed(monkeypatch):
     """Under several ranks each measures its own speed; the plan takes `distributed.slowest`'s agreed figures, so
     every rank chooses the same sizes. Here the other rank is three times slower: the plan is the one a machine of
     a third of this speed makes."""
-    from transformers_sra.measure import eval_plan
+    from transformers_sra.measure import plan as eval_plan
 
     budget = 600.0
     alone = _plans(monkeypatch, [budget])[0]
@@ -364,7 +364,7 @@ def test_without_a_budget_the_evaluation_gets_what_the_pipeline_leaves_and_keeps
     prompts, which the plan keeps. The summary says so."""
     from transformers_sra.cli.ablate import plan_line
     from transformers_sra.cli.args import EVAL_BUDGET_S, RUN_BUDGET_S
-    from transformers_sra.measure import eval_plan
+    from transformers_sra.measure import plan as eval_plan
 
     monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
     tiny = _save_tiny(tmp_path / "tiny")

@@ -14,7 +14,7 @@ from ..demo import DEMO_LICENSE, DEMO_MODEL_ID
 from ..distributed import is_main_process, slowest
 from ..errors import ConfigError
 from ..folders import claimed
-from ..method.baselines import LABELS
+from ..labels import LABELS
 from ..progress import _say as say
 from ..progress import stage, step_logger
 from ..prompts import chat_template_kwargs, load_corpus, load_prompts
@@ -83,7 +83,8 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     dtypes = {"compute": _name(computed), "saved": _name(saved or computed)}
     plan = None
     if args.evaluate:
-        from ..measure.evaluation import EvalSets, cached_evaluation, evaluate_edit
+        from ..measure.compare import evaluate_edit
+        from ..measure.evaluation import EvalSets, cached_evaluation
         from ..measure.plan import REPLY_BATCH_SIZE, pipeline_seconds, plan_evaluation
 
         measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,

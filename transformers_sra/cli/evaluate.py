@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ..measure.evaluation import EvalSets, cached_evaluation, evaluate_model, judge_summary
+    from ..measure.evaluation import EvalSets, cached_evaluation, evaluate_model
+    from ..signals.judge import judge_summary
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")

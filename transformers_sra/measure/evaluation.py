@@ -1,8 +1,10 @@
-"""Measure a model before and after the edit on held-out sets: refusal, over-refusal, KL and perplexities.
+"""Measure a model on held-out sets: refusal, over-refusal, KL and perplexities, the one evaluation path.
 
 The base model is measured first (and cached on disk, keyed by model and prompt hash), then the edited
-model against it, so two copies of a model are never held. The standard-ablation comparison swaps SRA's
-bakes for the dirty direction (same layers and strength), measures, and bakes SRA back::
+model against it, so two copies of a model are never held. Rates come straight from the judged outcomes
+(`metrics.core.outcome_rates`); the `evaluate.Metric` wrappers in `metrics/` are for users, not a step here.
+`compare.evaluate_edit` measures the edit and each baseline (standard ablation: the unfiltered difference of
+means at flat γ = 1, `method.baselines`); `records` writes the results files::
 
     base = cached_evaluation(model, tokenizer)              # before apply_surgical_ablation
     report = apply_surgical_ablation(model, tokenizer)
@@ -29,35 +31,23 @@ from ..cache import default_cache_dir
 from ..distributed import all_ranks, is_main_process
 from ..errors import PromptSetError
 from ..folders import atomic_file, write_text_atomic
-from ..method.baselines import LABELS, swapped_edit
-from ..method.editing import bake_direction
 from ..prompts import current_template_kwargs, load_corpus, load_prompts
 from ..signals.judge import (
     JUDGE_TOKENS,
     Outcome,
     VerdictStop,
-    classify,
-    degenerate_labelled,
+    first_token_kl,
     first_token_logprobs,
     generate,
     generate_scored,
     is_shipped_judge,
-    judge_accuracy,
-    judge_name,
-    labelled_replies,
     refusal_probability,
     refusal_token_ids,
     resolve_classifier,
 )
+from ..signals.nll import answer_nll, token_nll
 from ..signals.sequence_kl import ReplyDistribution, base_reply_distribution, multi_token_kl
-from .metrics import (
-    AnswerPerplexity,
-    FirstTokenKL,
-    HarmlessOutcomes,
-    OverRefusalRate,
-    Perplexity,
-    RefusalRate,
-)
+from .metrics.core import nll_result, outcome_rates
 from .sandbox import require_code_execution
 from .tasks import MAX_NEW_TOKENS, check_tasks, compare, completions, is_chat, load_humaneval, score
 
@@ -231,7 +221,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
             progress(step, steps.index(step) + 1, len(steps))
         return part
 
-    def judged_rate(name: str, prompts: list, metric) -> Evaluation:
+    def judged_rate(name: str, prompts: list, key: str) -> Evaluation:
         scores = None
         if name == "refusal":  # the first-token refusal score (the signal the search uses), from the replies' own pass
             ids = refusal_token_ids(tokenizer)
@@ -240,8 +230,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
         else:
             replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_when=stop_when, **replying)
         outcomes = [classify_reply(r) for r in replies]  # the judge reads each reply once
-        replay = iter(outcomes)
-        metrics = metric.compute(predictions=replies, judge=lambda reply: next(replay).value)
+        metrics = outcome_rates(outcomes, key)
         if scores is not None:
             metrics["refusal_score"] = float(scores.mean())
         # a few replies of each set, and up to 40 of every outcome that is not an answer: to be read, not counted
@@ -251,18 +240,17 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
                                                   if o is outcome][:40]
         return Evaluation(metrics, samples)
 
-    for name, prompts, metric in (("refusal", sets.harmful, RefusalRate()),
-                                  ("over_refusal", sets.over_refusal, OverRefusalRate()),
-                                  ("harmless", judged_harmless_set, HarmlessOutcomes())):
+    for name, prompts, key in (("refusal", sets.harmful, "refusal_rate"),
+                               ("over_refusal", sets.over_refusal, "over_refusal_rate"),
+                               ("harmless", judged_harmless_set, "harmless_refusal_rate")):
         if prompts:
-            measured(name, prompts, lambda name=name, prompts=prompts, metric=metric: judged_rate(name, prompts, metric))
+            measured(name, prompts, lambda name=name, prompts=prompts, key=key: judged_rate(name, prompts, key))
     logp, replies_ref = None, None
     if sets.harmless:
         logp = measured("first_token", sets.harmless, lambda: Evaluation(
             {}, harmless_logprobs=first_token_logprobs(model, tokenizer, sets.harmless, **batching))).harmless_logprobs
         if base is not None and base.harmless_logprobs is not None:
-            parts.append(Evaluation(FirstTokenKL().compute(predictions=sets.harmless, logprobs=logp,
-                                                           base_logprobs=base.harmless_logprobs)))
+            parts.append(Evaluation({"first_token_kl": first_token_kl(base.harmless_logprobs, logp)}))
         if reply_set:  # the base model's own replies, for the multi-token KL of any edit measured against it
             replies_ref = measured("replies", reply_set, lambda: Evaluation({}, harmless_replies=base_reply_distribution(
                 model, tokenizer, reply_set, reply_batch_size=reply_batch_size, **batching))).harmless_replies
@@ -274,7 +262,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
         if items:
             key = "perplexity" if name == "perplexity" else f"{name}_perplexity"
             base_nll = base.metrics.get(f"{key}_nll") if base is not None else None
-            measured(name, items, lambda: Evaluation(_nll_metrics(key, _perplexity(
+            measured(name, items, lambda: Evaluation(_nll_metrics(key, perplexity_of(
                 model, tokenizer, items, base_nll, batch_size=max(1, batch_size // 2), system_prompt=system_prompt))))
     for task in tasks:  # the settings that change a completion are part of the cache key
         problems = load_humaneval(task_limit)
@@ -306,17 +294,18 @@ def _items_sha256(items: list) -> str:
     return hashlib.sha256(data.encode()).hexdigest()
 
 
-def _perplexity(model, tokenizer, items: list, base_nll, *, batch_size: int, system_prompt) -> dict:
+def perplexity_of(model, tokenizer, items: list, base_nll=None, *, batch_size: int, system_prompt=None) -> dict:
+    """`metrics.core.nll_result` of plain texts (no chat template) or of (prompt, answer) pairs' answers."""
     pairs = [x for x in items if not isinstance(x, str)]
     texts = [x for x in items if isinstance(x, str)]
     if pairs and texts:
         raise PromptSetError("a perplexity set holds either (prompt, answer) pairs or plain texts, not both")
     if pairs:
-        return AnswerPerplexity().compute(predictions=[a for _, a in pairs], references=[p for p, _ in pairs],
-                                          model=model, tokenizer=tokenizer, base_nll=base_nll, batch_size=batch_size,
-                                          system_prompt=system_prompt)
-    return Perplexity().compute(predictions=texts, model=model, tokenizer=tokenizer, base_nll=base_nll,
-                                batch_size=batch_size)
+        total, count = answer_nll(model, tokenizer, pairs, max_length=512, batch_size=batch_size,
+                                  system_prompt=system_prompt)
+    else:
+        total, count = token_nll(model, tokenizer, texts, max_length=256, batch_size=batch_size)
+    return nll_result(total, count, base_nll)
 
 
 def evaluate_pair(base_model: nn.Module, edited_model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
@@ -358,106 +347,3 @@ def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = No
                                     sort_keys=True, default=str).encode()).hexdigest()[:32]
     folder = Path(cache_dir or default_cache_dir() / "evaluations") / key
     return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, cache_dir=folder, **kwargs)
-
-
-# -- the edited model, SRA against the baselines ---------------------------------------------------------------
-DESCRIPTIONS = {
-    "standard": "Standard ablation: the difference of means of all harmful and harmless training prompts at SRA's "
-                "direction layer, baked flat (γ = 1) into every writer, as abliteration tools do.",
-    "standard_filtered": "Standard ablation of SRA's own dirty direction (filtered training prompts), flat γ = 1.",
-    "rank1": "SRA's first clean direction alone, with its searched strength profile (no mining).",
-}
-
-def reapply_edit(model: nn.Module, report) -> list:
-    """Bake the report's directions into ``model`` (the unedited base) again, as the pipeline did: the first
-    with the report's strength profile, each accepted mining pass with its flat γ, each orthogonal to the
-    earlier ones. Returns the handles and makes the report live again (``report.undo()`` works)."""
-    layers = report.config.get("layers")
-    bakes = report.bakes()
-    directions = [d for d, _ in bakes]
-    norm_preserving = bool(report.config.get("norm_preserving", False))
-    report._handles = [bake_direction(model, d, strength, layers, orthogonal_to=directions[:i],
-                                      norm_preserving=norm_preserving)
-                       for i, (d, strength) in enumerate(bakes)]
-    return report._handles
-
-
-def judge_summary(judge=None) -> dict:
-    """Which judge counted refusals, and (for the shipped one) its precision and recall on the held-out half of
-    the labelled replies; the card states them. Loops are found the same way for every judge: their figures are
-    the loop detector's on the held-out half of its labelled replies."""
-    loops = judge_accuracy(judge, degenerate_labelled("heldout"), label="degenerate")
-    degenerate = {"degenerate_precision": loops["precision"], "degenerate_recall": loops["recall"],
-                  "degenerate_labelled": loops["n"]}
-    if is_shipped_judge(judge):
-        acc = judge_accuracy(classify, labelled_replies()[1::2])
-        return {"name": judge_name(judge), "precision": acc["precision"], "recall": acc["recall"],
-                "labelled_replies": acc["n"], **degenerate}
-    return {"name": judge_name(judge), **degenerate}
-
-
-def evaluate_edit(model: nn.Module, tokenizer, report, base: Evaluation, sets: Optional[EvalSets] = None, *,
-                  baselines: Sequence[str] = ("standard",), baseline_sets: Optional[EvalSets] = None, judge=None,
-                  baseline_replies: bool = True, progress: Optional[Progress] = None, **kwargs) -> dict:
-    """Measure the edited model and each of ``baselines`` (names from `baselines.BASELINES`) against ``base``
-    through `evaluate_model` (the baselines on ``baseline_sets``, default ``sets``; with ``baseline_replies=False``
-    their collateral numbers only, KLs and perplexities, without judged replies); store everything in
-    ``report.metrics`` and return ``{"base", "sra", *baselines}`` `Evaluation` objects."""
-    sets = sets or EvalSets.default()
-    stage = (lambda name: (lambda step, i, n: progress(f"{name}:{step}", i, n))) if progress else (lambda name: None)
-    out = {"base": base, "sra": evaluate_model(model, tokenizer, sets, base=base, judge=judge,
-                                               progress=stage("sra"), **kwargs)}
-    others, other_kwargs = baseline_sets or sets, kwargs
-    if not baseline_replies:
-        others = dataclasses.replace(others, harmful=[], over_refusal=[])
-        other_kwargs = {**kwargs, "judged_harmless": 0}
-    for name in baselines:
-        with swapped_edit(model, report, name):
-            out[name] = evaluate_model(model, tokenizer, others, base=base, judge=judge,
-                                       progress=stage(name), **other_kwargs)
-    report.metrics = {**{k: {**v.to_dict(), "description": DESCRIPTIONS.get(k, "")} for k, v in out.items()},
-                      "sets": sets.sizes(), "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
-                      "max_new_tokens": kwargs.get("max_new_tokens", JUDGE_TOKENS)}
-    return out
-
-
-# -- the one results file every published number comes from ----------------------------------------------------
-def git_commit() -> str:
-    """The commit of the checkout this package runs from, recorded with every results file; ``SRA_COMMIT`` names
-    it for a copy without its .git (a tree copied to another machine), else "unknown" outside git."""
-    import subprocess
-
-    if os.environ.get("SRA_COMMIT"):
-        return os.environ["SRA_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def results_record(evaluations: dict, sets: EvalSets, *, report=None, judge=None, command: str = "",
-                   max_new_tokens: int = JUDGE_TOKENS, extra: Optional[dict] = None, commit: Optional[str] = None) -> dict:
-    """``{"commit", "command", "config_sha256", "sets", "judge", "rows": [...]}``: one row per evaluated model with
-    every metric (rates as ``{"rate", "k", "n", "ci95"}``). `write_results` saves it; README tables render from it.
-    ``commit``: the one the run started from (`git_commit()` when it began); default, the checkout's now."""
-    rows = []
-    for name, evaluation in evaluations.items():
-        m = evaluation.metrics if isinstance(evaluation, Evaluation) else evaluation
-        row: dict = {"name": name, "label": LABELS.get(name, name)}
-        for key, value in m.items():
-            if key.endswith("_rate") and f"{key}_ci95" in m:
-                row[key] = {"rate": value, "k": m[f"{key}_count"], "n": m[f"{key}_n"], "ci95": m[f"{key}_ci95"]}
-            elif isinstance(value, (int, float)) and not key.endswith(("_count", "_refused", "_n")):
-                row[key] = value
-        rows.append(row)
-    config = report.config if report is not None else {}
-    return {"commit": commit or git_commit(), "command": command,
-            "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
-            "sets": sets.sizes(), "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
-            "max_new_tokens": max_new_tokens, "rows": rows, **(extra or {})}
-
-
-def write_results(path: str | os.PathLike, record: dict) -> Path:
-    """Write a `results_record` as indented JSON."""
-    return write_text_atomic(path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")

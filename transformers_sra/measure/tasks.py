@@ -26,8 +26,8 @@ from ..progress import bar
 from ..prompts import format_chat
 from ..signals.decoding import eos_token_ids, greedy_decode, reply_batches
 from ..signals.judge import VerdictStop
-from .metrics import PassRate, paired_difference
-from .sandbox import require_code_execution
+from .metrics.core import paired_difference, rate_fields
+from .sandbox import require_code_execution, run_programs
 
 TASKS = ("humaneval",)
 MAX_NEW_TOKENS = 384
@@ -116,15 +116,25 @@ class TaskResult:
 
 def score(problems: Sequence[dict], texts: Sequence[str], chat: bool, *, allow_code_execution: bool = False,
           task: str = "humaneval", workers: Optional[int] = None) -> TaskResult:
-    """Run each completion's program with its tests (`PassRate`): ``texts`` are the model's raw completions."""
-    result = PassRate().compute(predictions=[program(p, t, chat) for p, t in zip(problems, texts)],
-                                references=[tests(p) for p in problems], allow_code_execution=allow_code_execution,
-                                timeout=TIMEOUT, workers=workers)
+    """Run each completion's program with its tests (`run_tests`): ``texts`` are the model's raw completions."""
+    result = run_tests([program(p, t, chat) for p, t in zip(problems, texts)], [tests(p) for p in problems],
+                       allow_code_execution=allow_code_execution, timeout=TIMEOUT, workers=workers)
     metrics = {f"{task}_{k}": result[k] for k in ("pass_rate", "pass_rate_ci95", "pass_rate_count", "pass_rate_n")}
     records = [{"task_id": p["task_id"], "passed": ok, "status": s, "detail": d, "completion": t}
                for p, t, ok, s, d in zip(problems, texts, result["passed"], result["status"], result["detail"])]
     return TaskResult(metrics, records)
 
+
+
+def run_tests(programs: Sequence[str], test_code: Sequence[str], *, allow_code_execution: bool = False,
+              timeout: float = TIMEOUT, workers: Optional[int] = None, confidence: float = 0.95) -> dict:
+    """Run each program followed by its tests in the sandbox: ``pass_rate`` with its exact interval, count and n,
+    and per program ``passed``, ``status`` and ``detail``. Model-written code runs only with the opt-in."""
+    require_code_execution(allow_code_execution)
+    outcomes = run_programs([f"{p}\n\n{t}\n" for p, t in zip(programs, test_code)], timeout, workers)
+    return {**rate_fields("pass_rate", sum(o.passed for o in outcomes), len(outcomes), confidence),
+            "passed": [o.passed for o in outcomes], "status": [o.status for o in outcomes],
+            "detail": [o.detail for o in outcomes]}
 
 def run_humaneval(model: nn.Module, tokenizer, *, allow_code_execution: bool = False, limit: Optional[int] = None,
                   batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS, system_prompt: Optional[str] = None,

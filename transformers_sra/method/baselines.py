@@ -1,4 +1,4 @@
-"""The edits SRA is compared with, named once. Every table, card, test and benchmark uses these names:
+"""The edits SRA is compared with (their names and labels live in `labels`, which every layer may import):
 
 * ``standard``: the field's usual abliteration: the difference of means of *all* harmful and harmless training
   prompts at SRA's direction layer, baked flat at γ = 1 into every writer;
@@ -22,11 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import SRAError
-from .editing import bake_direction
-
-BASELINES = ("standard", "standard_filtered", "rank1")
-LABELS = {"base": "base model", "standard": "standard ablation", "standard_filtered": "standard ablation, filtered",
-          "rank1": "SRA rank 1 (no mining)", "sra": "SRA"}
+from ..labels import BASELINES, LABELS  # noqa: F401  (the names live in labels; here for old imports)
+from .editing import bake_direction, reapply_edit
 
 
 def bake_baseline(model: nn.Module, report, name: str) -> list:
@@ -47,11 +44,9 @@ def bake_baseline(model: nn.Module, report, name: str) -> list:
 @contextmanager
 def swapped_edit(model: nn.Module, report, name: str) -> Iterator[None]:
     """Inside the block ``model`` carries baseline ``name`` instead of SRA's edit; on exit SRA is baked back."""
-    from ..measure.evaluation import reapply_edit  # the replay of a report lives with the evaluation that needs it
-
-    if not report._handles:
+    if not report.handles:
         raise SRAError("comparing with a baseline needs the live report of apply_surgical_ablation "
-                       "(not one loaded from JSON or already undone); use reapply_edit first")
+                       "(not one loaded from JSON or already undone); use editing.reapply_edit first")
     report.undo()
     handles = []
     try:

@@ -373,3 +373,17 @@ class BakeStack:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.undo_all()
+
+
+def reapply_edit(model: nn.Module, report) -> list:
+    """Bake the report's directions into ``model`` (the unedited base) again, as the pipeline did: the first
+    with the report's strength profile, each accepted mining pass with its flat γ, each orthogonal to the
+    earlier ones. Returns the handles and makes the report live again (``report.undo()`` works)."""
+    layers = report.config.get("layers")
+    bakes = report.bakes()
+    directions = [d for d, _ in bakes]
+    norm_preserving = bool(report.config.get("norm_preserving", False))
+    report.attach([bake_direction(model, d, strength, layers, orthogonal_to=directions[:i],
+                                  norm_preserving=norm_preserving)
+                   for i, (d, strength) in enumerate(bakes)])
+    return report.handles

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..folders import atomic_folder, check_output_dir
+from ..method.editing import reapply_edit
 from ..models.architectures import residual_writers
 from ..models.probing import _is_conv1d
 from ..models.weights import read_param, write_param
@@ -71,12 +72,12 @@ def check_adapter_dependencies() -> None:
 
 def _live_handles(report: SRAReport, model: nn.Module) -> list:
     modules = {id(m) for m in model.modules()}
-    for handle in report._handles:
+    for handle in report.handles:
         for edit in handle._edits:
             if id(edit.writer.module) not in modules:
                 raise ConfigError("the report's live edit belongs to another model; pass the model the report edited, "
                                   "or a report loaded from JSON with the unedited base model")
-    return report._handles
+    return report.handles
 
 
 def adapter_targets(handles: list) -> list[_Target]:
@@ -234,7 +235,7 @@ def export_adapter(report: SRAReport, model: nn.Module, path: str | os.PathLike,
 
     from .card import base_model_info, render_adapter_card
 
-    if report._handles:
+    if report.handles:
         handles = _live_handles(report, model)
         targets = adapter_targets(handles)
     else:
@@ -260,13 +261,11 @@ def export_adapter(report: SRAReport, model: nn.Module, path: str | os.PathLike,
 def _baked_then_restored(model: nn.Module, report: SRAReport) -> Iterator[list]:
     """Bake the report's edit into the unedited ``model`` and yield the handles; afterwards every edited tensor
     gets its saved original back, bit for bit (``undo()`` would leave rounding, a full ulp in bf16)."""
-    from ..measure.evaluation import reapply_edit
-
     saved = [(w.module, name, read_param(w.module, name).to(w.module._parameters[name].dtype))
              for w in residual_writers(model, report.config.get("layers")) for name in (w.param, w.bias) if name]
     try:
         yield list(reapply_edit(model, report))
     finally:
-        report._handles = []
+        report.attach([])
         for module, name, original in saved:
             write_param(module, name, original)

@@ -106,7 +106,7 @@ def _meta_model(folder: Path, report: SRAReport) -> nn.Module:
             f"model type {config.model_type!r} has no entry in transformers_sra.models.architectures.LAYOUTS and the report "
             "records no writers, so they must be found by probing forward passes, which the streaming bake cannot run: "
             "use a report written by this version of sra ablate, load the model and bake it in memory (sra ablate, or "
-            "evaluation.reapply_edit + save_pretrained), or add a LAYOUTS entry")
+            "editing.reapply_edit + save_pretrained), or add a LAYOUTS entry")
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config).eval()
 
@@ -167,7 +167,7 @@ def _materialize_norms(model: nn.Module, writers: list[Writer], ckpt: _Checkpoin
 
 
 def _plan(model: nn.Module, report: SRAReport, ckpt: _Checkpoint) -> dict[str, _Group]:
-    """Every writer tensor's checkpoint source and its edits, bake after bake as `evaluation.reapply_edit` does."""
+    """Every writer tensor's checkpoint source and its edits, bake after bake as `editing.reapply_edit` does."""
     writers = residual_writers(model, report.config.get("layers"), method="table", recorded=report.writers or None)
     norms = _materialize_norms(model, writers, ckpt)
     norm_preserving = bool(report.config.get("norm_preserving", False))
@@ -212,7 +212,7 @@ def stream_bake(model_dir: Union[str, os.PathLike], report: Union[SRAReport, str
                 progress: Optional[Callable[[str, int, int], None]] = None) -> Path:
     """Apply ``report``'s edit to the safetensors checkpoint in ``model_dir`` and write the result to ``output_dir``.
 
-    The edit is the report's, as `evaluation.reapply_edit` bakes it (first direction with the report's strength
+    The edit is the report's, as `editing.reapply_edit` bakes it (first direction with the report's strength
     profile, each accepted mining pass with its flat γ, each orthogonal to the earlier ones, on the report's layers,
     norm-preserving if the run was). The report may come from a run on any copy of the same model (offloaded with
     ``device_map="auto"`` included): it holds directions, not weights. Config, tokenizer and index files are copied,

@@ -22,7 +22,7 @@ from typing import Optional
 
 from .._version import __version__
 from ..errors import ConfigError
-from ..method.baselines import LABELS
+from ..labels import DESCRIPTIONS, LABELS
 from .figures import FIGURES
 
 TEMPLATE_NAME = "sra_model_card.md"
@@ -141,8 +141,7 @@ def _metric_table(report) -> tuple[str, list[str], list[dict]]:
         intro = ("Measured on the held-out test splits, which extraction, the search and mining never see. Rates "
                  "carry exact 95% Clopper–Pearson intervals; perplexity changes are relative to the base model. ")
         standard = report.metrics.get("standard", {})
-        intro += escape_md(standard.get("description", "Standard ablation removes the dirty difference-of-means "
-                                        "direction with the same layers and strength profile."))
+        intro += escape_md(standard.get("description", DESCRIPTIONS["standard"]))
         return intro, columns, rows
     chosen = report.chosen
     base = {"refusal_score": report.validation.get("base_refusal_score")}
@@ -265,8 +264,6 @@ def render_adapter_card(report, *, base_model: Optional[str] = None, rank: int =
     """The README of an `export_adapter` folder: ``library_name: peft``, the base model, the measured metrics and
     how to load, switch off or scale the edit. Plain Markdown (no template), so it needs no jinja2."""
     from huggingface_hub import ModelCard, ModelCardData
-
-    from .. import __version__
 
     known_id, license = base_model_info(report.model_name)
     base_model = base_model or known_id

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..method.baselines import LABELS as _LABELS
+from ..labels import LABELS as _LABELS
 
 FIGURES = {"orthogonality": "atom_orthogonality.png", "layer_sweep": "layer_sweep.png",
            "frontier": "refusal_vs_kl.png"}

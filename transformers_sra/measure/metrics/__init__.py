@@ -1,5 +1,6 @@
 """Metrics: plain functions (``core``) and one offline `evaluate.Metric` per file (``perplexity`` is the function;
-the `Perplexity` metric lives in ``text_perplexity.py``).
+the `Perplexity` metric lives in ``text_perplexity.py``). The classes load `evaluate` on first use;
+the package's own evaluation path counts with ``core`` and never needs them.
 
 Each metric class works without the Hub: instantiate it, or ``evaluate.load`` its file path::
 
@@ -12,14 +13,24 @@ take ``model=`` and ``tokenizer=`` as compute arguments.
 """
 
 from ...signals.nll import answer_nll, chunk_token_ids, token_nll
-from .answer_perplexity import AnswerPerplexity
-from .core import clopper_pearson, paired_difference, perplexity
-from .first_token_kl import FirstTokenKL
-from .over_refusal_rate import HarmlessOutcomes, OverRefusalRate
-from .pass_rate import PassRate
-from .refusal_rate import RefusalRate
-from .refusal_score import RefusalScore
-from .text_perplexity import Perplexity
+from .core import clopper_pearson, nll_result, outcome_rates, paired_difference, perplexity, rate_fields
 
-__all__ = ["AnswerPerplexity", "FirstTokenKL", "HarmlessOutcomes", "OverRefusalRate", "PassRate", "Perplexity", "RefusalRate",
-           "RefusalScore", "answer_nll", "chunk_token_ids", "clopper_pearson", "paired_difference", "perplexity", "token_nll"]
+# the `evaluate.Metric` classes, imported on first use: `evaluate` and `datasets` load only for them
+_METRICS = {"AnswerPerplexity": "answer_perplexity", "FirstTokenKL": "first_token_kl",
+            "HarmlessOutcomes": "over_refusal_rate", "OverRefusalRate": "over_refusal_rate", "PassRate": "pass_rate",
+            "Perplexity": "text_perplexity", "RefusalRate": "refusal_rate", "RefusalScore": "refusal_score"}
+
+__all__ = [*_METRICS, "answer_nll", "chunk_token_ids", "clopper_pearson", "nll_result", "outcome_rates",
+           "paired_difference", "perplexity", "rate_fields", "token_nll"]
+
+
+def __getattr__(name: str):
+    if name not in _METRICS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_METRICS[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_METRICS))

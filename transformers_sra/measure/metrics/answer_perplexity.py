@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from transformers_sra.measure.metrics import _base  # a module, so evaluate.load finds this file's class first
-from transformers_sra.measure.metrics.text_perplexity import _result
+from transformers_sra.measure.metrics.core import nll_result
 from transformers_sra.signals.nll import answer_nll
 
 
@@ -18,4 +18,4 @@ class AnswerPerplexity(_base.StringMetric):
                  max_length: int = 512, system_prompt=None):
         total, count = answer_nll(model, tokenizer, list(zip(references, predictions)), max_length=max_length,
                                   batch_size=batch_size, system_prompt=system_prompt)
-        return _result(total, count, base_nll)
+        return nll_result(total, count, base_nll)

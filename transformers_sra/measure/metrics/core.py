@@ -14,6 +14,7 @@ from typing import Sequence
 
 from torch import nn
 
+from ...signals.judge import OUTCOMES, Outcome
 from ...signals.nll import token_nll
 
 
@@ -21,6 +22,35 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], **kwargs) -> f
     """exp(mean next-token NLL) of ``texts`` read as plain text."""
     total, count = token_nll(model, tokenizer, texts, **kwargs)
     return math.exp(total / max(count, 1))
+
+
+def nll_result(total: float, count: int, base_nll=None) -> dict:
+    """``perplexity``, ``nll`` and ``tokens`` of a summed NLL over ``count`` tokens; with ``base_nll`` (the base
+    model's mean NLL on the same items) also ``perplexity_change``, relative: +0.01 is 1% above the base model."""
+    nll = total / max(count, 1)
+    out = {"perplexity": math.exp(nll), "nll": nll, "tokens": count}
+    if base_nll is not None:
+        out["perplexity_change"] = math.exp(nll - base_nll) - 1
+    return out
+
+
+def rate_fields(key: str, k: int, n: int, confidence: float = 0.95) -> dict:
+    """``key`` (k / n) with its exact interval ``key_ci95``, ``key_count`` and ``key_n``."""
+    lo, hi = clopper_pearson(k, n, confidence)
+    return {key: k / n, f"{key}_ci95": [lo, hi], f"{key}_count": k, f"{key}_n": n}
+
+
+def outcome_rates(outcomes: Sequence[Outcome], key: str = "refusal_rate", confidence: float = 0.95) -> dict:
+    """The three outcomes of judged replies as rates: ``key`` for refusals (``refusal_rate``, ``over_refusal_rate``,
+    ``harmless_refusal_rate``) and the same prefix for ``degenerate_rate`` and ``answered_rate``."""
+    prefix = key[: -len("refusal_rate")]  # "", "over_" or "harmless_"
+    names = {Outcome.REFUSED: key, Outcome.DEGENERATE: f"{prefix}degenerate_rate",
+             Outcome.ANSWERED: f"{prefix}answered_rate"}
+    out = {}
+    for outcome in OUTCOMES:
+        out.update(rate_fields(names[outcome], sum(o is outcome for o in outcomes), len(outcomes), confidence))
+    out[f"{key}_refused"] = out[f"{key}_count"]
+    return out
 
 
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:

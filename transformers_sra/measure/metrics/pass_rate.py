@@ -3,9 +3,8 @@ problem), with its exact interval. Running them is opt-in, as with ``evaluate``'
 
 from __future__ import annotations
 
-from transformers_sra.measure import sandbox
 from transformers_sra.measure.metrics import _base  # a module, so evaluate.load finds this file's class first
-from transformers_sra.measure.metrics.core import clopper_pearson
+from transformers_sra.measure.tasks import run_tests
 
 
 class PassRate(_base.StringMetric):
@@ -20,10 +19,5 @@ class PassRate(_base.StringMetric):
 
     def _compute(self, predictions, references, allow_code_execution: bool = False, timeout: float = 3.0,
                  workers=None, confidence: float = 0.95):
-        sandbox.require_code_execution(allow_code_execution)
-        outcomes = sandbox.run_programs([f"{p}\n\n{t}\n" for p, t in zip(predictions, references)], timeout, workers)
-        k, n = sum(o.passed for o in outcomes), len(outcomes)
-        lo, hi = clopper_pearson(k, n, confidence)
-        return {"pass_rate": k / n, "pass_rate_ci95": [lo, hi], "pass_rate_count": k, "pass_rate_n": n,
-                "passed": [o.passed for o in outcomes], "status": [o.status for o in outcomes],
-                "detail": [o.detail for o in outcomes]}
+        return run_tests(predictions, references, allow_code_execution=allow_code_execution, timeout=timeout,
+                         workers=workers, confidence=confidence)

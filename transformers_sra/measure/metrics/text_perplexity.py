@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 from transformers_sra.measure.metrics import _base  # a module, so evaluate.load finds this file's class first
+from transformers_sra.measure.metrics.core import nll_result
 from transformers_sra.signals.nll import token_nll
 
 
@@ -16,12 +15,5 @@ class Perplexity(_base.StringMetric):
     def _compute(self, predictions, model=None, tokenizer=None, base_nll=None, batch_size: int = 8,
                  max_length: int = 256):
         total, count = token_nll(model, tokenizer, predictions, max_length=max_length, batch_size=batch_size)
-        return _result(total, count, base_nll)
+        return nll_result(total, count, base_nll)
 
-
-def _result(total: float, count: int, base_nll) -> dict:
-    nll = total / max(count, 1)
-    out = {"perplexity": math.exp(nll), "nll": nll, "tokens": count}
-    if base_nll is not None:
-        out["perplexity_change"] = math.exp(nll - base_nll) - 1  # relative: +0.01 = 1% above the base model
-    return out
