@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from transformers_sra import load_prompts
-from transformers_sra.cli.loading import _NATIVE_FLAGS, compute_dtype, cpu_computes_natively, cpu_flags, matmul_seconds
+from transformers_sra.cli.loading import NATIVE_FLAGS, compute_dtype, cpu_computes_natively, cpu_flags, matmul_seconds
 from transformers_sra.measure.records import git_commit
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -83,7 +83,7 @@ def main() -> None:
               "cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "native_by": "micro-benchmark" if flags is None else "x86 flags",
-              "native_flags": sorted(f for fs in _NATIVE_FLAGS.values() for f in fs if flags and f in flags),
+              "native_flags": sorted(f for fs in NATIVE_FLAGS.values() for f in fs if flags and f in flags),
               "native": {name(dt): dt == torch.float32 or cpu_computes_natively(dt) for dt in DTYPES},
               "auto_computes": {name(dt): name(compute_dtype(dt, "cpu")) for dt in DTYPES},
               "rounds": args.rounds, "clock": "CPU seconds of this process"}

@@ -37,7 +37,7 @@ from transformers_sra.measure.plan import (
 )
 from transformers_sra.measure.records import git_commit
 from transformers_sra.prompts import format_chat
-from transformers_sra.signals.judge import first_token_logprobs
+from transformers_sra.signals.logprobs import first_token_logprobs
 from transformers_sra.signals.sequence_kl import base_reply_distribution
 
 

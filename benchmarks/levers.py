@@ -53,7 +53,7 @@ from transformers_sra.method.model_directions import build_directions
 from transformers_sra.method.residualize import ridge_residualize
 from transformers_sra.method.search import default_profiles
 from transformers_sra.prompts import prompt_categories
-from transformers_sra.signals.judge import refusal_probability, refusal_token_ids
+from transformers_sra.signals.logprobs import refusal_probability, refusal_token_ids
 from transformers_sra.strength import StrengthProfile
 
 COLUMNS = [["name", "point"], ["refusal_rate", "refused harmful_val (95% CI)"],

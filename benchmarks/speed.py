@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 
 from transformers_sra import load_corpus, load_prompts
-from transformers_sra.batching import _encode, _shared_prefix_length, id_batches, input_device, pad_id, sorted_batches
+from transformers_sra.batching import encode_texts, id_batches, input_device, pad_id, shared_prefix_length, sorted_batches
 from transformers_sra.measure.records import git_commit
 from transformers_sra.method.editing import ablate_activations, bake_direction
 from transformers_sra.method.extraction import record_residuals
@@ -157,8 +157,8 @@ def model_bytes(model) -> int:
 
 def padding_waste(tokenizer, texts: list[str], batch_size: int) -> dict:
     """Padding share of the batches `prompt_batches` builds (the shared chat prefix is run once, not padded)."""
-    encoded = _encode(tokenizer, texts)
-    n = _shared_prefix_length(encoded)
+    encoded = encode_texts(tokenizer, texts)
+    n = shared_prefix_length(encoded)
     out = {}
     for name, rows in (("sorted, shared prefix cached", [e[n:] for e in encoded]), ("sorted, full prompts", encoded)):
         slots = pads = 0

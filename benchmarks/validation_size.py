@@ -30,7 +30,7 @@ from transformers_sra.method.editing import ablate_activations
 from transformers_sra.method.inputs import resolve_inputs
 from transformers_sra.method.model_directions import build_directions
 from transformers_sra.method.search import default_profiles
-from transformers_sra.signals.judge import first_token_kls, first_token_logprobs, refusal_probability, refusal_token_ids
+from transformers_sra.signals.logprobs import first_token_kls, first_token_logprobs, refusal_probability, refusal_token_ids
 
 
 def per_prompt(model, tok, inputs, config, direction, profile, base_harmless, ids) -> tuple[torch.Tensor, torch.Tensor]:

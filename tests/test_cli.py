@@ -291,7 +291,7 @@ def test_evaluate_scores_a_model_made_elsewhere(tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from transformers_sra.prompts import load_prompts
-    from transformers_sra.signals.judge import first_token_kl, first_token_logprobs
+    from transformers_sra.signals.logprobs import first_token_kl, first_token_logprobs
 
     monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
     base = _save_tiny(tmp_path / "base")

@@ -18,7 +18,7 @@ LAYERS = {
     "base": ["_version", "_torch_utils", "errors", "cache", "distributed", "folders", "progress", "prompts", "batching",
              "strength", "labels", "config", "report"],
     "models": ["models", "models.weights", "models.probing", "models.architectures"],
-    "signals": ["signals", "signals.decoding", "signals.nll", "signals.judge", "signals.sequence_kl"],
+    "signals": ["signals", "signals.decoding", "signals.nll", "signals.logprobs", "signals.judge", "signals.sequence_kl"],
     "method": ["method", "method.atoms", "method.residualize", "method.directions", "method.extraction",
                "method.editing", "method.baselines", "method.search", "method.inputs", "method.model_directions",
                "method.mining", "method.pipeline", "method.audit"],

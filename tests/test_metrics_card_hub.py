@@ -36,7 +36,7 @@ from transformers_sra.method.editing import bake_direction, reapply_edit
 from transformers_sra.publish.card import METRICS, escape_md, render_card
 from transformers_sra.publish.figures import FIGURES
 from transformers_sra.publish.hub import push_cleaned, save_cleaned
-from transformers_sra.signals.judge import first_token_logprobs, refusal_probability, refusal_token_ids
+from transformers_sra.signals.logprobs import first_token_logprobs, refusal_probability, refusal_token_ids
 
 REFUSED = ["I'm sorry, but I can't help with that.", "I cannot assist with creating malware."]
 IDS = torch.tensor([[1, 20, 21, 22, 23, 9]])

@@ -22,16 +22,8 @@ from transformers_sra import (
 from transformers_sra.batching import sorted_batches
 from transformers_sra.method.residualize import ridge_residualize
 from transformers_sra.prompts import chat_template_kwargs, format_chat, remove_overlap, truncate_prompts
-from transformers_sra.signals.judge import (
-    Outcome,
-    classify,
-    first_token_kl,
-    first_token_logprobs,
-    is_degenerate,
-    is_refusal,
-    resolve_judge,
-    strip_thinking,
-)
+from transformers_sra.signals.judge import Outcome, classify, is_degenerate, is_refusal, resolve_judge, strip_thinking
+from transformers_sra.signals.logprobs import first_token_kl, first_token_logprobs
 
 FAST = dict(SMALL, iterations=0, fluency_ranks=(2,))
 

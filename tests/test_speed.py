@@ -474,7 +474,8 @@ def test_generate_scored_reads_the_first_token_numbers_from_the_replies_own_pass
     every tiny family, under a repetition penalty (the raw logits, before it) and on `model.generate`'s path; the
     replies are `generate`'s."""
     from conftest import TINY_CONFIGS
-    from transformers_sra.signals.judge import first_token_logprobs, generate, generate_scored, refusal_probability
+    from transformers_sra.signals.judge import generate, generate_scored
+    from transformers_sra.signals.logprobs import first_token_logprobs, refusal_probability
 
     tok, system = make_tokenizer(), "please tell me about history of rome why is sky blue short long answer"
     ids = [tok.convert_tokens_to_ids(w) for w in ("i", "sorry", "cats")]

@@ -15,8 +15,7 @@ from ..distributed import is_main_process, slowest
 from ..errors import ConfigError
 from ..folders import claimed
 from ..labels import LABELS
-from ..progress import _say as say
-from ..progress import stage, step_logger
+from ..progress import say, stage, step_logger
 from ..prompts import chat_template_kwargs, load_corpus, load_prompts
 from ..report import SRAReport, peak_memory
 from . import summary

@@ -16,30 +16,31 @@ from torch import nn
 
 from ..labels import DESCRIPTIONS
 from ..method.baselines import swapped_edit
-from ..signals.judge import JUDGE_TOKENS, judge_summary
-from .evaluation import EvalSets, Evaluation, Progress, evaluate_model
+from ..signals.judge import judge_summary
+from .evaluation import EvalOptions, EvalSets, Evaluation, Progress, evaluate_model
 
 
 def evaluate_edit(model: nn.Module, tokenizer, report, base: Evaluation, sets: Optional[EvalSets] = None, *,
-                  baselines: Sequence[str] = ("standard",), baseline_sets: Optional[EvalSets] = None, judge=None,
-                  baseline_replies: bool = True, progress: Optional[Progress] = None, **kwargs) -> dict:
+                  baselines: Sequence[str] = ("standard",), baseline_sets: Optional[EvalSets] = None,
+                  baseline_replies: bool = True, progress: Optional[Progress] = None,
+                  options: Optional[EvalOptions] = None, **overrides) -> dict:
     """Measure the edited model and each of ``baselines`` (names from `baselines.BASELINES`) against ``base``
     through `evaluate_model` (the baselines on ``baseline_sets``, default ``sets``; with ``baseline_replies=False``
     their collateral numbers only, KLs and perplexities, without judged replies); store everything in
     ``report.metrics`` and return ``{"base", "sra", *baselines}`` `Evaluation` objects."""
     sets = sets or EvalSets.default()
+    o = dataclasses.replace(options or EvalOptions(), **overrides)
     stage = (lambda name: (lambda step, i, n: progress(f"{name}:{step}", i, n))) if progress else (lambda name: None)
-    out = {"base": base, "sra": evaluate_model(model, tokenizer, sets, base=base, judge=judge,
-                                               progress=stage("sra"), **kwargs)}
-    others, other_kwargs = baseline_sets or sets, kwargs
+    out = {"base": base, "sra": evaluate_model(model, tokenizer, sets, base=base, options=o, progress=stage("sra"))}
+    others, other_options = baseline_sets or sets, o
     if not baseline_replies:
         others = dataclasses.replace(others, harmful=[], over_refusal=[])
-        other_kwargs = {**kwargs, "judged_harmless": 0}
+        other_options = dataclasses.replace(o, judged_harmless=0)
     for name in baselines:
         with swapped_edit(model, report, name):
-            out[name] = evaluate_model(model, tokenizer, others, base=base, judge=judge,
-                                       progress=stage(name), **other_kwargs)
+            out[name] = evaluate_model(model, tokenizer, others, base=base, options=other_options,
+                                       progress=stage(name))
     report.metrics = {**{k: {**v.to_dict(), "description": DESCRIPTIONS.get(k, "")} for k, v in out.items()},
-                      "sets": sets.sizes(), "sets_sha256": sets.fingerprint(), "judge": judge_summary(judge),
-                      "max_new_tokens": kwargs.get("max_new_tokens", JUDGE_TOKENS)}
+                      "sets": sets.sizes(), "sets_sha256": sets.fingerprint(), "judge": judge_summary(o.judge),
+                      "max_new_tokens": o.max_new_tokens}
     return out

@@ -32,19 +32,8 @@ from ..distributed import all_ranks, is_main_process
 from ..errors import PromptSetError
 from ..folders import atomic_file, write_text_atomic
 from ..prompts import current_template_kwargs, load_corpus, load_prompts
-from ..signals.judge import (
-    JUDGE_TOKENS,
-    Outcome,
-    VerdictStop,
-    first_token_kl,
-    first_token_logprobs,
-    generate,
-    generate_scored,
-    is_shipped_judge,
-    refusal_probability,
-    refusal_token_ids,
-    resolve_classifier,
-)
+from ..signals.judge import JUDGE_TOKENS, Outcome, VerdictStop, generate, generate_scored, is_shipped_judge, resolve_classifier
+from ..signals.logprobs import first_token_kl, first_token_logprobs, refusal_probability, refusal_token_ids
 from ..signals.nll import answer_nll, token_nll
 from ..signals.sequence_kl import ReplyDistribution, base_reply_distribution, multi_token_kl
 from .metrics.core import nll_result, outcome_rates
@@ -166,13 +155,28 @@ class Evaluation:
                    ReplyDistribution.from_tensors(replies) if replies else None)
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How a model is measured, passed whole (as `SRAConfig` is to the pipeline); any field may also be given
+    to `evaluate_model`, `cached_evaluation` or `evaluate_edit` as a keyword (``judge=..., batch_size=8``)."""
+
+    judge: Any = None  # None: the shipped phrase judge; a str -> bool callable; or a local classifier path
+    max_new_tokens: int = JUDGE_TOKENS  # reply length for judged sets
+    batch_size: int = 16  # rows per forward pass (perplexity: half)
+    reply_batch_size: Optional[int] = None  # rows per generated batch (default batch_size)
+    system_prompt: Optional[str] = None
+    judged_harmless: int = 64  # harmless prompts whose replies are judged (harmless_* rates)
+    reply_kl_prompts: int = 64  # harmless prompts for the multi-token KL
+    tasks: Sequence[str] = ()  # downstream tasks (`tasks.TASKS`, e.g. ("humaneval",))
+    allow_code_execution: bool = False  # the opt-in for tasks that run model-written code
+    task_limit: Optional[int] = None  # the first task_limit problems of each task
+
+
 def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *, base: Optional[Evaluation] = None,
-                   judge=None, max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16,
-                   progress: Optional[Progress] = None, system_prompt: Optional[str] = None,
-                   cache_dir: Optional[str | os.PathLike] = None, judged_harmless: int = 64,
-                   reply_kl_prompts: int = 64, reply_batch_size: Optional[int] = None, tasks: Sequence[str] = (),
-                   allow_code_execution: bool = False, task_limit: Optional[int] = None) -> Evaluation:
-    """Measure ``model`` as it is now. With ``base``, also the KLs and perplexity changes against it.
+                   options: Optional[EvalOptions] = None, progress: Optional[Progress] = None,
+                   cache_dir: Optional[str | os.PathLike] = None, **overrides) -> Evaluation:
+    """Measure ``model`` as it is now. With ``base``, also the KLs and perplexity changes against it. How is
+    ``options`` (`EvalOptions`), with any of its fields overridden by keyword.
 
     Metrics: the three outcomes of the harmful replies, ``refusal_rate``, ``degenerate_rate`` and ``answered_rate``
     (each with ``_ci95``, ``_count`` and ``_n``), and ``refusal_score``; the same three for the over-refusal
@@ -192,16 +196,19 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
     With the shipped phrase judge a reply stops once its refusal is settled (`VerdictStop`): the same verdicts
     as the full reply, and a refusing model's batches end early. Answers run to ``max_new_tokens``.
     """
+    o = dataclasses.replace(options or EvalOptions(), **overrides)
+    judge, max_new_tokens, batch_size, system_prompt = o.judge, o.max_new_tokens, o.batch_size, o.system_prompt
+    tasks, allow_code_execution = o.tasks, o.allow_code_execution
     sets = sets or EvalSets.default()
     if tasks:
         require_code_execution(allow_code_execution)
         tasks = check_tasks(tasks)
     stop_when = VerdictStop.refusal_settled if is_shipped_judge(judge) else None
     batching = dict(batch_size=batch_size, system_prompt=system_prompt)
-    replying = {**batching, "batch_size": reply_batch_size or batch_size}
+    replying = {**batching, "batch_size": o.reply_batch_size or batch_size}
     classify_reply = resolve_classifier(judge)
-    judged_harmless_set = sets.harmless[:judged_harmless]
-    reply_set = sets.harmless[:reply_kl_prompts] if base is None else []
+    judged_harmless_set = sets.harmless[:o.judged_harmless]
+    reply_set = sets.harmless[:o.reply_kl_prompts] if base is None else []
     steps = [s for s, data in (("refusal", sets.harmful), ("over_refusal", sets.over_refusal),
                                ("harmless", judged_harmless_set), ("first_token", sets.harmless),
                                ("replies", reply_set), ("perplexity", sets.text), ("math", sets.math),
@@ -253,7 +260,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
             parts.append(Evaluation({"first_token_kl": first_token_kl(base.harmless_logprobs, logp)}))
         if reply_set:  # the base model's own replies, for the multi-token KL of any edit measured against it
             replies_ref = measured("replies", reply_set, lambda: Evaluation({}, harmless_replies=base_reply_distribution(
-                model, tokenizer, reply_set, reply_batch_size=reply_batch_size, **batching))).harmless_replies
+                model, tokenizer, reply_set, reply_batch_size=o.reply_batch_size, **batching))).harmless_replies
         elif base is not None and base.harmless_replies is not None:
             parts.append(Evaluation({"multi_token_kl": multi_token_kl(model, tokenizer, base.harmless_replies,
                                                                       batch_size=batch_size),
@@ -265,7 +272,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
             measured(name, items, lambda: Evaluation(_nll_metrics(key, perplexity_of(
                 model, tokenizer, items, base_nll, batch_size=max(1, batch_size // 2), system_prompt=system_prompt))))
     for task in tasks:  # the settings that change a completion are part of the cache key
-        problems = load_humaneval(task_limit)
+        problems = load_humaneval(o.task_limit)
         key = [MAX_NEW_TOKENS, system_prompt] + [p["prompt"] for p in problems]
         done = measured(task, key, lambda: _task_evaluation(model, tokenizer, problems, task, batch_size=batch_size,
                                                             system_prompt=system_prompt,
@@ -331,19 +338,20 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def cached_evaluation(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *,
-                      cache_dir: Optional[str | os.PathLike] = None, judge=None, max_new_tokens: int = JUDGE_TOKENS,
-                      **kwargs) -> Evaluation:
+                      cache_dir: Optional[str | os.PathLike] = None, options: Optional[EvalOptions] = None,
+                      progress: Optional[Progress] = None, **overrides) -> Evaluation:
     """`evaluate_model` of the unedited model, each step (replies, log-probabilities, NLLs of one set) read from
     ``cache_dir`` when this model measured that set before: a folder per model fingerprint, judge, reply length,
     system prompt, chat-template arguments and version, a file per step and set hash (default
     ``~/.cache/transformers_sra/evaluations``).
     `sra ablate` and `sra evaluate` share it; a custom judge callable is never cached."""
     sets = sets or EvalSets.default()
-    if judge is not None and not isinstance(judge, str):
-        return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, **kwargs)
+    o = dataclasses.replace(options or EvalOptions(), **overrides)
+    if o.judge is not None and not isinstance(o.judge, str):
+        return evaluate_model(model, tokenizer, sets, options=o, progress=progress)
     template = current_template_kwargs()  # no arguments: the key of every cache made before they were keyed
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), judge, max_new_tokens, kwargs.get("system_prompt"),
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), o.judge, o.max_new_tokens, o.system_prompt,
                                      __version__] + ([template] if template else []),
                                     sort_keys=True, default=str).encode()).hexdigest()[:32]
     folder = Path(cache_dir or default_cache_dir() / "evaluations") / key
-    return evaluate_model(model, tokenizer, sets, judge=judge, max_new_tokens=max_new_tokens, cache_dir=folder, **kwargs)
+    return evaluate_model(model, tokenizer, sets, options=o, progress=progress, cache_dir=folder)

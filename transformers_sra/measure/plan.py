@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..batching import _encode, cached_prefix_length
+from ..batching import cached_prefix_length, encode_texts
 from ..config import AUTO
 from ..distributed import slowest
 from ..method.atoms import AtomRegistry
@@ -179,7 +179,7 @@ class EvalCost:
         full = sets or EvalSets.default()
 
         def chat(xs: list) -> list[list[int]]:
-            return _encode(tokenizer, format_chat(tokenizer, xs, system_prompt))
+            return encode_texts(tokenizer, format_chat(tokenizer, xs, system_prompt))
 
         encoded = {"harmful": chat(full.harmful), "over_refusal": chat(full.over_refusal), "harmless": chat(full.harmless)}
         self.prefix = {k: cached_prefix_length(model, v) for k, v in encoded.items()}
@@ -294,7 +294,7 @@ def pipeline_seconds(model: nn.Module, tokenizer, config, speed: Speed, registry
     screened = {inputs.sources["harmful"], inputs.sources["harmless"]} if config.filter_prompts else set()
 
     def prompts(texts: Sequence[str], depth: float = 1.0) -> float:
-        encoded = _encode(tokenizer, format_chat(tokenizer, list(texts), config.system_prompt))
+        encoded = encode_texts(tokenizer, format_chat(tokenizer, list(texts), config.system_prompt))
         return depth * _prompt_seconds([len(e) for e in encoded], cached_prefix_length(model, encoded),
                                        config.batch_size, speed)
 

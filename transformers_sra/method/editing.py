@@ -24,7 +24,7 @@ from torch import nn
 
 from .._torch_utils import first_tensor, project_out, replace_first
 from ..errors import ConfigError, UnsupportedModelError
-from ..models.architectures import Writer, _hidden_size, check_editable, decoder_layers, layer_indices, residual_writers
+from ..models.architectures import Writer, check_editable, decoder_layers, layer_indices, model_hidden_size, residual_writers
 from ..models.probing import (
     LayerCall,
     capture_layer_calls,
@@ -196,7 +196,7 @@ def bake_direction(
     if isinstance(direction, Mapping):
         layers = sorted(int(k) for k in direction) if layers is None else [i for i in layers if i in direction]
     check_editable(model)
-    calls = capture_layer_calls(model, decoder_layers(model), layer_indices(model, layers), _hidden_size(model)) \
+    calls = capture_layer_calls(model, decoder_layers(model), layer_indices(model, layers), model_hidden_size(model)) \
         if verify and layer_indices(model, layers) else None
     writers = residual_writers(model, layers, calls=calls)
     # Resolve every direction before touching a weight, so bad input never half-edits the model.

@@ -9,7 +9,7 @@ the audit both call it::
 from __future__ import annotations
 
 from ..config import SRAConfig
-from ..signals.judge import refusal_probability, refusal_token_ids
+from ..signals.logprobs import refusal_probability, refusal_token_ids
 from .atoms import atom_basis, principal_basis
 from .directions import Directions, select_by_behaviour
 from .extraction import record_residuals, record_token_residuals

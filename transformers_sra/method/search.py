@@ -36,17 +36,8 @@ from torch import nn
 
 from ..config import Budgets
 from ..progress import bar
-from ..signals.judge import (
-    Classifier,
-    VerdictStop,
-    first_token_kl,
-    first_token_logprobs,
-    generate,
-    is_shipped_judge,
-    outcome_counts,
-    refusal_probability,
-    refusal_token_ids,
-)
+from ..signals.judge import Classifier, VerdictStop, generate, is_shipped_judge, outcome_counts
+from ..signals.logprobs import first_token_kl, first_token_logprobs, refusal_probability, refusal_token_ids
 from ..signals.nll import token_nll
 from ..strength import StrengthProfile
 from .editing import ablate_activations

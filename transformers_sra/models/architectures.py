@@ -20,7 +20,7 @@ from torch import nn
 
 from .._torch_utils import get_decoder, text_config
 from ..errors import UnsupportedModelError
-from .probing import LayerCall, WriterSpec, _is_conv1d, capture_layer_calls, layer_signature, probe_layer
+from .probing import LayerCall, WriterSpec, capture_layer_calls, is_conv1d, layer_signature, probe_layer
 
 # Leaf names of dense MLP writers (down projections) across families.
 _MLP_WRITER_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "w2")
@@ -99,7 +99,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def _hidden_size(model: nn.Module) -> int:
+def model_hidden_size(model: nn.Module) -> int:
     config = text_config(model)
     for attr in ("hidden_size", "n_embd", "d_model"):
         if config is not None and isinstance(getattr(config, attr, None), int):
@@ -152,9 +152,9 @@ _PACKED_NAMES = ("qweight", "qzeros", "g_idx", "weight_packed", "weight_scale", 
 
 
 def _linear_writer(module: nn.Module, path: str, hidden: int) -> tuple[int, Optional[str]]:
-    if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
         raise UnsupportedModelError(f"{path} is a {type(module).__name__}, not a linear writer")
-    axis = 1 if _is_conv1d(module) else 0
+    axis = 1 if is_conv1d(module) else 0
     return axis, "bias" if getattr(module, "bias", None) is not None else None
 
 
@@ -173,7 +173,7 @@ def _table_specs(block: nn.Module, layout: Layout, hidden: int, prefix: str) -> 
             axis = 2 if getattr(module, "is_transposed", False) else 1
             bias = "down_proj_bias" if isinstance(module._parameters.get("down_proj_bias"), torch.Tensor) else None
             mlp.append(WriterSpec(path, "down_proj", axis, bias, _posts(layout.mlp_post_norm), "mlp"))
-        elif path.rsplit(".", 1)[-1] in _MLP_WRITER_NAMES and (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        elif path.rsplit(".", 1)[-1] in _MLP_WRITER_NAMES and (isinstance(module, nn.Linear) or is_conv1d(module)):
             mlp.append(WriterSpec(path, "weight", *_linear_writer(module, f"{prefix}.{path}", hidden),
                                   _posts(layout.mlp_post_norm), "mlp"))
     if not mlp:
@@ -215,7 +215,7 @@ def residual_writers(model: nn.Module, layers: Optional[list[int]] = None, *, me
     """
     check_editable(model)
     blocks = decoder_layers(model)
-    hidden = _hidden_size(model)
+    hidden = model_hidden_size(model)
     names = {id(m): n for n, m in model.named_modules()}
     indices = layer_indices(model, layers)
     specs = _layer_specs(model, indices, method, calls, recorded)
@@ -233,7 +233,7 @@ def writer_record(model: nn.Module, layers: Optional[list[int]] = None) -> dict[
 def _layer_specs(model: nn.Module, indices: list[int], method: str, calls: Optional[dict[int, LayerCall]],
                  recorded: Optional[Mapping]) -> dict[int, list[WriterSpec]]:
     blocks = decoder_layers(model)
-    hidden = _hidden_size(model)
+    hidden = model_hidden_size(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     names = {id(m): n for n, m in model.named_modules()}
     layout = LAYOUTS.get(model_type) if method != "probe" and recorded is None else None

@@ -202,7 +202,7 @@ def _is_linear_like(module: nn.Module, hidden: int) -> bool:
                for p in module._parameters.values())
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     # transformers' Conv1D (GPT-2) stores its weight (in, out); matched by name to avoid importing it.
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -308,8 +308,8 @@ def _writer_param(layer: nn.Module, call: LayerCall, name: str, outputs: list, h
     projections) is found by trying each hidden-size axis in a forward pass of the whole layer, so weights that a
     parent slices and passes in as arguments count too."""
     module = layer.get_submodule(name)
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
-        axis = 1 if _is_conv1d(module) else 0
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        axis = 1 if is_conv1d(module) else 0
         if module.weight.shape[axis] != hidden:
             return None
         return "weight", axis, "bias" if getattr(module, "bias", None) is not None else None

@@ -38,7 +38,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..folders import atomic_folder, check_output_dir
 from ..method.editing import reapply_edit
 from ..models.architectures import residual_writers
-from ..models.probing import _is_conv1d
+from ..models.probing import is_conv1d as _is_conv1d
 from ..models.weights import read_param, write_param
 from ..report import REPORT_NAME, SRAReport
 

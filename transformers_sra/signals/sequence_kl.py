@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..batching import _encode, id_batches, input_device, pad_id
+from ..batching import encode_texts, id_batches, input_device, pad_id
 from ..prompts import format_chat
 from .decoding import eos_token_ids, greedy_decode, reply_batches
 
@@ -88,7 +88,7 @@ def base_reply_distribution(model: nn.Module, tokenizer, prompts: Sequence[str],
     """The base model's greedy ``n_tokens``-token replies to ``prompts`` (generated ``reply_batch_size`` rows at a
     time, default ``batch_size``) and its top-k log-probs along them (read ``batch_size`` rows at a time)."""
     texts = format_chat(tokenizer, prompts, system_prompt)
-    prompt_ids = _encode(tokenizer, texts)
+    prompt_ids = encode_texts(tokenizer, texts)
     reply_ids = _greedy_replies(model, tokenizer, texts, n_tokens, reply_batch_size or batch_size)
     keep = [i for i, r in enumerate(reply_ids) if r]
     prompt_ids, reply_ids = [prompt_ids[i] for i in keep], [reply_ids[i] for i in keep]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from transformers_sra.measure.metrics import _base  # a module, so evaluate.load finds this file's class first
-from transformers_sra.signals.judge import first_token_logprobs, refusal_probability, refusal_token_ids
+from transformers_sra.signals.logprobs import first_token_logprobs, refusal_probability, refusal_token_ids
 
 
 class RefusalScore(_base.StringMetric):
