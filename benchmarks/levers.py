@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--second", type=float, nargs="+", default=[1.0], help="tent scales of the second direction")
     parser.add_argument("--per-layer", type=float, nargs="+", default=[], help="tent scales of per-layer directions")
     parser.add_argument("--per-layer-from", type=int, default=15, help="first layer that removes its own direction")
+    parser.add_argument("--per-layer-clean", action="store_true",
+                        help="clean (atoms + Shield) every per-layer direction, not only at the search's layers")
     parser.add_argument("--methods", nargs="+", default=None, help="only these point methods (base always runs)")
     parser.add_argument("--name", default="levers", help="results file stem: NAME.json and NAME.png")
     args = parser.parse_args()
@@ -162,7 +164,8 @@ def main() -> None:
     config = SRAConfig() if args.model != "tiny" else tiny_config(0)
     n_layers = len(model.model.layers)
     others = [layer for layer in (args.layer - 2, args.layer + 2) if 0 <= layer < n_layers]  # the cone's other depths
-    config = dataclasses.replace(config, candidate_layers=sorted({args.layer, *others}), fluency_rank=args.rank)
+    cleaned = range(args.per_layer_from, n_layers) if args.per_layer and args.per_layer_clean else []
+    config = dataclasses.replace(config, candidate_layers=sorted({args.layer, *others, *cleaned}), fluency_rank=args.rank)
     inputs = resolve_inputs(model, config, AtomRegistry.default(), tok)
     cut = (lambda xs: xs[: args.limit]) if args.limit else (lambda xs: xs)
     sets = EvalSets(harmful=cut(inputs.prompts("harmful_val")), harmless=cut(inputs.prompts("harmless_val")),

@@ -1,4 +1,5 @@
-"""The edit as a PEFT LoRA adapter: peft on the unedited base reproduces the baked model; refusals write nothing."""
+"""The edit as a PEFT LoRA adapter: peft on the unedited base reproduces the baked model; refusals write nothing;
+what no LoRA holds travels as full modules (modules_to_save) only when asked."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from peft import PeftModel
 from peft.helpers import rescale_adapter_scale
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, make_tokenizer
 from tiny_families import VOCAB, causal_lm_families, make_family_model, one_thread
 from transformers_sra import SRAReport, UnsupportedModelError, export_adapter
 from transformers_sra.cli import main
@@ -195,7 +196,29 @@ def test_norm_preserving_bakes_are_refused_and_write_nothing(tmp_path):
 
 def test_fused_expert_biases_are_refused_and_write_nothing(tmp_path):
     base = make_family_model("gpt_oss")  # fused experts with down_proj_bias: target_parameters has no lora_bias
-    _refused(base, make_report(base), tmp_path / "lora", "fused expert bias")
+    _refused(base, make_report(base), tmp_path / "lora", "fused expert bias.*modules_to_save: model.layers.0.mlp.experts"
+             " and 2 more.*full_modules=True")
+
+
+def test_full_modules_carry_what_no_lora_holds(tmp_path):
+    """With ``full_modules=True`` gpt-oss's experts (down_proj with its bias) travel whole and baked as peft's
+    modules_to_save; attention out stays a LoRA. Switched off it is the base; scaling leaves the copies as they are."""
+    base = make_family_model("gpt_oss")
+    report = make_report(base)
+    folder = export_adapter(report, base, tmp_path / "lora", full_modules=True)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert sorted(config["modules_to_save"]) == [f"model.layers.{i}.mlp.experts" for i in range(3)]
+    assert config["target_modules"] and not config.get("target_parameters")
+    baked = copy.deepcopy(base)
+    reapply_edit(baked, report)
+    adapted = peft_on(base, folder)
+    assert (logits(adapted, vocab=VOCAB - 1) - logits(baked, vocab=VOCAB - 1)).abs().max() <= TOL
+    with adapted.disable_adapter():
+        assert torch.equal(logits(adapted, vocab=VOCAB - 1), logits(base, vocab=VOCAB - 1))
+    with rescale_adapter_scale(adapted, 0.0):  # only the LoRA part goes: the copies keep the experts' edit
+        unscaled = logits(adapted, vocab=VOCAB - 1)
+    assert (unscaled - logits(base, vocab=VOCAB - 1)).abs().max() > 100 * TOL
+    assert "rescale_adapter_scale` leaves them" in (folder / "README.md").read_text()
 
 
 def test_post_norm_bias_is_refused_and_writes_nothing(tmp_path):
@@ -237,7 +260,8 @@ def test_existing_folder_is_refused_and_overwrite_replaces_it(tmp_path):
 @pytest.mark.parametrize("model_type", causal_lm_families())
 def test_every_family_exports_exactly_or_is_refused(model_type, tmp_path):
     """Every causal-LM family of the coverage table: the adapter reproduces the bake within 1e-4, or the export
-    raises `UnsupportedModelError` (the bake's own refusal or one of the adapter's) and writes nothing."""
+    raises `UnsupportedModelError` (the bake's own refusal or one of the adapter's) and writes nothing; where the
+    refusal offers full modules, the adapter with them reproduces the bake."""
     try:
         base = make_family_model(model_type)
         base(input_ids=torch.randint(3, VOCAB - 1, (1, 4)), use_cache=False)
@@ -247,10 +271,12 @@ def test_every_family_exports_exactly_or_is_refused(model_type, tmp_path):
     before = state(base)
     try:
         folder = export_adapter(report, base, tmp_path / "lora", card=False)
-    except UnsupportedModelError:
+    except UnsupportedModelError as err:
         assert not (tmp_path / "lora").exists()
         assert_same_state(base, before)
-        return
+        if "full_modules=True" not in str(err):
+            return
+        folder = export_adapter(report, base, tmp_path / "lora", card=False, full_modules=True)
     baked = copy.deepcopy(base)
     reapply_edit(baked, report)
     expected = logits(baked, vocab=VOCAB - 1)
@@ -271,6 +297,26 @@ def test_cli_exports_from_an_ablate_folder(tmp_path, capsys):
     baked = copy.deepcopy(base)
     reapply_edit(baked, report)
     assert (logits(peft_on(base, tmp_path / "lora")) - logits(baked)).abs().max() <= TOL
+
+
+def test_cli_full_modules_exports_jetmoe(tmp_path, capsys):
+    """JetMoE's bare biases: refused in one line without --full-modules, exact with it."""
+    base = make_family_model("jetmoe")
+    base.save_pretrained(tmp_path / "base")
+    make_tokenizer().save_pretrained(tmp_path / "base")
+    report = make_report(base)
+    report.model_name = str(tmp_path / "base")
+    (tmp_path / "ablated").mkdir()
+    report.save(tmp_path / "ablated")
+    argv = ["export-adapter", str(tmp_path / "lora"), "--from", str(tmp_path / "ablated"), "--json", "--quiet"]
+    assert main(argv) == 2
+    assert "--full-modules" in capsys.readouterr().err.strip().splitlines()[-1] and not (tmp_path / "lora").exists()
+    assert main([*argv, "--full-modules"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["full_modules"] == 6 and result["targets"] == 0  # MoE and attention experts in each of 3 layers
+    baked = copy.deepcopy(base)
+    reapply_edit(baked, report)
+    assert (logits(peft_on(base, tmp_path / "lora"), vocab=VOCAB - 1) - logits(baked, vocab=VOCAB - 1)).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("argv, message", [

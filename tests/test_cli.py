@@ -87,7 +87,7 @@ def test_ablate_writes_a_loadable_checkpoint_in_the_checkpoints_dtype(tmp_path, 
         assert f.get_tensor("model.layers.2.self_attn.o_proj.weight").dtype == torch.bfloat16
     saved = SRAConfig.from_pretrained(out)
     assert saved.strength == 0.9 and saved.direction_layer == 1 and set(saved.custom_atoms) == {"mathy", "short"}
-    v = SRAReport.load(out).direction_tensor(0)
+    v = SRAReport.load(out).direction_tensor(0)[2]  # per-layer directions: layer 2 (after layer 1) removes its own
     edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).model.layers[2].self_attn.o_proj.weight
     original = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).model.layers[2].self_attn.o_proj.weight
     # W ← W − γ v vᵀW with γ = 0.9 leaves 0.1 of the v component (bf16 rounding: about 1e-2 relative)

@@ -67,11 +67,12 @@ def _run(out: Path) -> None:
     evaluation = evaluate_model(model, tok, EVAL_SETS, batch_size=2, max_new_tokens=4)
     out.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    save_file({"directions": torch.tensor(report.directions), "dirty": torch.tensor(report.dirty_direction),
+    save_file({"dirty": torch.tensor(report.dirty_direction),
                "harmless_logprobs": evaluation.harmless_logprobs}, str(out / "tensors.safetensors"))
     (out / "run.json").write_text(json.dumps({
         "search": [{k: v for k, v in row.items() if k != "seconds"} for row in report.search],
-        "iterations": report.iterations, "metrics": evaluation.metrics, "samples": evaluation.samples,
+        "iterations": report.iterations, "directions": report.directions,
+        "metrics": evaluation.metrics, "samples": evaluation.samples,
         "rows_seen": seen[0]}))
 
 
@@ -149,6 +150,7 @@ def test_two_ranks_give_the_single_process_directions_search_weights_and_evaluat
         assert w.keys() == weights.keys() and all(torch.equal(w[k], weights[k]) for k in weights)
         assert all(torch.equal(t[k], tensors[k]) for k in tensors)
         assert r["search"] == run["search"] and r["iterations"] == run["iterations"]
+        assert r["directions"] == run["directions"]  # float lists: JSON keeps every bit
         assert r["metrics"] == run["metrics"] and r["samples"] == run["samples"]
         # each rank ran only its share of the batches (plus the shared prefix, which every rank runs once per loop)
         assert r["rows_seen"] < run["rows_seen"]

@@ -6,12 +6,15 @@ DBRX (layers in ``.blocks``, experts flattened into a 2-D ``w2`` shaped like its
 For every variant: after the bake no decoder layer writes more than 1e-4 of its write along v (checked on an input
 the bake's self-check never saw); undo restores every weight; stacked bakes (γ < 1, orthogonal to earlier ones) pass
 their self-check and the activation preview equals the bake; `sra bake` on the saved shards equals the in-memory bake
-bit for bit, from the writers the report recorded; the adapter reproduces the bake, or is refused, writing nothing.
+bit for bit, from the writers the report recorded; the adapter reproduces the bake. JetMoE's and DBRX's edits no
+LoRA layer holds (bare biases; a 2-D ``w2`` the parent module reads itself), so their adapter is refused, writing
+nothing, unless ``full_modules=True`` lets the modules that own them travel whole as peft's ``modules_to_save``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -145,30 +148,41 @@ def test_streaming_without_recorded_writers_is_refused_for_a_probed_family(tmp_p
     assert not (tmp_path / "out").exists()
 
 
-# JetMoE adds bare bias vectors (no LoRA layer holds a constant); peft's target_parameters wraps DBRX's expert module,
-# whose parent then cannot read w1/v1/w2 from it: both are refused, and only the checkpoint carries their edit.
-ADAPTER_REFUSED = {"jetmoe": "bias added on its own", "dbrx": "neither a Linear/Conv1D writer nor a fused 3-D"}
+# What peft carries whole (modules_to_save) in layer 0, and why no LoRA holds it: JetMoE adds bare bias vectors on
+# its MoE and attention-expert blocks (no LoRA layer holds a constant; peft's target_parameters wrapper has no
+# lora_bias); DBRX's parent module reads w1/v1/w2 off DbrxExpertGLU, which target_parameters' wrapper hides.
+FULL = {"jetmoe": (["model.layers.0.mlp", "model.layers.0.self_attention.experts"], "bias added on its own"),
+        "dbrx": (["transformer.blocks.0.ffn.experts.mlp"], "neither a Linear/Conv1D writer nor a fused 3-D")}
 
 
 @pytest.mark.parametrize("row", sorted(VARIANTS))
-def test_adapter_reproduces_the_bake_or_is_refused_writing_nothing(tmp_path, row):
+def test_adapter_reproduces_the_bake(tmp_path, row):
+    """The adapter on the unedited base gives the in-memory bake's logits within 1e-4, merged it leaves no layer
+    writing along either direction, and switched off it is the base; where only full modules carry the edit, the
+    plain export is refused in one line naming the writer and the way out, writing nothing."""
     base = make_family_model(row)
     report = exact_report(base)
     before = state(base)
     family = VARIANTS[row][0]
-    if family in ADAPTER_REFUSED:
-        with pytest.raises(UnsupportedModelError, match=ADAPTER_REFUSED[family]):
+    full, why = FULL.get(family, ([], None))
+    if full:
+        with pytest.raises(UnsupportedModelError, match=f"{why}.*modules_to_save: {full[0]}.*full_modules=True") as err:
             export_adapter(report, base, tmp_path / "lora", card=False)
-        assert not (tmp_path / "lora").exists()
+        assert "\n" not in str(err.value) and not (tmp_path / "lora").exists()
         assert_same_state(base, before)
-        return
-    folder = export_adapter(report, base, tmp_path / "lora", card=False)
+    folder = export_adapter(report, base, tmp_path / "lora", full_modules=bool(full))
+    assert_same_state(base, before)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert [m for m in config["modules_to_save"] or [] if ".0." in m] == full
+    assert ("modules_to_save" in (folder / "README.md").read_text()) == bool(full)
     baked = copy.deepcopy(base)
     reapply_edit(baked, report)
     adapted = peft_on(base, folder)
     expected = logits(baked, vocab=VOCAB - 1)
     assert (logits(base, vocab=VOCAB - 1) - expected).abs().max() > 100 * TOL
     assert (logits(adapted, vocab=VOCAB - 1) - expected).abs().max() <= TOL
+    with adapted.disable_adapter():
+        assert (logits(adapted, vocab=VOCAB - 1) - logits(base, vocab=VOCAB - 1)).abs().max() == 0
     merged = adapted.merge_and_unload()
     assert all(along(merged, d) <= TOL for d, _ in report.bakes())
 

@@ -104,7 +104,8 @@ def _run(config_kwargs: dict):
         assert "\n" not in str(err) and len(str(err)) < 600  # one readable line for the CLI
         return err
     assert all(math.isfinite(row["kl"]) for row in report.search)  # a NaN KL never reaches a report
-    assert abs(torch.tensor(report.directions[0]).norm() - 1) < 1e-5
+    removed = report.direction_tensor(0)  # {layer: unit vector}: per-layer directions are the default
+    assert all(abs(v.norm() - 1) < 1e-5 for v in removed.values())
     report.undo()
     assert all(torch.allclose(v, before[k], atol=1e-6) for k, v in model.state_dict().items())
     return report

@@ -50,8 +50,12 @@ def test_pipeline_on_a_tiny_model_edits_and_reports():
     assert len(judged) != 1 and all(row["feasible"] for row in judged)
     assert not judged or next(row for row in report.search if row["chosen"])["judged_rank"] == 1
     assert report.iterations and not report.iterations[0]["accepted"]  # the tiny vocabulary never refuses: nothing to mine
-    clean = torch.tensor(report.directions[0])
-    assert abs(clean.norm() - 1) < 1e-5
+    # per-layer directions (the default): the direction layer's up to it, each later layer its own; JSON round trip
+    removed = SRAReport.from_dict(json.loads(report.to_json())).direction_tensor(0)
+    n, at = len(model.model.layers), report.direction_layer
+    assert sorted(removed) == list(range(n)) and all(abs(v.norm() - 1) < 1e-5 for v in removed.values())
+    assert all(torch.equal(removed[i], removed[at]) for i in range(at + 1))
+    assert all(abs(removed[i] @ removed[at]) < 0.999 for i in range(at + 1, n))
     assert any(not torch.equal(v, original[k]) for k, v in model.state_dict().items())
     # the writers the bake found travel in the JSON report: sra bake replays them
     recorded = SRAReport.from_dict(json.loads(report.to_json())).writers

@@ -129,3 +129,20 @@ def test_select_by_behaviour_keeps_refused_harmful_and_answered_harmless():
     # too few left: the whole set is used rather than a noisy mean of a handful
     (h, l), kept = select_by_behaviour(harmful, torch.arange(40) < 3, harmless, answered)
     assert torch.equal(h, harmful) and kept["harmful"] == 40
+
+
+def test_per_layer_directions_take_each_later_layers_own_clean_direction():
+    from transformers_sra.method.directions import Directions
+
+    torch.manual_seed(0)
+    layers, d = [3, 4, 5, 6], 16
+    harmful, harmless = torch.randn(20, len(layers), d) + 1.0, torch.randn(20, len(layers), d)
+    atoms = {"math": torch.nn.functional.normalize(torch.randn(len(layers), 1, d), dim=-1)}
+    dirs = Directions.build(layers, harmful, harmless, atoms, ["math"], None, ridge_lambda=0.0)
+    mapped = dirs.removed(4, 0, per_layer=True)
+    assert sorted(mapped) == list(range(7))  # every layer from the first to the last extracted one
+    assert all(torch.equal(mapped[i], dirs.clean(4)) for i in range(5))
+    for i in (5, 6):  # its own direction, cleaned by the atoms at that layer
+        assert torch.equal(mapped[i], dirs.clean(i)) and not torch.allclose(mapped[i], dirs.clean(4))
+        assert abs(mapped[i] @ atoms["math"][layers.index(i), 0]) < 1e-5
+    assert torch.equal(dirs.removed(4, 0, per_layer=False), dirs.clean(4))

@@ -110,6 +110,12 @@ class SRAConfig:
         metadata={"help": "Plain text (shipped corpus name, .txt with blank-line passages, or a file of records): "
                   "even passages give the fluency Shield, odd ones the perplexity budget."},
     )
+    per_layer_directions: bool = field(
+        default=True,
+        metadata={"help": "Each layer after the direction layer removes its own clean direction (that layer's "
+                  "difference of means, cleaned by the same atoms and fluency Shield); the layers up to it remove "
+                  "the direction layer's. False removes the direction layer's direction everywhere (rank 1)."},
+    )
     fluency_rank: Union[int, str] = field(
         default="auto",
         metadata={"help": "Rank of the fluency Shield (top principal components of residuals on plain text) "

@@ -16,7 +16,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
@@ -35,6 +35,13 @@ def peak_memory() -> dict:
     return out
 
 
+def direction_record(direction: Union[torch.Tensor, Mapping[int, torch.Tensor]]) -> Union[list, dict]:
+    """A bake's direction as JSON: a list, or ``{"layer": list}`` for per-layer directions."""
+    if isinstance(direction, Mapping):
+        return {str(layer): v.tolist() for layer, v in sorted(direction.items())}
+    return direction.tolist()
+
+
 @dataclass
 class SRAReport:
     model_name: str
@@ -45,7 +52,7 @@ class SRAReport:
     strength: dict  # the StrengthProfile that was baked
     bake_layers: Optional[list]
     writers_edited: int
-    directions: list  # removed unit directions, first bake then each mining pass
+    directions: list  # removed unit directions (or {layer: direction}), first bake then each mining pass
     dirty_direction: list  # SRA's dirty direction at direction_layer (filtered prompts), unit
     search: list  # every scored candidate: layer, rank, profile, refusal_score, kl, ppl_change, feasible, chosen
     validation: dict  # sizes of the validation data and the base model's refusal score
@@ -85,8 +92,12 @@ class SRAReport:
         """The search row that was baked: its validation refusal score, KL and perplexity change."""
         return next(row for row in self.search if row.get("chosen"))
 
-    def direction_tensor(self, index: int = -1) -> torch.Tensor:
-        return torch.tensor(self.directions[index], dtype=torch.float32)
+    def direction_tensor(self, index: int = -1) -> Union[torch.Tensor, dict[int, torch.Tensor]]:
+        """Bake ``index``'s direction: one vector, or ``{layer: vector}`` for per-layer directions."""
+        d = self.directions[index]
+        if isinstance(d, dict):
+            return {int(layer): torch.tensor(v, dtype=torch.float32) for layer, v in d.items()}
+        return torch.tensor(d, dtype=torch.float32)
 
     def bakes(self) -> list[tuple[torch.Tensor, Any]]:
         """``(direction, strength)`` of each bake, in the pipeline's order: the first with the report's strength

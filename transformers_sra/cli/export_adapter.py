@@ -31,6 +31,9 @@ class ExportAdapterArguments:
         "help": "Hub id written as base_model in the adapter's config and card (default: inferred).", "metavar": "REPO"})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output folder (once the new one is complete)."})
     card: bool = field(default=True, metadata={"help": "Leave out the adapter's README.md card."})
+    full_modules: bool = field(default=False, metadata={
+        "help": "Where no LoRA layer can hold the edit (bare biases, expert tensors peft cannot wrap), carry the modules "
+                "that own it whole (peft modules_to_save): exact, but as large as those modules."})
 
 
 def _report(source: str):
@@ -66,13 +69,15 @@ def _export(args: argparse.Namespace) -> int:
     model, _ = load_model(base, dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code)
     with stage(f"export the adapter to {args.output}"):
         folder = export_adapter(report, model, args.output, overwrite=args.overwrite, card=args.card,
-                                base_model=args.base_model)
+                                base_model=args.base_model, full_modules=args.full_modules)
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     size_mb = (folder / ADAPTER_WEIGHTS).stat().st_size / 1e6
-    targets = len(config.get("target_modules") or []) + len(config.get("target_parameters") or [])
+    modules = config.get("target_modules") or []  # a string only as peft's placeholder when there is no LoRA layer
+    targets = (0 if isinstance(modules, str) else len(modules)) + len(config.get("target_parameters") or [])
+    full = len(config.get("modules_to_save") or [])
     result = {"command": "export-adapter", "output": str(folder), "base_model": config["base_model_name_or_path"],
-              "rank": config["r"], "targets": targets, "size_mb": round(size_mb, 3)}
+              "rank": config["r"], "targets": targets, "full_modules": full, "size_mb": round(size_mb, 3)}
     text = summary.pairs([("adapter", str(folder)), ("base model", result["base_model"]), ("rank", config["r"]),
-                          ("writers", targets), ("size", f"{size_mb:.2f} MB")])
+                          ("writers", targets), ("full modules", full), ("size", f"{size_mb:.2f} MB")])
     summary.emit(result, text, args.json)
     return 0

@@ -45,14 +45,15 @@ def _audit(model: nn.Module, tokenizer, config: SRAConfig, registry, sweep: bool
     with stage("validate"):
         inputs = resolve_inputs(model, config, registry or AtomRegistry.default(), tokenizer)
     rank = config.fluency_ranks[0] if config.fluency_rank == AUTO else config.fluency_rank
-    profile = default_profiles()[0] if config.strength == AUTO else config.profile()
+    profile = default_profiles(config.per_layer_directions)[0] if config.strength == AUTO else config.profile()
     batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
     with stage("extract"):
         dirs, kept = build_directions(model, tokenizer, inputs, config,
-                                      dict(layers=inputs.layers, positions=config.positions, **batching), [rank])
+                                      dict(layers=inputs.extract_layers, positions=config.positions, **batching), [rank])
     names = ["dirty", "clean"] + [a.name for a in inputs.atoms]
     cosine, explained = {}, {}
-    for j, layer in enumerate(inputs.layers):
+    for layer in inputs.layers:
+        j = dirs.layers.index(layer)
         vectors = [dirs.dirty_unit(layer), dirs.clean(layer, rank)] + [dirs.atom_bases[a.name][j][0] for a in inputs.atoms]
         cosine[layer] = [[round(c, 4) for c in row] for row in cosine_matrix(torch.stack(vectors)).tolist()]
         explained[layer] = round(dirs.explained(layer, rank), 4)
@@ -68,7 +69,8 @@ def _audit(model: nn.Module, tokenizer, config: SRAConfig, registry, sweep: bool
                                       inputs.budget_text, **batching)
     with stage("layer sweep"):
         choice, table = constrained_search(
-            model, tokenizer, {(l, rank): dirs.clean(l, rank) for l in inputs.layers}, val, layers=inputs.layers,
+            model, tokenizer, {(l, rank): dirs.removed(l, rank, config.per_layer_directions) for l in inputs.layers}, val,
+            layers=inputs.layers,
             ranks=[rank], profiles=[profile], max_kl=config.max_kl, max_ppl_increase=config.max_ppl_increase,
             bake_layers=config.layers, progress=(lambda row: progress("sweep", row)) if progress else None,
             score_all=True)  # the sweep shows every layer's refusal score, over the KL budget too

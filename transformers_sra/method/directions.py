@@ -10,7 +10,7 @@ Built from activations alone (no model), so every step after extraction is testa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -19,7 +19,7 @@ from .residualize import difference_of_means, explained_share, ridge_residualize
 
 @dataclass
 class Directions:
-    layers: list[int]  # the candidate layers, in the order of every tensor's first axis
+    layers: list[int]  # the extracted layers, in the order of every tensor's first axis
     dirty: torch.Tensor  # (L, d): mean(harmful) − mean(harmless)
     atom_bases: dict[str, torch.Tensor]  # atom name -> (L, k, d) orthonormal basis
     removable: list[str]  # Shield and Confound atom names, regressed out of the dirty direction
@@ -62,6 +62,16 @@ class Directions:
 
     def clean(self, layer: int, rank: int = 0) -> torch.Tensor:
         return ridge_residualize(self.dirty[self._index(layer)], self.atom_matrix(layer, rank), self.ridge_lambda)
+
+    def per_layer(self, layer: int, rank: int = 0) -> dict[int, torch.Tensor]:
+        """``{layer: unit direction}`` for every layer up to the last extracted one: each layer after ``layer``
+        removes its own clean direction; ``layer`` and the layers before it remove ``layer``'s."""
+        v = self.clean(layer, rank)
+        return {**{i: v for i in range(layer + 1)}, **{i: self.clean(i, rank) for i in self.layers if i > layer}}
+
+    def removed(self, layer: int, rank: int, per_layer: bool) -> Union[torch.Tensor, dict[int, torch.Tensor]]:
+        """What an edit at direction layer ``layer`` removes: `per_layer`, or ``layer``'s clean direction alone."""
+        return self.per_layer(layer, rank) if per_layer else self.clean(layer, rank)
 
     def explained(self, layer: int, rank: int = 0) -> float:
         """Share of the dirty direction the atoms (and fluency Shield) explain."""

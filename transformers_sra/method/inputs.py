@@ -31,6 +31,7 @@ class RunInputs:
     layers: list[int]  # candidate direction layers
     fluency_text: list[str]  # passages for the fluency Shield
     budget_text: list[str]  # held-back passages for the perplexity budget
+    extract_layers: list[int]  # layers with directions: the candidates, and with per-layer directions all after them
 
     def prompts(self, role: str) -> list[str]:
         return self.texts[self.sources[role]]
@@ -76,4 +77,7 @@ def resolve_inputs(model: nn.Module, config: SRAConfig, registry: AtomRegistry, 
         layers = [config.direction_layer % n_layers]
     else:
         layers = sorted({i % n_layers for i in (config.candidate_layers or default_candidates(n_layers))})
-    return RunInputs(texts, {k: set_key(v) for k, v in sources.items()}, atoms, layers, corpus[0::2], corpus[1::2])
+    # per-layer directions: every layer after the first candidate removes its own, so each needs one
+    extract = sorted({*layers, *range(layers[0], n_layers)}) if config.per_layer_directions else layers
+    return RunInputs(texts, {k: set_key(v) for k, v in sources.items()}, atoms, layers, corpus[0::2], corpus[1::2],
+                     extract)

@@ -42,10 +42,10 @@ def build_directions(model, tokenizer, inputs: RunInputs, config: SRAConfig, ext
              for a in inputs.atoms}
     fluency = None
     if max(ranks) > 0:
-        tokens = record_token_residuals(model, tokenizer, inputs.fluency_text, layers=inputs.layers,
+        tokens = record_token_residuals(model, tokenizer, inputs.fluency_text, layers=extract["layers"],
                                         batch_size=max(1, config.batch_size // 2))
         fluency = principal_basis(tokens, min(max(ranks), tokens.shape[0] - 1))
-    dirs = Directions.build(inputs.layers, harmful_acts, harmless_acts, bases,
+    dirs = Directions.build(extract["layers"], harmful_acts, harmless_acts, bases,
                             [a.name for a in inputs.atoms if a.role in ("shield", "confound")], fluency,
                             config.ridge_lambda, projected=config.projected)
     dirs.unfiltered = difference_of_means(acts[harmful], acts[harmless])  # the field's standard ablation direction

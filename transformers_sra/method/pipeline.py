@@ -20,7 +20,7 @@ from ..config import AUTO, SRAConfig
 from ..models.architectures import writer_record
 from ..progress import stage, with_progress_option
 from ..prompts import chat_template_kwargs
-from ..report import SRAReport, peak_memory
+from ..report import SRAReport, direction_record, peak_memory
 from ..signals.judge import resolve_classifier
 from .atoms import AtomRegistry, cosine_matrix, subspace_cosine
 from .directions import Directions
@@ -93,16 +93,16 @@ def _ablate(model, tokenizer, config: SRAConfig, registry, judge, progress) -> S
         inputs = resolve_inputs(model, config, registry or AtomRegistry.default(), tokenizer)
         classify_reply = resolve_classifier(judge or config.judge)  # a bad judge path fails now, not after the search
         ranks = list(config.fluency_ranks) if config.fluency_rank == AUTO else [config.fluency_rank]
-        profiles = default_profiles() if config.strength == AUTO else [config.profile()]
+        profiles = default_profiles(config.per_layer_directions) if config.strength == AUTO else [config.profile()]
     batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
-    extract = dict(layers=inputs.layers, positions=config.positions, **batching)
+    extract = dict(layers=inputs.extract_layers, positions=config.positions, **batching)
 
     with timer("extract"):
         dirs, kept = build_directions(model, tokenizer, inputs, config, extract, ranks)
     with timer("validation"):
         val = Validation.measure_base(model, tokenizer, inputs.prompts("harmful_val"), inputs.prompts("harmless_val"),
                                       inputs.budget_text, **batching)
-    directions = {(l, r): dirs.clean(l, r) for l in inputs.layers for r in ranks}
+    directions = {(l, r): dirs.removed(l, r, config.per_layer_directions) for l in inputs.layers for r in ranks}
     judging = JudgedRanking(classify_reply, config.judged_contenders, config.judged_tokens)
     with timer("search"):
         choice, table = constrained_search(
@@ -131,8 +131,8 @@ def _report(model: nn.Module, config: SRAConfig, run: _Run, bakes: BakeStack, ti
     inputs, dirs, choice, val = run.inputs, run.dirs, run.choice, run.val
     first = bakes.handles[0]
     layer = choice.layer
-    j = inputs.layers.index(layer)
-    clean = bakes.directions[0]
+    j = dirs.layers.index(layer)
+    clean = dirs.clean(layer, choice.rank)
     audit_vectors = torch.stack([dirs.dirty_unit(layer), clean] + [dirs.atom_bases[a.name][j][0] for a in inputs.atoms])
     audit = {"layer": layer, "names": ["dirty", "clean"] + [a.name for a in inputs.atoms],
              "cosine": cosine_matrix(audit_vectors).tolist()}
@@ -148,7 +148,7 @@ def _report(model: nn.Module, config: SRAConfig, run: _Run, bakes: BakeStack, ti
         strength=choice.profile.to_dict(),
         bake_layers=first.layers,
         writers_edited=len(first.writer_names),
-        directions=[d.tolist() for d in bakes.directions],
+        directions=[direction_record(d) for d in bakes.directions],
         dirty_direction=dirs.dirty_unit(layer).tolist(),
         standard_direction=dirs.unit(dirs.unfiltered, layer).tolist(),
         search=run.table,

@@ -26,6 +26,7 @@ goes into the report, with both ranks::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -50,13 +51,19 @@ def default_candidates(n_layers: int) -> list[int]:
     return list(range(lo, max(int(0.7 * n_layers) + 1, lo + 1)))
 
 
-def default_profiles() -> list[StrengthProfile]:
+def default_profiles(per_layer: bool = False) -> list[StrengthProfile]:
     """The strength profiles the search tries; the first one also scores layers and ranks.
 
     Chosen on the demo model's validation split: a tent peaking at 60% of depth keeps KL and perplexity
     well inside the budgets where flat γ = 1 does not (flat γ = 1 never met the perplexity budget there,
-    +1.1% to +1.7%); the steeper ones buy refusal with the KL left over.
+    +1.1% to +1.7%); the steeper ones buy refusal with the KL left over. Per-layer directions move the
+    model more per unit of γ (the first tent ×1.0 cost first-token KL 0.090 there, ×0.6 0.050), so they get the
+    first tent scaled from ×0.5 to ×0.8.
     """
+    if per_layer:
+        first = default_profiles()[0]
+        return [dataclasses.replace(first, peak=round(first.peak * s, 3), floor=round(first.floor * s, 3))
+                for s in (0.5, 0.6, 0.7, 0.8)]
     return [
         StrengthProfile(peak=1.2, floor=0.2, center=0.6, width=0.4),
         StrengthProfile(peak=1.4, floor=0.3, center=0.6, width=0.4),
@@ -151,7 +158,7 @@ class JudgedRanking:
 
 @dataclass(frozen=True)
 class Candidate:
-    layer: int  # layer whose clean direction is removed
+    layer: int  # layer whose clean direction is removed (with per-layer directions: up to it, each later its own)
     rank: int  # rank of the fluency Shield regressed out of it
     profile: StrengthProfile
 

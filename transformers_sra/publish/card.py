@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .._version import __version__
 from ..errors import ConfigError
@@ -234,7 +234,7 @@ def render_card(report, *, base_model: Optional[str] = None, license: Optional[s
     edit_lines = [f"Direction layer {report.direction_layer}; fluency Shield rank {report.fluency_rank}.",
                   f"Strength profile: {escape_md(json.dumps(report.strength))}.",
                   f"Edited layers: {escape_md(report.bake_layers)} ({report.writers_edited} residual writers); "
-                  f"{len(report.directions)} direction(s) removed."]
+                  f"{_removed(report)} removed."]
     if explained is not None:
         edit_lines.append(f"The Shield and Confound atoms (with the fluency Shield) explained {explained:.1%} of the "
                           "dirty direction at that layer; that share was kept, not removed.")
@@ -260,7 +260,8 @@ def render_card(report, *, base_model: Optional[str] = None, license: Optional[s
     return card
 
 
-def render_adapter_card(report, *, base_model: Optional[str] = None, rank: int = 1, size_mb: Optional[float] = None):
+def render_adapter_card(report, *, base_model: Optional[str] = None, rank: int = 1, size_mb: Optional[float] = None,
+                        full_modules: Sequence[str] = ()):
     """The README of an `export_adapter` folder: ``library_name: peft``, the base model, the measured metrics and
     how to load, switch off or scale the edit. Plain Markdown (no template), so it needs no jinja2."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -277,12 +278,16 @@ def render_adapter_card(report, *, base_model: Optional[str] = None, rank: int =
     # a Python string literal inside the fenced block: one line, no backticks, quotes escaped by json
     source = json.dumps(" ".join(str(base_model or "PATH/TO/BASE/MODEL").replace("`", "").split()))
     size = f" ({size_mb:.1f} MB)" if size_mb is not None else ""
+    full = (f"\n\n{len(full_modules)} module(s) whose edit no LoRA layer holds (bare biases, expert tensors peft "
+            "cannot wrap) are carried whole, baked, as peft's `modules_to_save`, starting with "
+            f"{escape_md(full_modules[0])}: `disable_adapter()` switches them off too, but `rescale_adapter_scale` "
+            "leaves them as they are.") if full_modules else ""
     body = f"""
 # {shown} with refusal removed by Surgical Refusal Ablation (LoRA adapter)
 
 A PEFT LoRA adapter{size} written by transformers-sra {__version__}. Loaded on {shown} it reproduces the
 ablated checkpoint: each residual-stream writer's bake ``W − γ u (uᵀW)`` is held exactly as rank {rank}
-(one rank per removed direction, ``lora_alpha = r``, so peft's scaling is 1).
+(one rank per removed direction, ``lora_alpha = r``, so peft's scaling is 1).{full}
 
 ## Results of the edit
 
@@ -306,10 +311,18 @@ with rescale_adapter_scale(model, 0.5):                           # every streng
 merged = model.merge_and_unload()                                 # a plain checkpoint again
 ```
 
-Edited: {len(report.directions)} direction(s) from layer {report.direction_layer}, layers
+Edited: {_removed(report)} from layer {report.direction_layer}, layers
 {escape_md(report.bake_layers)}, {report.writers_edited} residual writers; `sra_report.json` holds every number.
 
 ## Limitations
 
 """ + "\n".join(f"- {line}" for line in _limitations(report)) + "\n"
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _removed(report) -> str:
+    """What the bakes removed, in words: per-layer directions count as one bake."""
+    first = "per-layer directions (each layer after the direction layer its own)" \
+        if report.directions and isinstance(report.directions[0], dict) else "1 direction"
+    more = len(report.directions) - 1
+    return first + (f" and {more} mined direction(s)" if more > 0 else "")
