@@ -158,3 +158,24 @@ def test_sra_bake_loads_neither_evaluate_nor_datasets(tmp_path):
             "--output", str(tmp_path / "out"), "--quiet"]
     _run_clean(f"from transformers_sra.cli import main\nassert main({args!r}) == 0")
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_every_public_name_and_every_old_module_path_still_imports():
+    code = """
+import importlib, warnings
+import transformers_sra
+from transformers_sra._moved import MOVED
+for name in transformers_sra.__all__:
+    getattr(transformers_sra, name)
+for old, new in MOVED.items():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(f"transformers_sra.{old}")
+    assert module is importlib.import_module(f"transformers_sra.{new}"), old
+    assert any(w.category is DeprecationWarning and new in str(w.message) for w in caught), old
+from transformers_sra.evaluation import EvalSets, evaluate_model  # the README's 0.1 imports
+from transformers_sra.editing import bake_direction
+from transformers_sra.metrics import RefusalRate
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
