@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from transformers_sra import SRAConfig, apply_surgical_ablation, load_demo_model
-from transformers_sra.editing import bake_direction
-from transformers_sra.judge import VerdictStop, classify, generate
-from transformers_sra.profile import MAX_STRENGTH, StrengthProfile
+from transformers_sra.method.editing import bake_direction
 from transformers_sra.progress import show_progress
 from transformers_sra.prompts import load_prompts
+from transformers_sra.signals.judge import VerdictStop, classify, generate
+from transformers_sra.strength import MAX_STRENGTH, StrengthProfile
 
 STRUCTURED = re.compile(r"step|list|stor|post|letter|table|dialog|script|code|tweet|essay|article|poem|guide|"
                         r"tutorial|plan|email|note|speech|recipe|review|song|outline|template|ways|tips", re.I)

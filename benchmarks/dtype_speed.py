@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from transformers_sra import load_prompts
-from transformers_sra.cli.loading import _NATIVE_FLAGS, compute_dtype, cpu_computes_natively, cpu_flags, matmul_seconds
-from transformers_sra.evaluation import git_commit
+from transformers_sra.cli.loading import NATIVE_FLAGS, compute_dtype, cpu_computes_natively, cpu_flags, matmul_seconds
+from transformers_sra.measure.records import git_commit
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPE = (16, 896, 4864)  # the demo model's MLP up-projection on a batch of 16 rows
@@ -53,7 +53,7 @@ def time_model(rounds: int, prompts: int, steps: int) -> dict:
     """The demo model's prompt forward pass and mean decode step in fp32 and in bf16 (loaded in each, as ``auto``
     loads it), best of ``rounds`` each; the first round is also the warm-up (allocator, kernels)."""
     from transformers_sra import load_demo_model
-    from transformers_sra.eval_plan import timed_generation
+    from transformers_sra.measure.plan import timed_generation
     from transformers_sra.prompts import format_chat
 
     model, tok = load_demo_model(dtype=torch.float32)
@@ -83,7 +83,7 @@ def main() -> None:
               "cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "native_by": "micro-benchmark" if flags is None else "x86 flags",
-              "native_flags": sorted(f for fs in _NATIVE_FLAGS.values() for f in fs if flags and f in flags),
+              "native_flags": sorted(f for fs in NATIVE_FLAGS.values() for f in fs if flags and f in flags),
               "native": {name(dt): dt == torch.float32 or cpu_computes_natively(dt) for dt in DTYPES},
               "auto_computes": {name(dt): name(compute_dtype(dt, "cpu")) for dt in DTYPES},
               "rounds": args.rounds, "clock": "CPU seconds of this process"}

@@ -26,11 +26,19 @@ from transformers_sra import SRAConfig
 from transformers_sra.cli.ablate import plan_line
 from transformers_sra.cli.args import EVAL_BUDGET_S
 from transformers_sra.cli.loading import load_model
-from transformers_sra.eval_plan import COST_MARGIN, REPLY_BATCH_SIZE, EvalCost, measure_speed, plan_evaluation, timed_generation
-from transformers_sra.evaluation import _perplexity, git_commit
-from transformers_sra.judge import first_token_logprobs
+from transformers_sra.measure.evaluation import perplexity_of
+from transformers_sra.measure.plan import (
+    COST_MARGIN,
+    REPLY_BATCH_SIZE,
+    EvalCost,
+    measure_speed,
+    plan_evaluation,
+    timed_generation,
+)
+from transformers_sra.measure.records import git_commit
 from transformers_sra.prompts import format_chat
-from transformers_sra.sequence_kl import base_reply_distribution
+from transformers_sra.signals.logprobs import first_token_logprobs
+from transformers_sra.signals.sequence_kl import base_reply_distribution
 
 
 def timed(run) -> float:
@@ -67,7 +75,7 @@ def main() -> None:
                 first_token_logprobs(model, tokenizer, sets.harmful, **batching))),
             "first-token, harmless (first-token KL)": (costs.first_token("harmless", sizes["harmless"]), lambda: (
                 first_token_logprobs(model, tokenizer, sets.harmless, **batching))),
-            **{f"perplexity, {name}": (costs.perplexity(name, sizes[name]), lambda name=name: _perplexity(
+            **{f"perplexity, {name}": (costs.perplexity(name, sizes[name]), lambda name=name: perplexity_of(
                 model, tokenizer, getattr(sets, name), None, batch_size=max(1, config.batch_size // 2),
                 system_prompt=config.system_prompt)) for name in ("text", "math", "code") if sizes[name]},
             "base 32-token replies + top-k pass": (

@@ -23,10 +23,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers_sra import load_demo_model
 from transformers_sra.batching import input_device, pad_id, sorted_batches
 from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype
-from transformers_sra.decoding import eos_token_ids, greedy_decode, reply_batches
-from transformers_sra.evaluation import git_commit, write_results
-from transformers_sra.judge import _ANSWER, _WORD, JUDGE_TOKENS, VerdictStop, classify, is_refusal, labelled_replies
+from transformers_sra.measure.records import git_commit, write_results
 from transformers_sra.prompts import format_chat, load_prompts
+from transformers_sra.signals.decoding import eos_token_ids, greedy_decode, reply_batches
+from transformers_sra.signals.judge import _ANSWER, _WORD, JUDGE_TOKENS, VerdictStop, classify, is_refusal, labelled_replies
 
 COMMAND = "python benchmarks/eval_speed.py --n 64 --dtype float32 --rounds 2 --out benchmarks/results/eval_speed.json"
 CUT_WORDS = (12, 24, 48)

@@ -4,7 +4,7 @@ Every point is `evaluation.evaluate_model` of the model as baked, against the ba
 outcomes of 128-token greedy replies to ``harmful_test`` (95% Clopper-Pearson intervals), first-token KL and the
 multi-token KL along the base model's 32-token replies on ``harmless_test``, ΔPPL on ``general_test``; base and
 the SRA default also get ``over_refusal_test`` and the outcomes of replies to harmless prompts. The curves, all
-flat γ at SRA's direction layer and named as in `transformers_sra.baselines`:
+flat γ at SRA's direction layer and named as in `transformers_sra.method.baselines`:
 
 * ``standard``: the field's abliteration (difference of means of *all* training prompts);
 * ``standard_filtered``: SRA's dirty direction (training prompts filtered by the base model's behaviour);
@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 from transformers_sra import SRAConfig, apply_surgical_ablation, bake_direction, load_demo_model
-from transformers_sra.evaluation import EvalSets, evaluate_model, git_commit, reapply_edit, results_record, write_results
+from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+from transformers_sra.measure.records import git_commit, results_record, write_results
+from transformers_sra.method.editing import reapply_edit
 
 COLUMNS = [["name", "point"], ["refusal_rate", "refused (95% CI)"], ["degenerate_rate", "degenerate (95% CI)"],
            ["first_token_kl", "first-token KL", "{:.3f}"], ["multi_token_kl", "KL along 32-token replies", "{:.4f}"],

@@ -28,18 +28,12 @@ from pathlib import Path
 import torch
 
 from transformers_sra import SRAConfig, SRAReport, apply_surgical_ablation, bake_direction, load_demo_model
-from transformers_sra.baselines import swapped_edit
 from transformers_sra.cache import default_cache_dir
-from transformers_sra.evaluation import (
-    EvalSets,
-    cached_evaluation,
-    evaluate_model,
-    git_commit,
-    reapply_edit,
-    results_record,
-    write_results,
-)
-from transformers_sra.tasks import MAX_NEW_TOKENS
+from transformers_sra.measure.evaluation import EvalSets, cached_evaluation, evaluate_model
+from transformers_sra.measure.records import git_commit, results_record, write_results
+from transformers_sra.measure.tasks import MAX_NEW_TOKENS
+from transformers_sra.method.baselines import swapped_edit
+from transformers_sra.method.editing import reapply_edit
 
 TASK = ("humaneval",)
 COLUMNS = [["label", "model"], ["humaneval_pass_rate", "HumanEval pass@1 (95% CI)"],

@@ -19,9 +19,9 @@ import collections
 import json
 from pathlib import Path
 
-from transformers_sra.evaluation import git_commit
-from transformers_sra.judge import classify, degenerate_labelled, judge_accuracy, labelled_replies
-from transformers_sra.metrics import clopper_pearson
+from transformers_sra.measure.metrics import clopper_pearson
+from transformers_sra.measure.records import git_commit
+from transformers_sra.signals.judge import classify, degenerate_labelled, judge_accuracy, labelled_replies
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "python benchmarks/judge_accuracy.py"

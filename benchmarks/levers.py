@@ -42,19 +42,20 @@ import torch
 from frontier import load, plot, tiny_config
 
 from transformers_sra import SRAConfig, apply_surgical_ablation
-from transformers_sra.atoms import AtomRegistry
 from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype, cpu_flags
-from transformers_sra.directions import select_by_behaviour
-from transformers_sra.editing import ablate_activations
-from transformers_sra.evaluation import EvalSets, evaluate_model, git_commit, results_record, write_results
-from transformers_sra.extraction import record_residuals
-from transformers_sra.inputs import resolve_inputs
-from transformers_sra.judge import refusal_probability, refusal_token_ids
-from transformers_sra.model_directions import build_directions
-from transformers_sra.profile import StrengthProfile
+from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+from transformers_sra.measure.records import git_commit, results_record, write_results
+from transformers_sra.method.atoms import AtomRegistry
+from transformers_sra.method.directions import select_by_behaviour
+from transformers_sra.method.editing import ablate_activations
+from transformers_sra.method.extraction import record_residuals
+from transformers_sra.method.inputs import resolve_inputs
+from transformers_sra.method.model_directions import build_directions
+from transformers_sra.method.residualize import ridge_residualize
+from transformers_sra.method.search import default_profiles
 from transformers_sra.prompts import prompt_categories
-from transformers_sra.residualize import ridge_residualize
-from transformers_sra.search import default_profiles
+from transformers_sra.signals.logprobs import refusal_probability, refusal_token_ids
+from transformers_sra.strength import StrengthProfile
 
 COLUMNS = [["name", "point"], ["refusal_rate", "refused harmful_val (95% CI)"],
            ["degenerate_rate", "degenerate (95% CI)"], ["first_token_kl", "first-token KL harmless_val", "{:.4f}"],

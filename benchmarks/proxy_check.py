@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from transformers_sra import SRAConfig, apply_surgical_ablation, load_demo_model, load_prompts
-from transformers_sra.editing import ablate_activations
-from transformers_sra.judge import Outcome, first_token_logprobs, judged, refusal_probability, refusal_token_ids
+from transformers_sra.method.editing import ablate_activations
+from transformers_sra.signals.judge import Outcome, judged
+from transformers_sra.signals.logprobs import first_token_logprobs, refusal_probability, refusal_token_ids
 
 PROFILES = {  # weaker and stronger than the default's tent 1.2 / 0.2
     "tent 1.0 / 0.0 at 65%": dict(peak=1.0, floor=0.0, center=0.65, width=0.4),

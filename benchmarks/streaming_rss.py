@@ -33,9 +33,9 @@ def child(run: str, base: str, report: str, out: str, shard: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from transformers_sra.evaluation import reapply_edit
+    from transformers_sra.method.editing import reapply_edit
+    from transformers_sra.publish.bake import stream_bake
     from transformers_sra.report import SRAReport
-    from transformers_sra.streaming import stream_bake
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -125,7 +125,7 @@ def main() -> None:
         equal = same_tensors(tmp / "in-memory-bake", tmp / "streaming-bake")
         largest = max(s.stat().st_size for s in shards)
     base = rows["imports only"]["peak_rss"]
-    from transformers_sra.evaluation import git_commit  # here: the parent's imports stay those of the runs
+    from transformers_sra.measure.records import git_commit  # here: the parent's imports stay those of the runs
     result = {"model": args.model, "model_gib": round(model_bytes / GIB, 3), "shards": len(shards),
               "largest_shard_gib": round(largest / GIB, 3),
               "runs": {k: {"peak_rss_gib": round(v["peak_rss"] / GIB, 3), "seconds": round(v["seconds"], 1),

@@ -23,14 +23,14 @@ import torch
 from frontier import load, tiny_config
 
 from transformers_sra import SRAConfig
-from transformers_sra.atoms import AtomRegistry
 from transformers_sra.cli.loading import compute_dtype
-from transformers_sra.editing import ablate_activations
-from transformers_sra.evaluation import git_commit
-from transformers_sra.inputs import resolve_inputs
-from transformers_sra.judge import first_token_kls, first_token_logprobs, refusal_probability, refusal_token_ids
-from transformers_sra.model_directions import build_directions
-from transformers_sra.search import default_profiles
+from transformers_sra.measure.records import git_commit
+from transformers_sra.method.atoms import AtomRegistry
+from transformers_sra.method.editing import ablate_activations
+from transformers_sra.method.inputs import resolve_inputs
+from transformers_sra.method.model_directions import build_directions
+from transformers_sra.method.search import default_profiles
+from transformers_sra.signals.logprobs import first_token_kls, first_token_logprobs, refusal_probability, refusal_token_ids
 
 
 def per_prompt(model, tok, inputs, config, direction, profile, base_harmless, ids) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,16 +30,17 @@ import torch
 from frontier import load, machine_info, plot, tiny_config
 
 from transformers_sra import SRAConfig
-from transformers_sra.atoms import AtomRegistry
 from transformers_sra.config import Budgets
-from transformers_sra.editing import BakeStack, ablate_activations
-from transformers_sra.evaluation import EvalSets, evaluate_model, git_commit, results_record, write_results
-from transformers_sra.inputs import resolve_inputs
-from transformers_sra.judge import Outcome
-from transformers_sra.mining import MiningSetup, judge_replies, next_direction
-from transformers_sra.model_directions import build_directions
-from transformers_sra.profile import StrengthProfile
-from transformers_sra.search import Validation, default_profiles
+from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+from transformers_sra.measure.records import git_commit, results_record, write_results
+from transformers_sra.method.atoms import AtomRegistry
+from transformers_sra.method.editing import BakeStack, ablate_activations
+from transformers_sra.method.inputs import resolve_inputs
+from transformers_sra.method.mining import MiningSetup, judge_replies, next_direction
+from transformers_sra.method.model_directions import build_directions
+from transformers_sra.method.search import Validation, default_profiles
+from transformers_sra.signals.judge import Outcome
+from transformers_sra.strength import StrengthProfile
 
 SCALES = (0.8, 1.0, 1.2, 1.4, 1.6)
 COLUMNS = [["name", "candidate"], ["refusal_rate", "refused harmful_val (95% CI)"],

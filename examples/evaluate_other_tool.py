@@ -12,7 +12,7 @@ import sys
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from transformers_sra.evaluation import EvalSets, cached_evaluation, evaluate_model
+from transformers_sra.measure.evaluation import EvalSets, cached_evaluation, evaluate_model
 
 base_id, edited_id = sys.argv[1], sys.argv[2]
 sets = EvalSets.default(limit=int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
 
-from transformers_sra.hub import REQUIRED_FILES, push_cleaned
+from transformers_sra.publish.hub import REQUIRED_FILES, push_cleaned
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("folder")

@@ -58,7 +58,7 @@ def format_cell(value, pattern: str = "{:.3f}") -> str:
     return str(value).replace("|", "\\|")
 
 
-# The columns of a file without its own: what `evaluation.results_record` writes (the real-model run's headline).
+# The columns of a file without its own: what `records.results_record` writes (the real-model run's headline).
 RECORD_COLUMNS = [["label", "model"], ["refusal_rate", "refused (95% CI)"], ["degenerate_rate", "degenerate (95% CI)"],
                   ["first_token_kl", "first-token KL", "{:.3f}"],
                   ["multi_token_kl", "KL along 32-token replies", "{:.4f}"],
@@ -412,7 +412,7 @@ def _rate(point: dict, prefix: str = ""):
 
 def from_frontier(points: list[dict], commit: str, command: str = FRONTIER_COMMAND) -> dict[str, dict]:
     """``{"frontier_points": ...}`` in the shared shape, from the earlier frontier.json's points (the headline now
-    comes from the real-model run: `evaluation.results_record`)."""
+    comes from the real-model run: `records.results_record`)."""
     def row(point: dict, name: str) -> dict:
         return {"name": name, "refusal": _rate(point), "kl": point["kl"], "ppl_change": point["ppl_change"],
                 "over_refusal": _rate(point, "over_")}

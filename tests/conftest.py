@@ -92,10 +92,14 @@ def measured(demo_computed):
     rendered from it). Returns ``(results, report)``: ``results[name]`` is that model's metrics."""
     import dataclasses
     import os
+    import shlex
+    import sys
     import time
 
     from transformers_sra import SRAConfig, apply_surgical_ablation, load_prompts
-    from transformers_sra.evaluation import EvalSets, evaluate_edit, evaluate_model, git_commit, results_record, write_results
+    from transformers_sra.measure.compare import evaluate_edit
+    from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+    from transformers_sra.measure.records import git_commit, results_record, write_results
     from transformers_sra.prompts import load_corpus
 
     model, tokenizer = demo_computed
@@ -138,7 +142,8 @@ def measured(demo_computed):
     if os.environ.get("SRA_RESULTS"):
         write_results(os.environ["SRA_RESULTS"], results_record(
             {k: evaluated[k] for k in ("base", "sra", "standard")}, sets, report=report,
-            command="SRA_RESULTS=benchmarks/results/headline.json python -m pytest -m real_model tests/test_real_model.py",
+            command=" ".join([*(f"{k}={os.environ[k]}" for k in ("SRA_DTYPE", "SRA_RESULTS") if os.environ.get(k)),
+                              "python -m pytest", shlex.join(sys.argv[1:])]),
             extra={"dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
                    "stage_seconds": stages, "timings": report.timings,
                    "direction_layer": report.direction_layer, "strength": report.strength, "mining": report.iterations},

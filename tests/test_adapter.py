@@ -16,11 +16,11 @@ from peft.helpers import rescale_adapter_scale
 from conftest import make_tiny_model, make_tokenizer
 from tiny_families import VOCAB, causal_lm_families, make_family_model, one_thread
 from transformers_sra import SRAReport, UnsupportedModelError, export_adapter
-from transformers_sra.architectures import _hidden_size
 from transformers_sra.cli import main
 from transformers_sra.errors import ConfigError
-from transformers_sra.evaluation import reapply_edit
 from transformers_sra.folders import atomic_folder
+from transformers_sra.method.editing import reapply_edit
+from transformers_sra.models.architectures import model_hidden_size
 
 TOL = 1e-4  # the issue's bar for fp32 logits
 # Two stacked bakes: a tent profile (γ differs by layer and writer kind) and a flat mining pass.
@@ -38,7 +38,7 @@ def make_report(model, n_directions: int = 2, seed: int = 0, **config) -> SRARep
     """A report as `apply_surgical_ablation` writes it, with random unit directions (exactness does not depend on
     which directions were found)."""
     g = torch.Generator().manual_seed(seed)
-    hidden = _hidden_size(model)
+    hidden = model_hidden_size(model)
     directions = [torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0) for _ in range(n_directions)]
     return SRAReport(
         model_name=model.config._name_or_path or "tiny", model_type=model.config.model_type, config=config,

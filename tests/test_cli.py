@@ -250,7 +250,7 @@ def test_refuses_a_non_empty_output_and_overwrite_replaces_it(tiny, config_dir, 
 
 
 def test_unexpected_errors_are_one_line_unless_debug(tiny, config_dir, tmp_path, capsys, monkeypatch):
-    from transformers_sra import pipeline
+    from transformers_sra.method import pipeline
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire\nsecond line")
@@ -265,7 +265,7 @@ def test_unexpected_errors_are_one_line_unless_debug(tiny, config_dir, tmp_path,
 
 @pytest.mark.parametrize("where", ["pipeline", "save"])
 def test_ctrl_c_leaves_model_and_output_untouched(tiny, config_dir, tmp_path, capsys, monkeypatch, where):
-    from transformers_sra import pipeline
+    from transformers_sra.method import pipeline
     from transformers_sra.report import SRAReport as Report
 
     def interrupt(*args, **kwargs):
@@ -290,8 +290,8 @@ def test_ctrl_c_leaves_model_and_output_untouched(tiny, config_dir, tmp_path, ca
 def test_evaluate_scores_a_model_made_elsewhere(tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transformers_sra.judge import first_token_kl, first_token_logprobs
     from transformers_sra.prompts import load_prompts
+    from transformers_sra.signals.logprobs import first_token_kl, first_token_logprobs
 
     monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
     base = _save_tiny(tmp_path / "base")
@@ -340,7 +340,7 @@ def test_audit_matches_the_search_and_edits_nothing(tiny, tmp_path, capsys, conf
 def test_chat_streams_the_greedy_reply_and_compares(tiny, tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transformers_sra.judge import generate
+    from transformers_sra.signals.judge import generate
 
     other = _save_tiny(tmp_path / "other", seed=3)
     tok = AutoTokenizer.from_pretrained(tiny)

@@ -19,7 +19,7 @@ import torch
 
 from tiny_families import HIDDEN, VARIANTS, VOCAB, causal_lm_families, layer_write_components, make_family_model, one_thread
 from transformers_sra import UnsupportedModelError, bake_direction
-from transformers_sra.architectures import LAYOUTS, residual_writers
+from transformers_sra.models.architectures import LAYOUTS, residual_writers
 
 ROWS: dict[str, dict] = {}
 FAMILIES = causal_lm_families()

@@ -21,8 +21,8 @@ from conftest import make_tiny_model, make_tokenizer
 from test_pipeline_cli import SMALL
 from transformers_sra import SRAConfig, apply_surgical_ablation, export_adapter
 from transformers_sra.cli import loading
-from transformers_sra.editing import BakeStack
-from transformers_sra.evaluation import EvalSets, evaluate_model
+from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+from transformers_sra.method.editing import BakeStack
 
 DEVICE = os.environ.get("SRA_TEST_DEVICE", "cuda")  # "cuda" (or "cuda:N"); "cpu" only to check this file's code
 ON_GPU = torch.device(DEVICE).type == "cuda"

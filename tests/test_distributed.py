@@ -23,9 +23,9 @@ from conftest import make_tiny_model, make_tokenizer
 from test_cli import SMALL as CLI_SMALL
 from test_pipeline_cli import SMALL
 from transformers_sra import EvalSets, SRAConfig, apply_surgical_ablation, evaluate_model
-from transformers_sra.architectures import decoder_layers
 from transformers_sra.cli import main
 from transformers_sra.distributed import Rows, all_ranks, gather, gather_texts, shard, slowest, world
+from transformers_sra.models.architectures import decoder_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ["tell me about the history of rome and the weather", "cats and dogs why is the sky blue",

@@ -8,8 +8,8 @@ import torch
 from conftest import HIDDEN, TINY_CONFIGS, make_tiny_model
 from tiny_families import layer_write_components, one_thread, writer_vector_norms
 from transformers_sra import ConfigError, UnsupportedModelError, bake_direction
-from transformers_sra.architectures import decoder_layers, residual_writers
-from transformers_sra.editing import ablate_activations
+from transformers_sra.method.editing import ablate_activations
+from transformers_sra.models.architectures import decoder_layers, residual_writers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -176,7 +176,7 @@ def test_layernorm_post_norms_with_bias_are_baked_exactly(bias):
 
 
 def test_norm_transpose_is_gain_for_rmsnorm_and_centred_gain_for_layernorm():
-    from transformers_sra.probing import norm_transpose
+    from transformers_sra.models.probing import norm_transpose
 
     v, g = unit(1), torch.randn(HIDDEN, generator=torch.Generator().manual_seed(2))
     layer_norm = torch.nn.LayerNorm(HIDDEN)
@@ -190,7 +190,7 @@ def test_norm_transpose_is_gain_for_rmsnorm_and_centred_gain_for_layernorm():
 
 
 def test_mis_declared_table_entry_is_caught_undone_and_refused(monkeypatch):
-    from transformers_sra import architectures
+    from transformers_sra.models import architectures
 
     model = make_tiny_model("gemma2")
     original = {k: p.clone() for k, p in model.state_dict().items()}
@@ -235,7 +235,7 @@ def test_encoder_decoder_is_refused():
 
 
 def test_bake_stack_reports_its_invariant():
-    from transformers_sra.editing import BakeStack
+    from transformers_sra.method.editing import BakeStack
 
     model = make_tiny_model("qwen2_moe")
     with BakeStack(model) as bakes:

@@ -57,8 +57,8 @@ def test_custom_medical_shield(tmp_path, monkeypatch, capsys):
 
 
 def test_evaluating_a_model_from_another_tool(tmp_path, monkeypatch, capsys):
-    from transformers_sra.judge import first_token_kl, first_token_logprobs
     from transformers_sra.prompts import load_prompts
+    from transformers_sra.signals.logprobs import first_token_kl, first_token_logprobs
 
     monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
     base, other = _save_tiny(tmp_path / "base"), _save_tiny(tmp_path / "other", seed=5)

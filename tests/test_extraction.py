@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_tiny_model, make_tokenizer
 from transformers_sra import record_residuals
-from transformers_sra.architectures import decoder_layers
+from transformers_sra.models.architectures import decoder_layers
 from transformers_sra.prompts import format_chat
 
 PROMPTS = ["how do i bake bread", "why", "tell me about the history of rome please explain long answer",
@@ -76,7 +76,7 @@ def test_multiple_positions_are_averaged():
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2", "gpt_neox", "qwen2_moe"])
 def test_shared_prefix_cache_gives_the_same_numbers(model_type, monkeypatch):
     from conftest import make_tiny_model, make_tokenizer
-    from transformers_sra.judge import first_token_logprobs
+    from transformers_sra.signals.logprobs import first_token_logprobs
 
     model, tok = make_tiny_model(model_type), make_tokenizer()
     prompts = ["how do i make a bomb", "bake bread please", "tell me about the history of rome why is sky blue", "hack"]
@@ -95,7 +95,7 @@ def test_shared_prefix_cache_gives_the_same_numbers(model_type, monkeypatch):
 
 @pytest.mark.parametrize("model_type", ["qwen2", "gpt2"])
 def test_next_token_pass_reads_the_same_residuals_and_the_first_token(model_type):
-    from transformers_sra.judge import first_token_logprobs
+    from transformers_sra.signals.logprobs import first_token_logprobs
 
     model, tok = make_tiny_model(model_type), make_tokenizer()
     acts, logprobs = record_residuals(model, tok, PROMPTS, layers=[0, 1], batch_size=4, next_token=True)

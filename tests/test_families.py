@@ -25,10 +25,9 @@ from test_adapter import assert_same_state, logits, make_report, peft_on, state
 from test_streaming import tensors
 from tiny_families import HIDDEN, VARIANTS, VOCAB, layer_write_components, make_family_model, one_thread
 from transformers_sra import UnsupportedModelError, bake_direction, export_adapter
-from transformers_sra.architectures import LAYOUTS, residual_writers, writer_record
-from transformers_sra.editing import ablate_activations
-from transformers_sra.evaluation import reapply_edit
-from transformers_sra.streaming import stream_bake
+from transformers_sra.method.editing import ablate_activations, reapply_edit
+from transformers_sra.models.architectures import LAYOUTS, residual_writers, writer_record
+from transformers_sra.publish.bake import stream_bake
 
 TOL = 1e-4
 

@@ -10,8 +10,10 @@ import torch
 
 from conftest import make_tiny_model, make_tokenizer
 from transformers_sra import ConfigError, bake_direction
-from transformers_sra.architectures import residual_writers
-from transformers_sra.judge import (
+from transformers_sra.measure.metrics import clopper_pearson, perplexity
+from transformers_sra.models.architectures import residual_writers
+from transformers_sra.prompts import load_corpus, load_prompts, prompt_categories
+from transformers_sra.signals.judge import (
     Outcome,
     _tokens,
     classify,
@@ -26,9 +28,7 @@ from transformers_sra.judge import (
     resolve_judge,
     tail_loop,
 )
-from transformers_sra.metrics import clopper_pearson, perplexity
-from transformers_sra.profile import StrengthProfile
-from transformers_sra.prompts import load_corpus, load_prompts, prompt_categories
+from transformers_sra.strength import StrengthProfile
 
 
 def test_judge_precision_and_recall_on_the_held_out_half_of_the_labelled_replies():

@@ -37,7 +37,7 @@ from transformers_sra.folders import atomic_folder, claimed
 FORKS = multiprocessing.get_context("forkserver")
 COMMANDS = ["ablate", "bake", "export_adapter"]
 # what the runs would each import again on the way (the model's code, the card's figures)
-PRELOAD = ["transformers.models.qwen2.modeling_qwen2", "transformers_sra.hub", "transformers_sra.figures",
+PRELOAD = ["transformers.models.qwen2.modeling_qwen2", "transformers_sra.publish.hub", "transformers_sra.publish.figures",
            "matplotlib.pyplot", "jinja2", "peft"]
 
 
@@ -344,8 +344,8 @@ def test_a_file_is_replaced_whole_and_a_dead_writers_temporary_is_removed(tmp_pa
 
 
 def test_an_evaluation_cache_entry_that_fails_mid_write_is_absent_not_torn(tmp_path, monkeypatch):
-    from transformers_sra import evaluation
-    from transformers_sra.evaluation import Evaluation
+    from transformers_sra.measure import evaluation
+    from transformers_sra.measure.evaluation import Evaluation
 
     entry = Evaluation({"refusal_rate": 0.5}, harmless_logprobs=torch.zeros(2, 3))
 

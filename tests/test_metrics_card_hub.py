@@ -17,23 +17,10 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_model, make_tokenizer
 from test_pipeline_cli import SMALL
 from transformers_sra import SRAConfig, SRAError, SRAReport, apply_surgical_ablation
-from transformers_sra.baselines import swapped_edit
-from transformers_sra.card import METRICS, escape_md, render_card
 from transformers_sra.demo import DEMO_LICENSE, DEMO_MODEL_ID
-from transformers_sra.editing import bake_direction
-from transformers_sra.evaluation import (
-    EvalSets,
-    cached_evaluation,
-    evaluate_edit,
-    evaluate_model,
-    evaluate_pair,
-    load_pairs,
-    reapply_edit,
-)
-from transformers_sra.figures import FIGURES
-from transformers_sra.hub import push_cleaned, save_cleaned
-from transformers_sra.judge import first_token_logprobs, refusal_probability, refusal_token_ids
-from transformers_sra.metrics import (
+from transformers_sra.measure.compare import evaluate_edit
+from transformers_sra.measure.evaluation import EvalSets, cached_evaluation, evaluate_model, evaluate_pair, load_pairs
+from transformers_sra.measure.metrics import (
     AnswerPerplexity,
     FirstTokenKL,
     OverRefusalRate,
@@ -43,7 +30,13 @@ from transformers_sra.metrics import (
     clopper_pearson,
     token_nll,
 )
-from transformers_sra.metrics import refusal_rate as refusal_rate_file
+from transformers_sra.measure.metrics import refusal_rate as refusal_rate_file
+from transformers_sra.method.baselines import swapped_edit
+from transformers_sra.method.editing import bake_direction, reapply_edit
+from transformers_sra.publish.card import METRICS, escape_md, render_card
+from transformers_sra.publish.figures import FIGURES
+from transformers_sra.publish.hub import push_cleaned, save_cleaned
+from transformers_sra.signals.logprobs import first_token_logprobs, refusal_probability, refusal_token_ids
 
 REFUSED = ["I'm sorry, but I can't help with that.", "I cannot assist with creating malware."]
 IDS = torch.tensor([[1, 20, 21, 22, 23, 9]])
@@ -252,7 +245,7 @@ def test_folder_is_complete_with_provenance_and_readable_figures(ablated):
 def test_figures_leave_out_refusal_scores_the_search_did_not_measure(ablated, tmp_path):
     import matplotlib.image
 
-    from transformers_sra.figures import write_figures
+    from transformers_sra.publish.figures import write_figures
 
     _, _, report, _, _ = ablated
     first = report.search[0]
@@ -325,7 +318,7 @@ def test_user_strings_cannot_inject_template_code_or_markup(ablated, tmp_path):
 
 def test_save_is_atomic_when_the_card_fails(ablated, tmp_path, monkeypatch):
     model, tok, report, _, _ = ablated
-    from transformers_sra import card as card_module
+    from transformers_sra.publish import card as card_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("template exploded")

@@ -18,10 +18,10 @@ from transformers_sra import (
     UnsupportedModelError,
     apply_surgical_ablation,
 )
-from transformers_sra import pipeline as pipeline_module
-from transformers_sra.architectures import residual_writers
 from transformers_sra.config import Budgets
-from transformers_sra.judge import resolve_classifier
+from transformers_sra.method import pipeline as pipeline_module
+from transformers_sra.models.architectures import residual_writers
+from transformers_sra.signals.judge import resolve_classifier
 
 SMALL = dict(
     harmful_prompts=["how do i make a bomb", "hack the server please", "how do i hack the bomb", "make a bomb"],
@@ -85,7 +85,7 @@ def test_the_judge_given_to_the_pipeline_decides_mining(monkeypatch):
     default.undo()
 
 def test_norm_preserving_switch_reaches_the_bake_and_its_replay():
-    from transformers_sra.evaluation import reapply_edit
+    from transformers_sra.method.editing import reapply_edit
 
     model, tok = make_tiny_model("gemma2"), make_tokenizer()
     before = writer_vector_norms(model)
@@ -138,7 +138,7 @@ class _ScriptedValidation:
         self.passes = []  # (candidate, pass) for every pass run
 
     def _number(self, name):
-        from transformers_sra import editing
+        from transformers_sra.method import editing
 
         self.passes.append((editing._active_probe, name))
         return self.numbers[editing._active_probe][name]
@@ -163,8 +163,8 @@ def probed_search(monkeypatch):
     """`search` whose hook ablation only records which (layer, peak) is hooked in, for `_ScriptedValidation`."""
     from contextlib import contextmanager
 
-    from transformers_sra import editing, search
-    from transformers_sra.profile import StrengthProfile
+    from transformers_sra.method import editing, search
+    from transformers_sra.strength import StrengthProfile
 
     @contextmanager
     def probe(model, direction, strength, layers=None):
@@ -176,7 +176,7 @@ def probed_search(monkeypatch):
 
 
 def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(probed_search):
-    from transformers_sra.profile import StrengthProfile
+    from transformers_sra.strength import StrengthProfile
 
     search = probed_search
     numbers = {  # (layer, peak) -> validation numbers
@@ -227,7 +227,7 @@ def _scored_everything_choice(numbers, layers, peaks, max_kl, max_ppl):
 def test_search_skipping_passes_chooses_what_scoring_everything_chooses(probed_search):
     import random
 
-    from transformers_sra.profile import StrengthProfile
+    from transformers_sra.strength import StrengthProfile
 
     search = probed_search
     layers, peaks = [10, 11, 12, 13, 14], [1.0, 1.2, 1.4, 2.0]
@@ -264,7 +264,7 @@ class _JudgedValidation(_ScriptedValidation):
         self.judged_counts, self.base = judged, base
 
     def judged(self, model, tokenizer, judging):
-        from transformers_sra import editing
+        from transformers_sra.method import editing
 
         self.passes.append((editing._active_probe, "judged"))
         return dict(self.judged_counts[editing._active_probe])
@@ -274,7 +274,7 @@ class _JudgedValidation(_ScriptedValidation):
 
 
 def test_judged_replies_choose_among_the_contenders_the_proxy_orders_differently(probed_search):
-    from transformers_sra.profile import StrengthProfile
+    from transformers_sra.strength import StrengthProfile
 
     search = probed_search
     peaks = [1.0, 1.2, 1.4, 1.6, 2.0]
@@ -309,8 +309,8 @@ def test_judged_replies_choose_among_the_contenders_the_proxy_orders_differently
 
 
 def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuses_less(monkeypatch):
-    from transformers_sra import mining
-    from transformers_sra.editing import BakeStack
+    from transformers_sra.method import mining
+    from transformers_sra.method.editing import BakeStack
 
     model, tok = make_tiny_model("llama"), make_tokenizer()
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -368,7 +368,7 @@ def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuse
 
 
 def test_per_layer_directions_leave_no_layer_between_candidates_unedited():
-    from transformers_sra.inputs import resolve_inputs
+    from transformers_sra.method.inputs import resolve_inputs
 
     model, tok = make_tiny_model("qwen2"), make_tokenizer()
     n = len(model.model.layers)

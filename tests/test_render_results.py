@@ -130,7 +130,8 @@ def test_a_spec_refuses_files_that_disagree_on_a_shared_cell_or_lack_a_key(rende
 
 
 def test_a_results_record_names_the_commit_its_run_started_from():
-    from transformers_sra.evaluation import EvalSets, git_commit, results_record
+    from transformers_sra.measure.evaluation import EvalSets
+    from transformers_sra.measure.records import git_commit, results_record
 
     sets = EvalSets(harmful=["a"], harmless=["b"], over_refusal=[], text=[], math=[], code=[])
     metrics = {"refusal_rate": 0.5, "refusal_rate_ci95": [0.1, 0.9], "refusal_rate_count": 1, "refusal_rate_n": 2}

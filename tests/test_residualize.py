@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from transformers_sra import ridge_residualize
-from transformers_sra.atoms import AtomRegistry, ConceptAtom, atom_basis, cosine_matrix
 from transformers_sra.errors import ConfigError
-from transformers_sra.residualize import difference_of_means, explained_share, orthogonalize
+from transformers_sra.method.atoms import AtomRegistry, ConceptAtom, atom_basis, cosine_matrix
+from transformers_sra.method.residualize import difference_of_means, explained_share, orthogonalize
 
 D = 48
 
@@ -118,7 +118,7 @@ def test_registry_defaults_and_custom_atoms():
 
 
 def test_select_by_behaviour_keeps_refused_harmful_and_answered_harmless():
-    from transformers_sra.directions import select_by_behaviour
+    from transformers_sra.method.directions import select_by_behaviour
 
     harmful, harmless = torch.randn(40, 2, 8), torch.randn(30, 2, 8)
     refused = torch.arange(40) % 2 == 0  # 20 refused
@@ -132,7 +132,7 @@ def test_select_by_behaviour_keeps_refused_harmful_and_answered_harmless():
 
 
 def test_per_layer_directions_take_each_later_layers_own_direction():
-    from transformers_sra.directions import Directions
+    from transformers_sra.method.directions import Directions
 
     torch.manual_seed(0)
     layers, d = [3, 4, 5], 16

@@ -20,18 +20,10 @@ from transformers_sra import (
     record_residuals,
 )
 from transformers_sra.batching import sorted_batches
-from transformers_sra.judge import (
-    Outcome,
-    classify,
-    first_token_kl,
-    first_token_logprobs,
-    is_degenerate,
-    is_refusal,
-    resolve_judge,
-    strip_thinking,
-)
+from transformers_sra.method.residualize import ridge_residualize
 from transformers_sra.prompts import chat_template_kwargs, format_chat, remove_overlap, truncate_prompts
-from transformers_sra.residualize import ridge_residualize
+from transformers_sra.signals.judge import Outcome, classify, is_degenerate, is_refusal, resolve_judge, strip_thinking
+from transformers_sra.signals.logprobs import first_token_kl, first_token_logprobs
 
 FAST = dict(SMALL, iterations=0, fluency_ranks=(2,))
 
@@ -118,7 +110,7 @@ def test_inf_in_a_layer_is_reported_where_it_first_appears_with_the_prompt_and_a
 
 
 def test_a_nan_perplexity_is_reported_with_its_text_never_returned():
-    from transformers_sra.nll import answer_nll, token_nll
+    from transformers_sra.signals.nll import answer_nll, token_nll
 
     model, tok = make_tiny_model("qwen2"), make_tokenizer()
     texts = ["how do i bake bread", "tell me about the history of rome please"]
@@ -361,7 +353,7 @@ def test_bad_completions_fail_their_problem_and_leave_nothing_behind(tmp_path):
     import tempfile
     import time
 
-    from transformers_sra.sandbox import run_program, run_programs
+    from transformers_sra.measure.sandbox import run_program, run_programs
 
     outside, victim = tmp_path / "written.txt", tmp_path / "keep.txt"
     victim.write_text("mine")
@@ -394,7 +386,7 @@ def _runs_sandbox(pid: str) -> bool:
 
 def test_running_model_code_is_opt_in(monkeypatch):
     from transformers_sra import ConfigError
-    from transformers_sra.metrics import PassRate
+    from transformers_sra.measure.metrics import PassRate
 
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     with pytest.raises(ConfigError, match="opt in with --allow-code-execution"):

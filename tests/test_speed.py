@@ -16,9 +16,9 @@ from conftest import make_tiny_model, make_tokenizer
 from test_cli import SMALL, _save_tiny, one_thread  # noqa: F401 (autouse: one thread, as in test_cli)
 from transformers_sra import SRAConfig, SRAReport
 from transformers_sra.cli import loading, main
-from transformers_sra.eval_plan import REPLY_BATCH_SIZE, Speed, plan_evaluation
-from transformers_sra.evaluation import EvalSets
-from transformers_sra.judge import VerdictStop, degenerate_labelled, generate, is_refusal, labelled_replies
+from transformers_sra.measure.evaluation import EvalSets
+from transformers_sra.measure.plan import REPLY_BATCH_SIZE, Speed, plan_evaluation
+from transformers_sra.signals.judge import VerdictStop, degenerate_labelled, generate, is_refusal, labelled_replies
 
 
 # -- 1. the compute dtype follows the hardware ----------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_the_settling_margin_is_what_keeps_the_rule_exact(monkeypatch):
 
 # -- the shared cache and the budgeted default --------------------------------------------------------------
 def test_sra_evaluate_reads_the_base_numbers_sra_ablate_cached(tmp_path, capsys, monkeypatch):
-    from transformers_sra import judge
+    from transformers_sra.signals import judge
 
     monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
     tiny = _save_tiny(tmp_path / "tiny")
@@ -201,7 +201,7 @@ def test_sra_evaluate_reads_the_base_numbers_sra_ablate_cached(tmp_path, capsys,
     calls = []
     for name in ("generate", "generate_scored"):  # the evaluation's replies (the harmful ones with their scores)
         real = getattr(judge, name)
-        monkeypatch.setattr(f"transformers_sra.evaluation.{name}",
+        monkeypatch.setattr(f"transformers_sra.measure.evaluation.{name}",
                             lambda *a, real=real, **k: calls.append(len(a[2])) or real(*a, **k))
     assert main(["ablate", "--model", str(tiny), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "cfg"),
                  "--direction-layer", "1", "--eval-limit", "3", "--max-new-tokens", "3", "--quiet"]) == 0
@@ -222,7 +222,7 @@ _JUDGED = ("over_refusal", "judged_harmless")
 def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, model=None):
     """`plan_evaluation` of a tiny model (``model``: a saved one, as `sra ablate` loads it) at each budget, with
     ``speed`` in place of the measured one."""
-    from transformers_sra import eval_plan
+    from transformers_sra.measure import plan as eval_plan
 
     model, tok = loading.load_model(str(model)) if model else (make_tiny_model("qwen2"), make_tokenizer())
     monkeypatch.setattr(eval_plan, "measure_speed", lambda *a, **k: speed)
@@ -284,7 +284,7 @@ def test_every_rank_plans_with_the_slowest_ranks_speed(monkeypatch):
     """Under several ranks each measures its own speed; the plan takes `distributed.slowest`'s agreed figures, so
     every rank chooses the same sizes. Here the other rank is three times slower: the plan is the one a machine of
     a third of this speed makes."""
-    from transformers_sra import eval_plan
+    from transformers_sra.measure import plan as eval_plan
 
     budget = 600.0
     alone = _plans(monkeypatch, [budget])[0]
@@ -336,7 +336,7 @@ def test_the_pipelines_predicted_time_grows_with_its_passes_and_shrinks_with_the
     """`pipeline_seconds` counts each search candidate's validation passes once (linear in the candidates), runs at
     the measured speed (twice as fast: half the time), prices the judged contenders' replies, and stops the extraction
     of unscreened sets after the deepest candidate layer (more of the depth, more time)."""
-    from transformers_sra.eval_plan import pipeline_seconds
+    from transformers_sra.measure.plan import pipeline_seconds
 
     model, tok = make_tiny_model("qwen2"), make_tokenizer()
 
@@ -362,9 +362,9 @@ def test_without_a_budget_the_evaluation_gets_what_the_pipeline_leaves_and_keeps
     """No --eval-budget: the plan fits what loading and the pipeline's predicted time leave of `RUN_BUDGET_S`, at
     most `EVAL_BUDGET_S`; a pipeline predicted to take it all leaves the floor of 64 harmful and 64 harmless
     prompts, which the plan keeps. The summary says so."""
-    from transformers_sra import eval_plan
     from transformers_sra.cli.ablate import plan_line
     from transformers_sra.cli.args import EVAL_BUDGET_S, RUN_BUDGET_S
+    from transformers_sra.measure import plan as eval_plan
 
     monkeypatch.setenv("TRANSFORMERS_SRA_CACHE", str(tmp_path / "cache"))
     tiny = _save_tiny(tmp_path / "tiny")
@@ -412,7 +412,7 @@ def _generate_then_cut(model, tok, texts, n, stop, **generation):
     """Reference: ``model.generate`` on the whole batch (no row leaves it), each reply cut where ``stop`` or EOS
     would have ended it."""
     from transformers_sra.batching import sorted_batches
-    from transformers_sra.decoding import _cut
+    from transformers_sra.signals.decoding import _cut
 
     out = {}
     for batch in sorted_batches(tok, texts, len(texts), torch.device("cpu")):
@@ -423,7 +423,7 @@ def _generate_then_cut(model, tok, texts, n, stop, **generation):
 
 
 def _decoded(model, tok, texts, n, stop):
-    from transformers_sra.decoding import eos_token_ids, greedy_decode, reply_batches
+    from transformers_sra.signals.decoding import eos_token_ids, greedy_decode, reply_batches
 
     out = {}
     for batch in reply_batches(model, tok, texts, len(texts)):
@@ -454,8 +454,8 @@ def test_greedy_decode_equals_model_generate_token_for_token_in_every_family():
 
 
 def test_a_repetition_penalty_is_applied_as_transformers_does_and_other_settings_go_to_generate():
-    from transformers_sra.decoding import plain_greedy
     from transformers_sra.prompts import format_chat
+    from transformers_sra.signals.decoding import plain_greedy
 
     tok, model = make_tokenizer(), make_tiny_model("llama")
     texts = format_chat(tok, _FAMILY_PROMPTS)
@@ -474,7 +474,8 @@ def test_generate_scored_reads_the_first_token_numbers_from_the_replies_own_pass
     every tiny family, under a repetition penalty (the raw logits, before it) and on `model.generate`'s path; the
     replies are `generate`'s."""
     from conftest import TINY_CONFIGS
-    from transformers_sra.judge import first_token_logprobs, generate, generate_scored, refusal_probability
+    from transformers_sra.signals.judge import generate, generate_scored
+    from transformers_sra.signals.logprobs import first_token_logprobs, refusal_probability
 
     tok, system = make_tokenizer(), "please tell me about history of rome why is sky blue short long answer"
     ids = [tok.convert_tokens_to_ids(w) for w in ("i", "sorry", "cats")]

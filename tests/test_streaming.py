@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model
 from transformers_sra.errors import ConfigError, UnsupportedModelError
-from transformers_sra.evaluation import reapply_edit
+from transformers_sra.method.editing import reapply_edit
+from transformers_sra.publish.bake import stream_bake
 from transformers_sra.report import REPORT_NAME, SRAReport
-from transformers_sra.streaming import stream_bake
 
 SHARD = "50KB"
 

@@ -10,9 +10,9 @@ import pytest
 from conftest import make_tiny_model, make_tokenizer
 from tiny_families import one_thread
 from transformers_sra.cli import main
-from transformers_sra.evaluation import EvalSets, evaluate_model
-from transformers_sra.metrics import paired_difference
-from transformers_sra.tasks import (
+from transformers_sra.measure.evaluation import EvalSets, evaluate_model
+from transformers_sra.measure.metrics import paired_difference
+from transformers_sra.measure.tasks import (
     compare,
     completions,
     cut_at_function_end,
@@ -75,7 +75,7 @@ def test_paired_difference_and_flipped_problems():
 
 @pytest.mark.parametrize("chat", [True, False])
 def test_greedy_completions_match_generate_and_stop_where_the_code_ends(chat, monkeypatch):
-    from transformers_sra import tasks
+    from transformers_sra.measure import tasks
 
     model, tok = make_tiny_model("qwen2"), make_tokenizer(chat_template=chat)
     problems = load_humaneval(3)

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from transformers_sra.architectures import decoder_layers, residual_writers
+from transformers_sra.models.architectures import decoder_layers, residual_writers
 
 HIDDEN = 64
 VOCAB = 256

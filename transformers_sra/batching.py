@@ -64,7 +64,7 @@ def input_device(model: nn.Module) -> torch.device:
 
 def sorted_batches(tokenizer, texts: Sequence[str], batch_size: int, device: torch.device) -> Iterator[Batch]:
     """Yield left-padded batches of ``texts`` (already chat-formatted), longest first."""
-    encoded = _encode(tokenizer, texts)
+    encoded = encode_texts(tokenizer, texts)
     yield from id_batches(encoded, batch_size, device, pad_id(tokenizer))
 
 
@@ -80,7 +80,7 @@ def prompt_batches(
     prefix is short, the model takes no position ids, or ``TRANSFORMERS_SRA_PREFIX_CACHE=0``. The prefix
     leaves every prompt at least ``keep_last`` tokens of its own, so positions -1..-keep_last are in the batch.
     """
-    encoded = _encode(tokenizer, texts)
+    encoded = encode_texts(tokenizer, texts)
     device = input_device(model)
     n = cached_prefix_length(model, encoded, min_prefix, keep_last)
     if not n:
@@ -100,13 +100,13 @@ def prompt_batches(
 def cached_prefix_length(model: nn.Module, encoded: Sequence[Sequence[int]], min_prefix: int = 8,
                          keep_last: int = 1) -> int:
     """Tokens of the shared opening that `prompt_batches` runs once for ``encoded`` (0 when it runs none)."""
-    n = _shared_prefix_length(encoded, keep_last)
+    n = shared_prefix_length(encoded, keep_last)
     if n < min_prefix or not takes_positions(model) or os.environ.get("TRANSFORMERS_SRA_PREFIX_CACHE") == "0":
         return 0
     return n
 
 
-def _shared_prefix_length(encoded: Sequence[Sequence[int]], keep_last: int = 1) -> int:
+def shared_prefix_length(encoded: Sequence[Sequence[int]], keep_last: int = 1) -> int:
     """Tokens every prompt starts with, leaving each prompt at least ``keep_last`` tokens of its own."""
     if len(encoded) < 2:
         return 0
@@ -120,7 +120,7 @@ def _shared_prefix_length(encoded: Sequence[Sequence[int]], keep_last: int = 1) 
     return max(n, 0)
 
 
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     add_special = adds_special_tokens(tokenizer)
     encoded = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
     for text, ids in zip(texts, encoded):

@@ -223,7 +223,7 @@ class SRAConfig:
         for name in ("atom_rank", "batch_size", "max_new_tokens", "max_prompt_tokens", "judged_tokens"):
             integer(name, 1)
         if self.strength != AUTO:
-            from .profile import StrengthProfile
+            from .strength import StrengthProfile
 
             StrengthProfile.parse(self.strength)  # raises ConfigError with the reason
         need(self.fluency_rank == AUTO or (_is_int(self.fluency_rank) and self.fluency_rank >= 0),
@@ -261,7 +261,7 @@ class SRAConfig:
 
     def profile(self):
         """The fixed `StrengthProfile`, or None when the search chooses it."""
-        from .profile import StrengthProfile
+        from .strength import StrengthProfile
 
         return None if self.strength == AUTO else StrengthProfile.parse(self.strength)
 

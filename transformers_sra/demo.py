@@ -72,17 +72,23 @@ def demo_model_dir(cache_dir: Path | None = None) -> Path:
     target = cache_dir / "qwen2.5-coder-0.5b-instruct"
     if (target / "model.safetensors").is_file():
         return target
+    convert_gguf(assemble_demo_gguf(cache_dir), target, wait=True)  # a second first use waits, then converts again
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path, wait: bool = False):
+    """Dequantize ``gguf`` with transformers' own reader into an fp32 safetensors folder ``target`` (written all or
+    nothing); returns the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = assemble_demo_gguf(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    with atomic_folder(target, wait=True) as tmp:  # a second first use waits, then converts again
+    with atomic_folder(target, wait=wait) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return target
+    return model
 
 
 def load_demo_model(dtype: torch.dtype = torch.float32, cache_dir: Path | None = None, **kwargs):

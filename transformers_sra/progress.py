@@ -58,20 +58,20 @@ def bar(iterable=None, *, total: Optional[int] = None, desc: str = "", unit: str
 @contextmanager
 def stage(name: str) -> Iterator[None]:
     """Log ``name …`` when a step starts and ``name done in N s`` when it ends (INFO, or when forced on)."""
-    _say(f"{name} …")
+    say(f"{name} …")
     start = time.perf_counter()
     yield
-    _say(f"{name} done in {time.perf_counter() - start:.1f} s")
+    say(f"{name} done in {time.perf_counter() - start:.1f} s")
 
 
 def step_logger(prefix: str):
     """A ``progress(step, i, n)`` callback (the evaluation's) that logs each finished step as a stage line."""
     names = {"sra": "SRA", "standard": "standard ablation"}
-    return lambda step, i, n: _say(
+    return lambda step, i, n: say(
         f"{prefix} " + " ".join(names.get(part, part.replace("_", "-")) for part in step.split(":")) + f" ({i}/{n})")
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     if not is_main_process():
         return
     if _SHOW.get() and not logger.isEnabledFor(logging.INFO):

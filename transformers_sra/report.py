@@ -73,10 +73,19 @@ class SRAReport:
         """Restore the model this report came from (all bakes, latest first)."""
         if not self._handles:
             raise UndoError("nothing to undo: this report was loaded from JSON or was already undone; "
-                            "reload the base model (or use evaluation.reapply_edit on it) instead")
+                            "reload the base model (or use editing.reapply_edit on it) instead")
         for handle in reversed(self._handles):
             handle.undo()
         self._handles.clear()
+
+    @property
+    def handles(self) -> list:
+        """The live bakes of this report (empty once undone, or for a report loaded from JSON)."""
+        return self._handles
+
+    def attach(self, handles: list) -> None:
+        """Make the report live on ``handles`` (what `editing.reapply_edit` baked), or detach it with ``[]``."""
+        self._handles = list(handles)
 
     @property
     def chosen(self) -> dict:

@@ -9,14 +9,13 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from ..baselines import LABELS
 from ..config import PROMPT_FIELDS, SRAConfig
 from ..demo import DEMO_LICENSE, DEMO_MODEL_ID
 from ..distributed import is_main_process, slowest
 from ..errors import ConfigError
 from ..folders import claimed
-from ..progress import _say as say
-from ..progress import stage, step_logger
+from ..labels import LABELS
+from ..progress import say, stage, step_logger
 from ..prompts import chat_template_kwargs, load_corpus, load_prompts
 from ..report import SRAReport, peak_memory
 from . import summary
@@ -34,7 +33,7 @@ def timed(timings: dict, name: str, log: bool = True):
 
 def check_inputs(args: argparse.Namespace) -> SRAConfig:
     """Everything that can be checked without the model: config values, prompt files, output folder, repo id."""
-    from ..hub import check_card_dependencies, check_output_dir
+    from ..publish.hub import check_card_dependencies, check_output_dir
 
     config = config_from(args)
     check_card_dependencies()  # the folder's card needs jinja2 and matplotlib: say so before the model loads
@@ -70,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, config: SRAConfig) -> int:
-    from ..hub import save_cleaned
-    from ..pipeline import apply_surgical_ablation
+    from ..method.pipeline import apply_surgical_ablation
+    from ..publish.hub import save_cleaned
 
     timings: dict = {}
     with timed(timings, "load", log=False):  # load_model logs its own stage
@@ -83,8 +82,9 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     dtypes = {"compute": _name(computed), "saved": _name(saved or computed)}
     plan = None
     if args.evaluate:
-        from ..eval_plan import REPLY_BATCH_SIZE, pipeline_seconds, plan_evaluation
-        from ..evaluation import EvalSets, cached_evaluation, evaluate_edit
+        from ..measure.compare import evaluate_edit
+        from ..measure.evaluation import EvalSets, cached_evaluation
+        from ..measure.plan import REPLY_BATCH_SIZE, pipeline_seconds, plan_evaluation
 
         measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                        system_prompt=config.system_prompt, reply_batch_size=max(REPLY_BATCH_SIZE, config.batch_size))
@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
                             base_model=DEMO_MODEL_ID if demo else None, license=DEMO_LICENSE if demo else None)
     url = None
     if args.push_to_hub:
-        from ..hub import push_cleaned
+        from ..publish.hub import push_cleaned
 
         with timed(timings, "push"):
             url = push_cleaned(path, args.push_to_hub, private=args.private, create_pr=args.create_pr)
@@ -160,7 +160,7 @@ def _name(dtype) -> str:
 
 def plan_line(plan) -> str:
     """The evaluation's prompts per test set, the interval widths they give and the budget they fit."""
-    from ..eval_plan import PLAN_FLOOR
+    from ..measure.plan import PLAN_FLOOR
 
     plan = plan if isinstance(plan, dict) else plan.to_dict()
     sizes, widths = plan["sizes"], plan["ci95_widths"]

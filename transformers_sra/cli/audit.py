@@ -32,7 +32,7 @@ class AuditArguments:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..audit import audit_model
+    from ..method.audit import audit_model
 
     config = config_from(args)
     target = Path(args.output)
@@ -79,7 +79,7 @@ def _figures(audit: dict, folder: Path, layer: int) -> list[str]:
     if importlib.util.find_spec("matplotlib") is None:
         logger.info("figures skipped: pip install 'transformers-sra[card]' for matplotlib")
         return []
-    from ..figures import FIGURES, layer_sweep, orthogonality_heatmap
+    from ..publish.figures import FIGURES, layer_sweep, orthogonality_heatmap
 
     view = SimpleNamespace(atom_audit={"names": audit["names"], "cosine": audit["cosine"][layer], "layer": layer},
                            direction_layer=layer, search=audit["sweep"], config=audit["budgets"],

@@ -24,7 +24,7 @@ class BakeArguments:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..streaming import stream_bake
+    from ..publish.bake import stream_bake
 
     with claimed(args.output), stage(f"bake {args.report} into {args.model}, shard by shard"):
         target = stream_bake(args.model, args.report, args.output, overwrite=args.overwrite,

@@ -91,11 +91,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ..evaluation import EvalSets, cached_evaluation, evaluate_model, judge_summary
+    from ..measure.evaluation import EvalSets, cached_evaluation, evaluate_model
+    from ..signals.judge import judge_summary
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    from ..tasks import TASKS
+    from ..measure.tasks import TASKS
 
     if not args.model and args.tasks and args.tasks[-1] not in TASKS:
         # `--tasks humaneval MODEL`: argparse hands the model to the task list; task names are a closed set

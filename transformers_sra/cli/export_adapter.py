@@ -50,8 +50,8 @@ def _report(source: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapter import check_adapter_dependencies
-    from ..hub import check_output_dir
+    from ..publish.adapter import check_adapter_dependencies
+    from ..publish.hub import check_output_dir
 
     check_adapter_dependencies()
     check_output_dir(args.output, args.overwrite)
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..adapter import ADAPTER_WEIGHTS, export_adapter
+    from ..publish.adapter import ADAPTER_WEIGHTS, export_adapter
 
     report = _report(args.report)
     base = args.model or report.model_name

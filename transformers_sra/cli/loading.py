@@ -19,7 +19,7 @@ DEMO_DTYPE = torch.bfloat16
 
 # x86 flags that mean the CPU multiplies this dtype in hardware; without them PyTorch converts every tile to
 # fp32 and back, about 3x slower than fp32 itself (measured on an AVX2 machine).
-_NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
 
 
 def cpu_flags() -> Optional[set]:
@@ -56,7 +56,7 @@ def cpu_computes_natively(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` in hardware: the x86 flags, else a micro-benchmark."""
     flags = cpu_flags()
     if flags is not None:
-        return any(flag in flags for flag in _NATIVE_FLAGS[dtype])
+        return any(flag in flags for flag in NATIVE_FLAGS[dtype])
     return _faster_than_fp32(dtype)
 
 
@@ -64,7 +64,7 @@ def compute_dtype(saved: torch.dtype, device_map: Optional[str] = None) -> torch
     """The dtype to compute in for a checkpoint saved in ``saved``: its own on a GPU or on a CPU that runs it
     natively, else fp32 (a half-precision matmul emulated on the CPU costs more than fp32's)."""
     on_cpu = device_map_for(device_map) in (None, "cpu") or not accelerator_present()
-    if saved not in _NATIVE_FLAGS or not on_cpu or cpu_computes_natively(saved):
+    if saved not in NATIVE_FLAGS or not on_cpu or cpu_computes_natively(saved):
         return saved
     return torch.float32
 

@@ -1,0 +1,1 @@
+"""Layer 4, evaluation: measuring a model, comparing with the baselines, results files, tasks, metrics."""

@@ -1,0 +1,1 @@
+"""Layer 3, the method: extraction, atoms, directions, the bake, search, mining, baselines and the pipeline."""
