@@ -117,9 +117,10 @@ def test_ablate_summary_table_and_json_line(tiny, config_dir, tmp_path, capsys):
 
 
 def test_progress_on_stderr_and_quiet_silences_it(tiny, config_dir, tmp_path, capsys):
+    # the search bar: 1 layer + 2 Shield ranks + 5 per-layer tents - 2 shared candidates
     assert _ablate(tiny, config_dir, tmp_path / "loud") == 0
     err = capsys.readouterr().err
-    for needle in ("load ", "extract:", "prompt/s", "search:", "/5 [", "candidate", "search done in", "save done in"):
+    for needle in ("load ", "extract:", "prompt/s", "search:", "/6 [", "candidate", "search done in", "save done in"):
         assert needle in err, (needle, err[-2000:])
     assert _ablate(tiny, config_dir, tmp_path / "quiet", "--quiet") == 0
     captured = capsys.readouterr()
