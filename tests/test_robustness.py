@@ -55,7 +55,7 @@ def test_same_model_config_and_seed_give_bit_identical_runs_and_leave_the_global
         runs.append((report, model.state_dict()))
     (a, wa), (b, wb) = runs
     assert a.directions == b.directions and a.dirty_direction == b.dirty_direction
-    assert _without_timing(a.search) == _without_timing(b.search) and len(a.search) == 7
+    assert _without_timing(a.search) == _without_timing(b.search) and len(a.search) == 3 + 1 + 4  # layers, rank, tents
     assert a.iterations == b.iterations and a.atom_audit == b.atom_audit and a.explained_share == b.explained_share
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], v) for k, v in base.state_dict().items())  # the runs did edit
