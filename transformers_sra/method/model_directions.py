@@ -23,7 +23,7 @@ def build_directions(model, tokenizer, inputs: RunInputs, config: SRAConfig, ext
     returns them and how many harmful/harmless prompts the behaviour filter kept."""
     harmful, harmless = inputs.sources["harmful"], inputs.sources["harmless"]
     screened = {harmful, harmless} if config.filter_prompts else set()
-    acts, refused, later = {}, {}, {}
+    acts, refused, every = {}, {}, {}  # every: the training sets at the candidates and the later layers
     n = len(inputs.layers)
     for key in sorted(inputs.to_extract(), key=repr):  # one order on every rank: a set's follows the hash seed
         # the training sets also give the later layers' own directions (per-layer directions)
@@ -34,16 +34,14 @@ def build_directions(model, tokenizer, inputs: RunInputs, config: SRAConfig, ext
             refused[key] = refusal_probability(logprobs, refusal_token_ids(tokenizer)) > 0.5
         else:
             recorded = record_residuals(model, tokenizer, inputs.texts[key], **{**extract, "layers": layers})
-        acts[key], later[key] = recorded[:, :n], recorded[:, n:]
+        acts[key], every[key] = recorded[:, :n], recorded
     kept = {"harmful": len(acts[harmful]), "harmless": len(acts[harmless])}
     if screened:
-        by_behaviour = select_by_behaviour(acts[harmful], refused[harmful], acts[harmless], ~refused[harmless])
-        (harmful_acts, harmless_acts), kept = by_behaviour
-        (harmful_later, harmless_later), _ = select_by_behaviour(later[harmful], refused[harmful], later[harmless],
-                                                                 ~refused[harmless])
+        (harmful_every, harmless_every), kept = select_by_behaviour(every[harmful], refused[harmful], every[harmless],
+                                                                    ~refused[harmless])
     else:
-        harmful_acts, harmless_acts = acts[harmful], acts[harmless]
-        harmful_later, harmless_later = later[harmful], later[harmless]
+        harmful_every, harmless_every = every[harmful], every[harmless]
+    harmful_acts, harmless_acts = harmful_every[:, :n], harmless_every[:, :n]
     neutral = acts[inputs.sources["neutral"]]
     bases = {a.name: atom_basis(acts[set_key(a.prompts)], neutral if a.contrast is None else acts[set_key(a.contrast)],
                                 a.rank or config.atom_rank, a.paired)
@@ -58,5 +56,5 @@ def build_directions(model, tokenizer, inputs: RunInputs, config: SRAConfig, ext
                             config.ridge_lambda, projected=config.projected)
     dirs.unfiltered = difference_of_means(acts[harmful], acts[harmless])  # the field's standard ablation direction
     if inputs.later_layers:
-        dirs.later = dict(zip(inputs.later_layers, difference_of_means(harmful_later, harmless_later)))
+        dirs.later = dict(zip(inputs.later_layers, difference_of_means(harmful_every[:, n:], harmless_every[:, n:])))
     return dirs, kept
