@@ -69,9 +69,10 @@ class Directions:
         later candidate layer its own clean one; each layer after the candidates its own dirty direction (`later`).
 
         Measured on the demo model's validation split (64-token replies; docs/results.md): the later layers' own
-        directions roughly halve what rank 1 leaves refused at the same first-token KL. Cleaning those later layers
-        with the atoms and the fluency Shield gave back most of that gain (9.2% refused at KL 0.047, against 8.5% at
-        0.050 dirty, and 5.4% against 8.5% past the KL budget), so only the candidate band is cleaned."""
+        directions leave fewer prompts refused than rank 1 at the same first-token KL, clearly past the default
+        budget and within noise at it. Cleaning those later layers with the atoms and the fluency Shield gave back
+        most of the gain past the budget (8.5% at KL 0.056 cleaned, against 5.4% at 0.065 dirty), so only the
+        candidate band is cleaned."""
         v = self.clean(layer, rank)
         own = {i: self.clean(i, rank) for i in self.layers if i > layer}
         later = {i: d / d.norm() for i, d in self.later.items() if i > layer}
