@@ -92,6 +92,11 @@ class SRAReport:
         """The search row that was baked: its validation refusal score, KL and perplexity change."""
         return next(row for row in self.search if row.get("chosen"))
 
+    @property
+    def per_layer(self) -> bool:
+        """Whether the first bake removed per-layer directions (a ``{layer: vector}`` map)."""
+        return bool(self.directions) and isinstance(self.directions[0], dict)
+
     def direction_tensor(self, index: int = -1) -> Union[torch.Tensor, dict[int, torch.Tensor]]:
         """Bake ``index``'s direction: one vector, or ``{layer: vector}`` for per-layer directions."""
         d = self.directions[index]

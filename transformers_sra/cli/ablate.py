@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     result = {"command": "ablate", "output": str(path), "pushed": url and str(url), "model": report.model_name,
               "dtype": dtypes, "evaluation_plan": plan and plan.to_dict(),
               "direction_layer": report.direction_layer, "fluency_rank": report.fluency_rank,
-              "per_layer_directions": bool(report.directions) and isinstance(report.directions[0], dict),
+              "per_layer_directions": report.per_layer,
               "strength": report.strength, "bake_layers": report.bake_layers, "writers_edited": report.writers_edited,
               "validation": {"base_refusal_score": report.validation["base_refusal_score"],
                              **{k: report.chosen[k] for k in ("refusal_score", "kl", "ppl_change")},

@@ -323,6 +323,6 @@ Edited: {_removed(report)} from layer {report.direction_layer}, layers
 def _removed(report) -> str:
     """What the bakes removed, in words: per-layer directions count as one bake."""
     first = "per-layer directions (each layer after the direction layer its own)" \
-        if report.directions and isinstance(report.directions[0], dict) else "1 direction"
+        if report.per_layer else "1 direction"
     more = len(report.directions) - 1
     return first + (f" and {more} mined direction(s)" if more > 0 else "")
