@@ -32,8 +32,9 @@ from transformers_sra.cache import default_cache_dir
 from transformers_sra.measure.evaluation import EvalSets, cached_evaluation, evaluate_model
 from transformers_sra.measure.records import git_commit, results_record, write_results
 from transformers_sra.measure.tasks import MAX_NEW_TOKENS
-from transformers_sra.method.baselines import swapped_edit
+from transformers_sra.method.baselines import bake_baseline, swapped_edit
 from transformers_sra.method.editing import reapply_edit
+from transformers_sra.strength import StrengthProfile
 
 TASK = ("humaneval",)
 COLUMNS = [["label", "model"], ["humaneval_pass_rate", "HumanEval pass@1 (95% CI)"],
@@ -154,35 +155,51 @@ def main() -> None:
             measured("standard")
         write(report)
     if args.proxies:
-        proxy_points(model, tok, report, evaluations["base"], args, command, commit, measure, info)
+        proxy_points(model, tok, report, evaluations, args, command, commit, measure, info)
 
 
-def proxy_points(model, tok, report, base_tasks, args, command, commit, measure, info) -> None:
-    """pass@1 beside the proxies along the edit points; Spearman of each proxy with the pass@1 loss."""
+def proxy_points(model, tok, report, table: dict, args, command, commit, measure, info) -> None:
+    """pass@1 beside the proxies along the edit points; Spearman of each proxy with the pass@1 loss.
+
+    A point the table already scored on HumanEval (``rank1`` ×1 is SRA's edit when mining added nothing, and
+    ``standard`` is the table's standard ablation: the same bakes) takes its pass@1 from there and only
+    measures its proxies, so no HumanEval pass runs twice."""
     sets = dataclasses.replace(EvalSets.default(), harmful=[], over_refusal=[], math=[], code=[])
     report.undo()
-    evaluations = {}
-    base = evaluate_model(model, tok, sets, judged_harmless=0, batch_size=args.batch_size)
-    base.metrics.update(base_tasks.metrics)
-    base.samples.update(base_tasks.samples)
-    evaluations["base"] = base
-    points = [(f"rank-1 x{s:g}", lambda s=s: [bake_direction(model, report.direction_tensor(0),
-                                                             {**report.strength, "peak": report.strength["peak"] * s}
-                                                             if isinstance(report.strength, dict) else report.strength * s,
-                                                             report.config.get("layers"))]) for s in args.scales]
-    points.append(("standard", lambda: [bake_direction(model, torch.tensor(report.standard_direction), 1.0,
-                                                       report.config.get("layers"))]))
-    for name, bake in points:
+
+    def with_tasks(evaluation, scored):
+        evaluation.metrics.update({k: v for k, v in scored.metrics.items() if k.startswith("humaneval")})
+        evaluation.samples.update({k: v for k, v in scored.samples.items() if k.startswith("humaneval")})
+        return evaluation
+
+    evaluations = {"base": with_tasks(evaluate_model(model, tok, sets, judged_harmless=0,
+                                                     batch_size=args.batch_size), table["base"])}
+    norm_preserving = bool(report.config.get("norm_preserving", False))
+    strength = StrengthProfile.parse(report.strength)
+    points = [(f"rank-1 x{s:g}", table.get("sra") if s == 1 and len(report.bakes()) == 1 else None,
+               lambda s=s: [bake_direction(model, report.direction_tensor(0),
+                                           dataclasses.replace(strength, peak=strength.peak * s,
+                                                               floor=strength.floor * s),
+                                           report.config.get("layers"), norm_preserving=norm_preserving)])
+              for s in args.scales]
+    points.append(("standard", table.get("standard"), lambda: bake_baseline(model, report, "standard")))
+    for name, scored, bake in points:
         handles = bake()
         try:
-            evaluations[name] = evaluate_model(model, tok, sets, base=base, judged_harmless=0, **measure)
+            if scored is None:
+                evaluations[name] = evaluate_model(model, tok, sets, base=evaluations["base"], judged_harmless=0,
+                                                   **measure)
+            else:
+                evaluations[name] = with_tasks(evaluate_model(model, tok, sets, base=evaluations["base"],
+                                                              judged_harmless=0, batch_size=args.batch_size), scored)
         finally:
             for handle in reversed(handles):
                 handle.undo()
         print(name, {k: evaluations[name].metrics.get(k) for k in ("humaneval_pass_rate",) + PROXIES}, flush=True)
     record = results_record(evaluations, sets, command=command + " (proxy points)", extra=info, commit=commit)
     edited = [r for r in record["rows"] if r["name"] != "base"]
-    loss = [base.metrics["humaneval_pass_rate"] - evaluations[r["name"]].metrics["humaneval_pass_rate"] for r in edited]
+    base_rate = evaluations["base"].metrics["humaneval_pass_rate"]
+    loss = [base_rate - evaluations[r["name"]].metrics["humaneval_pass_rate"] for r in edited]
     record["spearman_with_pass_loss"] = {p: spearman([r.get(p, 0.0) for r in edited], loss) for p in PROXIES}
     write_results(Path(args.output).with_name("humaneval_proxies.json"), {**record, "columns": PROXY_COLUMNS})
     print("Spearman with the pass@1 loss:", record["spearman_with_pass_loss"])
