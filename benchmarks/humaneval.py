@@ -10,16 +10,19 @@ docs/results.md by scripts/render_results.py::
     python benchmarks/humaneval.py --dtype bfloat16                       # the table: three models
     python benchmarks/humaneval.py --dtype float32 --models base --output benchmarks/results/humaneval-fp32.json
     python benchmarks/humaneval.py --dtype bfloat16 --proxies             # + proxies vs pass@1 (proxies.json)
+    python benchmarks/humaneval.py --models base --report R --proxies --add --scales 4 --standard-scales 0.5
 
 ``--proxies`` measures pass@1 beside first-token KL, KL along 32-token replies and ΔPPL (general_test) at base,
-SRA's first direction scaled by each ``--scales`` of its searched strength, and standard ablation, and reports
-the Spearman rank correlation of each proxy with the pass@1 loss over those points.
+SRA's first direction scaled by each ``--scales`` of its searched strength, and standard ablation at each
+``--standard-scales``, and reports the Spearman rank correlation of each proxy with the pass@1 loss over those
+points. ``--add`` keeps the points an earlier run wrote (each row records its commit) and adds the new ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -32,7 +35,7 @@ from transformers_sra.cache import default_cache_dir
 from transformers_sra.measure.evaluation import EvalSets, cached_evaluation, evaluate_model
 from transformers_sra.measure.records import git_commit, results_record, write_results
 from transformers_sra.measure.tasks import MAX_NEW_TOKENS
-from transformers_sra.method.baselines import bake_baseline, swapped_edit
+from transformers_sra.method.baselines import swapped_edit
 from transformers_sra.method.editing import reapply_edit
 from transformers_sra.strength import StrengthProfile
 
@@ -88,7 +91,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--proxies", action="store_true", help="also the proxies-vs-pass@1 points (proxies.json)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+                        help="proxy points: SRA's first direction with its searched profile scaled by each")
+    parser.add_argument("--standard-scales", type=float, nargs="+", default=[1.0],
+                        help="proxy points: standard ablation at flat γ = each")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the points already in humaneval_proxies.json (same base pass@1) and add these")
     args = parser.parse_args()
     models = args.models.split(",")
     torch.set_num_threads(args.threads)
@@ -182,7 +190,10 @@ def proxy_points(model, tok, report, table: dict, args, command, commit, measure
                                                                floor=strength.floor * s),
                                            report.config.get("layers"), norm_preserving=norm_preserving)])
               for s in args.scales]
-    points.append(("standard", table.get("standard"), lambda: bake_baseline(model, report, "standard")))
+    standard = torch.tensor(report.standard_direction)
+    points += [("standard" if s == 1 else f"standard x{s:g}", table.get("standard") if s == 1 else None,
+                lambda s=s: [bake_direction(model, standard, s, report.config.get("layers"))])
+               for s in args.standard_scales]
     for name, scored, bake in points:
         handles = bake()
         try:
@@ -197,11 +208,22 @@ def proxy_points(model, tok, report, table: dict, args, command, commit, measure
                 handle.undo()
         print(name, {k: evaluations[name].metrics.get(k) for k in ("humaneval_pass_rate",) + PROXIES}, flush=True)
     record = results_record(evaluations, sets, command=command + " (proxy points)", extra=info, commit=commit)
-    edited = [r for r in record["rows"] if r["name"] != "base"]
-    base_rate = evaluations["base"].metrics["humaneval_pass_rate"]
-    loss = [base_rate - evaluations[r["name"]].metrics["humaneval_pass_rate"] for r in edited]
+    for row in record["rows"]:
+        row["commit"] = record["commit"]
+    output = Path(args.output).with_name("humaneval_proxies.json")
+    if args.add and output.exists():  # earlier points of the same base model, each row keeping its commit
+        earlier = json.loads(output.read_text(encoding="utf-8"))
+        if earlier["rows"][0]["humaneval_pass_rate"] != record["rows"][0]["humaneval_pass_rate"]:
+            raise SystemExit(f"{output} was measured on another base model (pass@1 differs); rerun without --add")
+        names = {r["name"] for r in record["rows"]}
+        kept = [dict(r, commit=r.get("commit", earlier["commit"])) for r in earlier["rows"][1:] if r["name"] not in names]
+        record["rows"] = record["rows"][:1] + kept + record["rows"][1:]
+        record["command"] = f"{earlier['command']}; then {record['command']}"
+    edited = record["rows"][1:]
+    base_rate = record["rows"][0]["humaneval_pass_rate"]["rate"]
+    loss = [base_rate - r["humaneval_pass_rate"]["rate"] for r in edited]
     record["spearman_with_pass_loss"] = {p: spearman([r.get(p, 0.0) for r in edited], loss) for p in PROXIES}
-    write_results(Path(args.output).with_name("humaneval_proxies.json"), {**record, "columns": PROXY_COLUMNS})
+    write_results(output, {**record, "columns": PROXY_COLUMNS})
     print("Spearman with the pass@1 loss:", record["spearman_with_pass_loss"])
 
 
