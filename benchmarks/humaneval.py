@@ -10,7 +10,7 @@ docs/results.md by scripts/render_results.py::
     python benchmarks/humaneval.py --dtype bfloat16                       # the table: three models
     python benchmarks/humaneval.py --dtype float32 --models base --output benchmarks/results/humaneval-fp32.json
     python benchmarks/humaneval.py --dtype bfloat16 --proxies             # + proxies vs pass@1 (proxies.json)
-    python benchmarks/humaneval.py --models base --report R --proxies --add --scales 4 --standard-scales 0.5
+    python benchmarks/humaneval.py --models base --output /tmp/base.json --report R --proxies --add --scales 3
 
 ``--proxies`` measures pass@1 beside first-token KL, KL along 32-token replies and ΔPPL (general_test) at base,
 SRA's first direction scaled by each ``--scales`` of its searched strength, and standard ablation at each
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--models", default="base,sra,standard", help="comma-separated subset of base,sra,standard")
     parser.add_argument("--report", default=None, help="a saved sra_report.json to bake instead of running SRA")
     parser.add_argument("--output", default="benchmarks/results/humaneval.json")
+    parser.add_argument("--proxies-output", default="benchmarks/results/humaneval_proxies.json")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems (a smoke run)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -210,7 +211,7 @@ def proxy_points(model, tok, report, table: dict, args, command, commit, measure
     record = results_record(evaluations, sets, command=command + " (proxy points)", extra=info, commit=commit)
     for row in record["rows"]:
         row["commit"] = record["commit"]
-    output = Path(args.output).with_name("humaneval_proxies.json")
+    output = Path(args.proxies_output)
     if args.add and output.exists():  # earlier points of the same base model, each row keeping its commit
         earlier = json.loads(output.read_text(encoding="utf-8"))
         if earlier["rows"][0]["humaneval_pass_rate"] != record["rows"][0]["humaneval_pass_rate"]:
