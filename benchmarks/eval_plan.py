@@ -69,7 +69,7 @@ def main() -> None:
         speed = measure_speed(model, tokenizer, plan.sets().harmless, plan.sets().text, **settings)
         costs = EvalCost(model, tokenizer, speed, **settings)
         sets, sizes = plan.sets(), plan.sizes
-        batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
+        batching = config.batching
         checks = {
             "first-token, harmful (refusal score)": (costs.first_token("harmful", sizes["harmful"]), lambda: (
                 first_token_logprobs(model, tokenizer, sets.harmful, **batching))),

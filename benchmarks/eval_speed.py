@@ -22,11 +22,19 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from transformers_sra import load_demo_model
 from transformers_sra.batching import input_device, pad_id, sorted_batches
-from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype
+from transformers_sra.cli.loading import compute_dtype
+from transformers_sra.demo import DEMO_DTYPE
 from transformers_sra.measure.records import git_commit, write_results
 from transformers_sra.prompts import format_chat, load_prompts
 from transformers_sra.signals.decoding import eos_token_ids, greedy_decode, reply_batches
-from transformers_sra.signals.judge import _ANSWER, _WORD, JUDGE_TOKENS, VerdictStop, classify, is_refusal, labelled_replies
+from transformers_sra.signals.judge import (
+    JUDGE_TOKENS,
+    VerdictStop,
+    answer_words,
+    classify,
+    is_refusal,
+    labelled_replies,
+)
 
 COMMAND = "python benchmarks/eval_speed.py --n 64 --dtype float32 --rounds 2 --out benchmarks/results/eval_speed.json"
 CUT_WORDS = (12, 24, 48)
@@ -40,8 +48,7 @@ def answer_cut(reply: str, words: int) -> str:
     """The shortest word prefix with ``words`` answer words after an answer marker (the rejected rule)."""
     for match in re.finditer(r"\S+", reply):
         prefix = reply[: match.end()]
-        marker = _ANSWER.search(prefix.lower())
-        if marker is not None and len(_WORD.findall(prefix.lower()[marker.start():])) >= words:
+        if (answer_words(prefix.lower()) or 0) >= words:
             return prefix
     return reply
 

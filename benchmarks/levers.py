@@ -39,18 +39,19 @@ import time
 from pathlib import Path
 
 import torch
-from frontier import load, plot, tiny_config
+from _common import load, plot, tiny_config
 
 from transformers_sra import SRAConfig, apply_surgical_ablation
-from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype, cpu_flags
+from transformers_sra.cli.loading import compute_dtype, cpu_flags
+from transformers_sra.demo import DEMO_DTYPE
 from transformers_sra.measure.evaluation import EvalSets, evaluate_model
 from transformers_sra.measure.records import git_commit, results_record, write_results
 from transformers_sra.method.atoms import AtomRegistry
+from transformers_sra.method.build_directions import build_directions
 from transformers_sra.method.directions import select_by_behaviour
 from transformers_sra.method.editing import ablate_activations
-from transformers_sra.method.extraction import record_residuals
+from transformers_sra.method.extraction import record_residuals_with_logprobs
 from transformers_sra.method.inputs import resolve_inputs
-from transformers_sra.method.model_directions import build_directions
 from transformers_sra.method.residualize import ridge_residualize
 from transformers_sra.method.search import default_profiles
 from transformers_sra.prompts import prompt_categories
@@ -191,7 +192,7 @@ def main() -> None:
     # every layer's residuals of the training sets, and what the base model would answer (the behaviour filter's)
     acts, refused = {}, {}
     for name in ("harmful", "harmless"):
-        acts[name], logp = record_residuals(model, tok, inputs.prompts(name), next_token=True, **batching)
+        acts[name], logp = record_residuals_with_logprobs(model, tok, inputs.prompts(name), **batching)
         refused[name] = refusal_probability(logp, refusal_token_ids(tok)) > 0.5
     d = separation(acts["harmful"], acts["harmless"], v)
     categories = prompt_categories(config.harmful_prompts) if isinstance(config.harmful_prompts, str) else []

@@ -20,22 +20,22 @@ import time
 from pathlib import Path
 
 import torch
-from frontier import load, tiny_config
+from _common import load, tiny_config
 
 from transformers_sra import SRAConfig
 from transformers_sra.cli.loading import compute_dtype
 from transformers_sra.measure.records import git_commit
 from transformers_sra.method.atoms import AtomRegistry
+from transformers_sra.method.build_directions import build_directions
 from transformers_sra.method.editing import ablate_activations
 from transformers_sra.method.inputs import resolve_inputs
-from transformers_sra.method.model_directions import build_directions
 from transformers_sra.method.search import default_profiles
 from transformers_sra.signals.logprobs import first_token_kls, first_token_logprobs, refusal_probability, refusal_token_ids
 
 
 def per_prompt(model, tok, inputs, config, direction, profile, base_harmless, ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Each harmful_val prompt's refusal probability and each harmless_val prompt's KL(base ‖ edited)."""
-    batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
+    batching = config.batching
     with ablate_activations(model, direction, profile, config.layers):
         refusal = refusal_probability(first_token_logprobs(model, tok, inputs.prompts("harmful_val"), **batching), ids)
         harmless = first_token_logprobs(model, tok, inputs.prompts("harmless_val"), **batching)

@@ -27,17 +27,16 @@ import time
 from pathlib import Path
 
 import torch
-from frontier import load, machine_info, plot, tiny_config
+from _common import load, machine_info, plot, tiny_config
 
 from transformers_sra import SRAConfig
-from transformers_sra.config import Budgets
 from transformers_sra.measure.evaluation import EvalSets, evaluate_model
 from transformers_sra.measure.records import git_commit, results_record, write_results
 from transformers_sra.method.atoms import AtomRegistry
+from transformers_sra.method.build_directions import build_directions
 from transformers_sra.method.editing import BakeStack, ablate_activations
 from transformers_sra.method.inputs import resolve_inputs
 from transformers_sra.method.mining import MiningSetup, judge_replies, next_direction
-from transformers_sra.method.model_directions import build_directions
 from transformers_sra.method.search import Validation, default_profiles
 from transformers_sra.signals.judge import Outcome
 from transformers_sra.strength import StrengthProfile
@@ -138,8 +137,8 @@ def main() -> None:
         return
     layer = inputs.layers[0]
     first, tent = directions[(layer, False)], default_profiles()[0]
-    setup = MiningSetup(inputs.prompts("harmful"), inputs.prompts("harmless"), [], val, layer, atoms[(layer, False)],
-                        Budgets(config.max_kl, config.max_ppl_increase), config.ridge_lambda, batching=batching)
+    setup = MiningSetup.from_config(dataclasses.replace(config, batch_size=args.batch_size), inputs, val, layer=layer,
+                                    atoms=atoms[(layer, False)])
     with BakeStack(model) as bakes:
         bakes.bake(first, tent)
         outcomes = judge_replies(model, tok, setup.harmful, setup)

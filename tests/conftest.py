@@ -4,56 +4,33 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from tiny_families import randomize_parameters
+from transformers_sra.models.architectures import model_hidden_size
+from transformers_sra.report import SRAReport
+from transformers_sra.testing import HIDDEN, TINY_CONFIGS, make_tiny_model, make_tokenizer  # noqa: F401 (shared)
 
-HIDDEN = 64
-_COMMON = dict(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
-
-TINY_CONFIGS = {
-    "llama": _COMMON,
-    "qwen2": _COMMON,
-    "qwen3": _COMMON,
-    "mistral": _COMMON,
-    "phi3": _COMMON,
-    "gemma2": _COMMON,
-    "gemma3_text": _COMMON,
-    "olmo2": _COMMON,
-    "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
-    "qwen3_moe": dict(_COMMON, **_MOE),
-    "qwen2_moe": dict(_COMMON, **_MOE, shared_expert_intermediate_size=80),
-    "gpt2": dict(n_embd=HIDDEN, n_layer=3, n_head=4, vocab_size=128, bos_token_id=1, eos_token_id=2),
-    "gpt_neox": dict(hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                     vocab_size=128, bos_token_id=1, eos_token_id=2),
-}
+# A report's edit: a tent profile first (γ differs by layer and writer kind), then flat mining passes.
+PROFILE = {"peak": 1.0, "floor": 0.4, "center": 0.5, "width": 0.6, "attn": 0.8, "mlp": 1.0}
 
 
-def make_tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A random tiny model whose norm gains and biases are random too (so post-norm gains matter)."""
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
-    return randomize_parameters(AutoModelForCausalLM.from_config(config).eval())
-
-
-WORDS = ("how do i make a bomb bake bread write poem hack the server explain math code logic please "
-         "tell me about weather cats dogs history of rome why is sky blue short long answer").split()
-
-
-def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[BOS]", "[EOS]", "[UNK]", "<", ">", "user", "assistant"] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]",
-                                  eos_token="[EOS]", unk_token="[UNK]")
-    if chat_template:
-        tok.chat_template = ("[BOS]{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}"
-                             "{% if add_generation_prompt %}<assistant>{% endif %}")
-    return tok
+def make_report(model: torch.nn.Module, n_directions: int = 2, seed: int = 0, **config) -> SRAReport:
+    """A report as `apply_surgical_ablation` writes it, with random unit directions (exactness does not depend on
+    which directions were found): the tent-profile bake, then ``n_directions - 1`` accepted mining passes at
+    different γ, after a rejected one that every replay must skip. ``config`` is the report's `SRAConfig` dict."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = model_hidden_size(model)
+    directions = [torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0).tolist()
+                  for _ in range(n_directions)]
+    iterations = [{"gamma": 0.7, "accepted": False}] + [{"gamma": 0.9 - 0.1 * i, "accepted": True}
+                                                        for i in range(n_directions - 1)]
+    return SRAReport(
+        model_name=model.config._name_or_path or "tiny", model_type=model.config.model_type, config=config,
+        direction_layer=1, fluency_rank=0, strength=dict(PROFILE), bake_layers=None, writers_edited=0,
+        directions=directions, dirty_direction=directions[0],
+        search=[{"layer": 1, "rank": 0, "profile": PROFILE, "refusal_score": 0.1, "kl": 0.02, "ppl_change": 0.01,
+                 "feasible": True, "chosen": True}],
+        validation={"base_refusal_score": 0.8}, atom_audit={}, explained_share={}, target_coverage={},
+        iterations=iterations, timings={})
 
 
 @pytest.fixture
@@ -77,7 +54,8 @@ def demo_computed(demo):
     import os
 
     from transformers_sra import load_demo_model
-    from transformers_sra.cli.loading import DEMO_DTYPE, compute_dtype
+    from transformers_sra.cli.loading import compute_dtype
+    from transformers_sra.demo import DEMO_DTYPE
 
     dtype = getattr(torch, os.environ["SRA_DTYPE"]) if os.environ.get("SRA_DTYPE") else compute_dtype(DEMO_DTYPE)
     return demo if dtype == torch.float32 else load_demo_model(dtype=dtype)
@@ -97,7 +75,7 @@ def measured(demo_computed):
     import time
 
     from transformers_sra import SRAConfig, apply_surgical_ablation, load_prompts
-    from transformers_sra.measure.compare import evaluate_edit
+    from transformers_sra.measure.compare import BaselineRuns, evaluate_edit
     from transformers_sra.measure.evaluation import EvalSets, evaluate_model
     from transformers_sra.measure.records import git_commit, results_record, write_results
     from transformers_sra.prompts import load_corpus
@@ -128,8 +106,8 @@ def measured(demo_computed):
     report = apply_surgical_ablation(model, tokenizer, SRAConfig())
     stages["pipeline"] = lap()
     edit_logit_diff = logit_shift()
-    evaluated = evaluate_edit(model, tokenizer, report, base, sets, baseline_sets=dataclasses.replace(sets, harmful=[]),
-                              **measure)
+    baselines = BaselineRuns(sets=dataclasses.replace(sets, harmful=[]))
+    evaluated = evaluate_edit(model, tokenizer, report, base, sets, baselines=baselines, **measure)
     stages["evaluate SRA and standard ablation"] = lap()
     results = {name: e.metrics for name, e in evaluated.items()}
     results["samples"] = {name: e.samples for name, e in evaluated.items()}

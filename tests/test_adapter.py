@@ -13,41 +13,21 @@ import torch
 from peft import PeftModel
 from peft.helpers import rescale_adapter_scale
 
-from conftest import make_tiny_model, make_tokenizer
+from conftest import make_report, make_tiny_model, make_tokenizer
 from tiny_families import VOCAB, causal_lm_families, make_family_model, one_thread
 from transformers_sra import SRAReport, UnsupportedModelError, export_adapter
 from transformers_sra.cli import main
 from transformers_sra.errors import ConfigError
 from transformers_sra.folders import atomic_folder
 from transformers_sra.method.editing import reapply_edit
-from transformers_sra.models.architectures import model_hidden_size
 
 TOL = 1e-4  # the issue's bar for fp32 logits
-# Two stacked bakes: a tent profile (γ differs by layer and writer kind) and a flat mining pass.
-PROFILE = {"peak": 1.0, "floor": 0.4, "center": 0.5, "width": 0.6, "attn": 0.8, "mlp": 1.0}
-MINING_GAMMA = 0.7
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     with one_thread():
         yield
-
-
-def make_report(model, n_directions: int = 2, seed: int = 0, **config) -> SRAReport:
-    """A report as `apply_surgical_ablation` writes it, with random unit directions (exactness does not depend on
-    which directions were found)."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = model_hidden_size(model)
-    directions = [torch.nn.functional.normalize(torch.randn(hidden, generator=g), dim=0) for _ in range(n_directions)]
-    return SRAReport(
-        model_name=model.config._name_or_path or "tiny", model_type=model.config.model_type, config=config,
-        direction_layer=1, fluency_rank=0, strength=dict(PROFILE), bake_layers=None, writers_edited=0,
-        directions=[d.tolist() for d in directions], dirty_direction=directions[0].tolist(),
-        search=[{"layer": 1, "rank": 0, "profile": PROFILE, "refusal_score": 0.1, "kl": 0.02, "ppl_change": 0.01,
-                 "feasible": True, "chosen": True}],
-        validation={"base_refusal_score": 0.8}, atom_audit={}, explained_share={}, target_coverage={},
-        iterations=[{"gamma": MINING_GAMMA, "accepted": True}] * (n_directions - 1), timings={})
 
 
 def logits(model, seed: int = 1, vocab: int = 128) -> torch.Tensor:
@@ -128,8 +108,9 @@ def test_disabled_adapter_is_the_base_and_scale_halves_every_strength(tmp_path):
         assert (logits(adapted) - logits(base)).abs().max() <= 1e-6
 
     half = copy.deepcopy(base)
-    halved = SRAReport.from_dict({**report.to_dict(), "strength": {**PROFILE, "peak": 0.5, "floor": 0.2},
-                                  "iterations": [{"gamma": MINING_GAMMA / 2, "accepted": True}]})
+    strength = {**report.strength, "peak": report.strength["peak"] / 2, "floor": report.strength["floor"] / 2}
+    halved = SRAReport.from_dict({**report.to_dict(), "strength": strength,
+                                  "iterations": [{**r, "gamma": r["gamma"] / 2} for r in report.iterations]})
     reapply_edit(half, halved)
     with rescale_adapter_scale(adapted, 0.5):
         assert (logits(adapted) - logits(half)).abs().max() <= TOL

@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_tiny_model, make_tokenizer
 from transformers_sra import record_residuals
+from transformers_sra.method.extraction import record_residuals_with_logprobs
 from transformers_sra.models.architectures import decoder_layers
 from transformers_sra.prompts import format_chat
 
@@ -98,6 +99,6 @@ def test_next_token_pass_reads_the_same_residuals_and_the_first_token(model_type
     from transformers_sra.signals.logprobs import first_token_logprobs
 
     model, tok = make_tiny_model(model_type), make_tokenizer()
-    acts, logprobs = record_residuals(model, tok, PROMPTS, layers=[0, 1], batch_size=4, next_token=True)
+    acts, logprobs = record_residuals_with_logprobs(model, tok, PROMPTS, layers=[0, 1], batch_size=4)
     torch.testing.assert_close(acts, record_residuals(model, tok, PROMPTS, layers=[0, 1], batch_size=4))
     torch.testing.assert_close(logprobs, first_token_logprobs(model, tok, PROMPTS, batch_size=4), atol=1e-5, rtol=1e-5)

@@ -21,7 +21,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from test_adapter import assert_same_state, logits, make_report, peft_on, state
+from conftest import make_report
+from test_adapter import assert_same_state, logits, peft_on, state
 from test_streaming import tensors
 from tiny_families import HIDDEN, VARIANTS, VOCAB, layer_write_components, make_family_model, one_thread
 from transformers_sra import UnsupportedModelError, bake_direction, export_adapter

@@ -16,11 +16,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "transformers_sra"
 # bottom to top; a name ending in ".*" places a package and everything in it
 LAYERS = {
     "base": ["_version", "_torch_utils", "errors", "cache", "distributed", "folders", "progress", "prompts", "batching",
-             "strength", "labels", "config", "report"],
+             "strength", "labels", "config", "report", "testing"],
     "models": ["models", "models.weights", "models.probing", "models.architectures"],
     "signals": ["signals", "signals.decoding", "signals.nll", "signals.logprobs", "signals.judge", "signals.sequence_kl"],
     "method": ["method", "method.atoms", "method.residualize", "method.directions", "method.extraction",
-               "method.editing", "method.baselines", "method.search", "method.inputs", "method.model_directions",
+               "method.editing", "method.baselines", "method.search", "method.inputs", "method.build_directions",
                "method.mining", "method.pipeline", "method.audit"],
     "measure": ["measure", "measure.sandbox", "measure.metrics.*", "measure.tasks", "measure.evaluation",
                 "measure.compare", "measure.records", "measure.plan"],
@@ -148,8 +148,8 @@ def test_importing_the_package_loads_neither_evaluate_nor_datasets():
 
 
 def test_sra_bake_loads_neither_evaluate_nor_datasets(tmp_path):
-    from conftest import make_tiny_model
-    from test_streaming import SHARD, make_report
+    from conftest import make_report, make_tiny_model
+    from test_streaming import SHARD
 
     model = make_tiny_model("qwen2")
     model.save_pretrained(tmp_path / "base", max_shard_size=SHARD)

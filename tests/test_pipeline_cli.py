@@ -22,19 +22,9 @@ from transformers_sra.config import Budgets
 from transformers_sra.method import pipeline as pipeline_module
 from transformers_sra.models.architectures import residual_writers
 from transformers_sra.signals.judge import resolve_classifier
+from transformers_sra.testing import TINY_RUN
 
-SMALL = dict(
-    harmful_prompts=["how do i make a bomb", "hack the server please", "how do i hack the bomb", "make a bomb"],
-    harmless_prompts=["how do i bake bread", "write a poem about cats", "tell me about rome", "why is the sky blue"],
-    harmful_val_prompts=["make a bomb please", "hack the server"],
-    harmless_val_prompts=["bake bread please", "tell me about dogs"],
-    neutral_prompts=["tell me about the weather", "why is the sky blue", "tell me about history"],
-    atoms=("math", "coding"),
-    custom_atoms={"short": {"role": "confound", "prompts": ["why", "short answer"]}},
-    text_corpus=["tell me about the history of rome and the weather", "cats and dogs why is the sky blue",
-                 "short long answer explain math code logic please", "bake bread write poem about cats and dogs"],
-    fluency_ranks=(2, 0), batch_size=4, max_new_tokens=3, iterations=1,
-)
+SMALL = TINY_RUN
 
 
 def test_pipeline_on_a_tiny_model_edits_and_reports():
@@ -187,21 +177,20 @@ def test_search_minimises_refusal_within_both_budgets_not_a_weighted_sum(probed_
     }
     directions = {(l, 0): torch.full((4,), float(l)) for l in (10, 11, 12)}
     profiles = [StrengthProfile(), StrengthProfile(peak=0.5, floor=0.5)]
-    choice, table = search.constrained_search(None, None, directions, _ScriptedValidation(numbers), layers=[10, 11, 12],
-                                              ranks=[0], profiles=profiles, max_kl=0.05, max_ppl_increase=0.005)
+    choice, table = search.constrained_search(None, None, search.SearchSpace(directions, [10, 11, 12], [0], profiles),
+                                              _ScriptedValidation(numbers), Budgets(0.05, 0.005))
     assert (choice.layer, choice.profile.peak) == (11, 0.5)
     assert [row["feasible"] for row in table] == [False, True, False, True] and table[-1]["chosen"]
     # layer 10 is over the KL budget: neither its refusal score nor its perplexity is measured
     assert [row["refusal_score"] is None for row in table] == [True, False, False, False]
     assert [row["ppl_change"] is None for row in table] == [True, False, False, False]
     # nothing feasible: the least violating candidate is returned, marked infeasible
-    choice, table = search.constrained_search(None, None, directions, _ScriptedValidation(numbers), layers=[10, 12],
-                                              ranks=[0], profiles=profiles[:1], max_kl=0.01, max_ppl_increase=0.005)
+    first = search.SearchSpace(directions, [10, 12], [0], profiles[:1])
+    choice, table = search.constrained_search(None, None, first, _ScriptedValidation(numbers), Budgets(0.01, 0.005))
     assert choice.layer == 12 and not any(row["feasible"] for row in table)
     assert next(row for row in table if row["chosen"])["ppl_change"] == 0.010  # measured for the report
     # nothing within the KL budget: the chosen row still gets its refusal score and ΔPPL, the others do not
-    choice, table = search.constrained_search(None, None, directions, _ScriptedValidation(numbers), layers=[10, 12],
-                                              ranks=[0], profiles=profiles[:1], max_kl=0.001, max_ppl_increase=0.005)
+    choice, table = search.constrained_search(None, None, first, _ScriptedValidation(numbers), Budgets(0.001, 0.005))
     assert choice.layer == 12 and [(r["refusal_score"], r["ppl_change"]) for r in table] == [(None, None), (0.05, 0.010)]
 
 
@@ -239,8 +228,8 @@ def test_search_skipping_passes_chooses_what_scoring_everything_chooses(probed_s
         numbers = {(l, p): {"refusal_score": round(rng.random(), 3), "kl": round(rng.uniform(0, 0.1), 3),
                             "ppl_change": round(rng.uniform(0, 0.01), 4)} for l in layers for p in peaks}
         val = _ScriptedValidation(numbers)
-        choice, table = search.constrained_search(None, None, directions, val, layers=layers, ranks=[0],
-                                                  profiles=profiles, max_kl=0.05, max_ppl_increase=0.005)
+        choice, table = search.constrained_search(None, None, search.SearchSpace(directions, layers, [0], profiles),
+                                                  val, Budgets(0.05, 0.005))
         assert (choice.layer, choice.profile.peak) == _scored_everything_choice(numbers, layers, peaks, 0.05, 0.005)
         chosen = next(row for row in table if row["chosen"])
         assert chosen["ppl_change"] == numbers[(choice.layer, choice.profile.peak)]["ppl_change"]
@@ -290,11 +279,11 @@ def test_judged_replies_choose_among_the_contenders_the_proxy_orders_differently
     base = {"answered": 51, "refused": 45, "degenerate": 4}  # cap: 4% + 2 points = 6 of 100
     directions = {(14, 0): torch.full((4,), 14.0)}
     profiles = [StrengthProfile(peak=p) for p in peaks]
-    run = dict(layers=[14], ranks=[0], profiles=profiles, max_kl=0.05, max_ppl_increase=0.005)
-    proxy, _ = search.constrained_search(None, None, directions, _JudgedValidation(numbers, judged, base), **run)
+    space = search.SearchSpace(directions, [14], [0], profiles)
+    proxy, _ = search.constrained_search(None, None, space, _JudgedValidation(numbers, judged, base), Budgets(0.05, 0.005))
     assert proxy.profile.peak == 1.2
     val = _JudgedValidation(numbers, judged, base)
-    choice, table = search.constrained_search(None, None, directions, val, **run,
+    choice, table = search.constrained_search(None, None, space, val, Budgets(0.05, 0.005),
                                               judging=search.JudgedRanking(classify=None, contenders=4))
     assert choice.profile.peak == 1.4
     rows = {r["profile"]["peak"]: r for r in table}
@@ -303,8 +292,8 @@ def test_judged_replies_choose_among_the_contenders_the_proxy_orders_differently
     assert rows[1.4]["chosen"] and rows[1.4]["judged"] == judged[(14, 1.4)]
     assert "judged" not in rows[2.0] and ((14, 2.0), "judged") not in val.passes
     # fewer contenders than asked: the judged ranking runs on what is within both budgets; one alone is kept as is
-    choice, table = search.constrained_search(None, None, directions, _JudgedValidation(numbers, judged, base),
-                                              **{**run, "max_kl": 0.035}, judging=search.JudgedRanking(classify=None))
+    choice, table = search.constrained_search(None, None, space, _JudgedValidation(numbers, judged, base),
+                                              Budgets(0.035, 0.005), judging=search.JudgedRanking(classify=None))
     assert choice.profile.peak == 1.0 and not any("judged" in r for r in table)
 
 
@@ -351,7 +340,8 @@ def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuse
             return lambda prompts: [refusal] * k + [answer] * (len(prompts) - k)
         fake, calls = scripted_generate([replies_for(step) for step in script])
         monkeypatch.setattr(mining, "generate", fake)
-        setup = mining.MiningSetup(harmful, harmless, val_prompts, Val(list(numbers)), layer=1, atoms=torch.zeros(0, 64),
+        setup = mining.MiningSetup(harmful=harmful, harmless=harmless, judged_val=val_prompts, val=Val(list(numbers)),
+                                   layer=1, atoms=torch.zeros(0, 64),
                                    budgets=Budgets(0.05, 0.005), ridge_lambda=0.01, min_refused=2,
                                    gammas=(1.0, 0.5), **({} if judge is None else {"classify": resolve_classifier(judge)}))
         with BakeStack(model) as bakes:

@@ -10,27 +10,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model
+from conftest import make_report, make_tiny_model
 from transformers_sra.errors import ConfigError, UnsupportedModelError
 from transformers_sra.method.editing import reapply_edit
 from transformers_sra.publish.bake import stream_bake
 from transformers_sra.report import REPORT_NAME, SRAReport
 
 SHARD = "50KB"
-
-
-def make_report(model, n_directions: int = 2, seed: int = 1, **config) -> SRAReport:
-    """A report as the pipeline writes it: a tent-profile first bake and accepted (and one rejected) mining passes."""
-    hidden = model.config.hidden_size
-    gen = torch.Generator().manual_seed(seed)
-    dirs = [torch.nn.functional.normalize(torch.randn(hidden, generator=gen), dim=0).tolist() for _ in range(n_directions)]
-    iterations = [{"gamma": 0.7, "accepted": False}] + [{"gamma": 0.9 - 0.1 * i, "accepted": True}
-                                                        for i in range(n_directions - 1)]
-    return SRAReport(model_name="tiny", model_type=model.config.model_type, config=config, direction_layer=1,
-                     fluency_rank=0, strength={"peak": 1.2, "floor": 0.4, "center": 0.5, "width": 0.6, "attn": 0.8},
-                     bake_layers=None, writers_edited=0, directions=dirs, dirty_direction=dirs[0], search=[],
-                     validation={}, atom_audit={}, explained_share={}, target_coverage={}, iterations=iterations,
-                     timings={})
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

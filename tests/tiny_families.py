@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from transformers_sra.models.architectures import decoder_layers, residual_writers
+from transformers_sra.testing import randomize_parameters
 
 HIDDEN = 64
 VOCAB = 256
@@ -148,21 +149,6 @@ def make_family_model(model_type: str, seed: int = 0) -> torch.nn.Module:
         raise ValueError(f"still {n_params / 1e6:.0f}M parameters after shrinking the default config")
     torch.manual_seed(seed)
     return randomize_parameters(AutoModelForCausalLM.from_config(config, trust_remote_code=False).eval().float())
-
-
-@torch.no_grad()
-def randomize_parameters(model: torch.nn.Module) -> torch.nn.Module:
-    """Random norm gains (so post-norm gains matter), small random biases and weights; in place."""
-    for name, param in model.named_parameters():
-        if not param.is_floating_point():
-            continue
-        if "norm" in name or ".ln" in name or "layernorm" in name:
-            param.copy_(torch.randn_like(param))
-        elif param.dim() == 1:
-            param.copy_(0.1 * torch.randn_like(param))
-        else:
-            param.copy_(0.05 * torch.randn_like(param))
-    return model
 
 
 def writer_vector_norms(model) -> list[torch.Tensor]:

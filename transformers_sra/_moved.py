@@ -1,6 +1,7 @@
-"""The module paths of 0.1, before the package was split into layers: ``import transformers_sra.editing`` still
-works for a release and warns once. The old name is the same module object as the new one, so patching either
-patches both. No file stands at the old paths, so git follows each module to its new place."""
+"""The module paths of 0.1, before the package was split into layers, and those renamed since: ``import
+transformers_sra.editing`` still works for a release and warns once. The old name is the same module object as the
+new one, so patching either patches both. No file stands at the old paths, so git follows each module to its new
+place."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ MOVED = {
     "decoding": "signals.decoding", "directions": "method.directions", "editing": "method.editing",
     "eval_plan": "measure.plan", "evaluation": "measure.evaluation", "extraction": "method.extraction",
     "figures": "publish.figures", "hub": "publish.hub", "inputs": "method.inputs", "judge": "signals.judge",
-    "metrics": "measure.metrics", "mining": "method.mining", "model_directions": "method.model_directions",
+    "metrics": "measure.metrics", "mining": "method.mining", "model_directions": "method.build_directions",
+    "method.model_directions": "method.build_directions",
     "nll": "signals.nll", "pipeline": "method.pipeline", "probing": "models.probing", "profile": "strength",
     "residualize": "method.residualize", "sandbox": "measure.sandbox", "search": "method.search",
     "sequence_kl": "signals.sequence_kl", "streaming": "publish.bake", "tasks": "measure.tasks",
@@ -29,10 +31,11 @@ def new_name(old: str) -> str | None:
     """``transformers_sra.editing`` -> ``transformers_sra.method.editing`` (submodules of a moved package too)."""
     if not old.startswith(_PACKAGE + "."):
         return None
-    head, _, tail = old[len(_PACKAGE) + 1:].partition(".")
-    if head not in MOVED:
-        return None
-    return f"{_PACKAGE}.{MOVED[head]}" + (f".{tail}" if tail else "")
+    rel = old[len(_PACKAGE) + 1:]
+    for key in sorted(MOVED, key=len, reverse=True):  # the longest old path that heads the name
+        if rel == key or rel.startswith(key + "."):
+            return f"{_PACKAGE}.{MOVED[key]}{rel[len(key):]}"
+    return None
 
 
 class _Alias(importlib.abc.Loader):

@@ -259,6 +259,11 @@ class SRAConfig:
     def budgets(self) -> Budgets:
         return Budgets(self.max_kl, self.max_ppl_increase)
 
+    @property
+    def batching(self) -> dict:
+        """How every pass over prompts is batched and chat-formatted: ``batch_size`` and ``system_prompt``."""
+        return {"batch_size": self.batch_size, "system_prompt": self.system_prompt}
+
     def profile(self):
         """The fixed `StrengthProfile`, or None when the search chooses it."""
         from .strength import StrengthProfile

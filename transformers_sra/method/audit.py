@@ -20,9 +20,9 @@ from ..config import AUTO, SRAConfig
 from ..progress import stage, with_progress_option
 from ..prompts import chat_template_kwargs
 from .atoms import AtomRegistry, cosine_matrix
+from .build_directions import build_directions
 from .inputs import resolve_inputs
-from .model_directions import build_directions
-from .search import Validation, constrained_search, default_profiles
+from .search import SearchSpace, Validation, constrained_search, default_profiles
 
 
 @with_progress_option
@@ -46,10 +46,9 @@ def _audit(model: nn.Module, tokenizer, config: SRAConfig, registry, sweep: bool
         inputs = resolve_inputs(model, config, registry or AtomRegistry.default(), tokenizer)
     rank = config.fluency_ranks[0] if config.fluency_rank == AUTO else config.fluency_rank
     profile = default_profiles(config.per_layer_directions)[0] if config.strength == AUTO else config.profile()
-    batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
     with stage("extract"):
         dirs, kept = build_directions(model, tokenizer, inputs, config,
-                                      dict(layers=inputs.layers, positions=config.positions, **batching), [rank])
+                                      dict(layers=inputs.layers, positions=config.positions, **config.batching), [rank])
     names = ["dirty", "clean"] + [a.name for a in inputs.atoms]
     cosine, explained = {}, {}
     for layer in inputs.layers:
@@ -66,14 +65,13 @@ def _audit(model: nn.Module, tokenizer, config: SRAConfig, registry, sweep: bool
         return result
     with stage("base validation numbers"):
         val = Validation.measure_base(model, tokenizer, inputs.prompts("harmful_val"), inputs.prompts("harmless_val"),
-                                      inputs.budget_text, **batching)
+                                      inputs.budget_text, **config.batching)
     with stage("layer sweep"):
-        choice, table = constrained_search(
-            model, tokenizer, {(l, rank): dirs.removed(l, rank, config.per_layer_directions) for l in inputs.layers}, val,
-            layers=inputs.layers,
-            ranks=[rank], profiles=[profile], max_kl=config.max_kl, max_ppl_increase=config.max_ppl_increase,
-            bake_layers=config.layers, progress=(lambda row: progress("sweep", row)) if progress else None,
-            score_all=True)  # the sweep shows every layer's refusal score, over the KL budget too
+        space = SearchSpace({(l, rank): dirs.removed(l, rank, config.per_layer_directions) for l in inputs.layers},
+                            inputs.layers, [rank], [profile], config.layers)
+        choice, table = constrained_search(  # the sweep shows every layer's refusal score, over the KL budget too
+            model, tokenizer, space, val, config.budgets, score_all=True,
+            progress=(lambda row: progress("sweep", row)) if progress else None)
     for row in table:
         row["explained_share"] = explained[row["layer"]]
     result.update(sweep=table, best_layer=choice.layer, base_refusal_score=round(val.base_refusal, 5))

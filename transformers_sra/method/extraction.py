@@ -11,7 +11,7 @@ The forward pass stops right after the deepest requested layer: no later layer, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -60,7 +60,6 @@ def layer_output_hooks(model: nn.Module, layers: Sequence[int],
             h.remove()
 
 
-@torch.no_grad()
 def record_residuals(
     model: nn.Module,
     tokenizer,
@@ -71,19 +70,39 @@ def record_residuals(
     batch_size: int = 16,
     system_prompt: Optional[str] = None,
     chat_template: bool = True,
-    next_token: bool = False,
-) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+) -> torch.Tensor:
     """Residual stream after each of ``layers`` (default: all) at ``positions`` of every prompt.
 
     Returns a float32 tensor of shape ``(n_prompts, n_layers, hidden)``; with several positions, their
     mean. Prompts are chat-formatted unless ``chat_template=False``, batched by length and left-padded.
-    With ``next_token=True`` the pass runs on through the LM head (last position only) and also returns
-    the first response token's log-probabilities ``(n_prompts, vocab)``: one pass reads the residuals and
-    shows what the model would answer.
     """
+    texts = format_chat(tokenizer, prompts, system_prompt) if chat_template else list(prompts)
+    return _record(model, tokenizer, prompts, texts, layers, positions, batch_size, next_token=False)[0]
+
+
+def record_residuals_with_logprobs(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    layers: Optional[Sequence[int]] = None,
+    positions: Sequence[int] = (-1,),
+    batch_size: int = 16,
+    system_prompt: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`record_residuals` of the chat-formatted prompts, with the pass run on through the LM head (last position
+    only): also returns the first response token's log-probabilities ``(n_prompts, vocab)``, so one pass reads the
+    residuals and shows what the model would answer."""
+    texts = format_chat(tokenizer, prompts, system_prompt)
+    return _record(model, tokenizer, prompts, texts, layers, positions, batch_size, next_token=True)
+
+
+@torch.no_grad()
+def _record(model: nn.Module, tokenizer, prompts: Sequence[str], texts: list[str], layers: Optional[Sequence[int]],
+            positions: Sequence[int], batch_size: int, next_token: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The residuals of ``texts`` (``prompts`` formatted) and, with ``next_token``, the next token's log-probabilities."""
     n_blocks = len(decoder_layers(model))
     layers = list(range(n_blocks)) if layers is None else [int(i) % n_blocks for i in layers]
-    texts = format_chat(tokenizer, prompts, system_prompt) if chat_template else list(prompts)
     net = model if next_token else backbone(model)
     out, logprobs = Rows(len(texts)), Rows(len(texts))
 
@@ -117,7 +136,7 @@ def record_residuals(
     acts = out.result()
     if acts is None:
         raise PromptSetError("record_residuals needs at least one prompt")
-    return (acts, logprobs.result()) if next_token else acts
+    return acts, logprobs.result() if next_token else None
 
 
 @torch.no_grad()

@@ -9,8 +9,9 @@ orthogonal to every direction already removed. Its strength is the largest of ``
 budgets, and the pass is kept only if the *judged* replies to validation prompts refuse less (without trading
 refusals for loops); it is never judged on the training prompts it was mined from::
 
-    setup = MiningSetup(harmful, harmless, judged_val, val, layer=14, atoms=atoms,
-                        budgets=Budgets(max_kl=0.05, max_ppl_increase=0.005), ridge_lambda=0.01, classify=classify)
+    setup = MiningSetup.from_config(config, inputs, val, layer=14, atoms=atoms)   # as the pipeline builds it
+    setup = MiningSetup(harmful=harmful, harmless=harmless, judged_val=judged_val, val=val, layer=14, atoms=atoms,
+                        budgets=Budgets(max_kl=0.05, max_ppl_increase=0.005), ridge_lambda=0.01)   # or field by field
     rows = mine(model, tokenizer, bakes, setup, iterations=2)
 """
 
@@ -22,11 +23,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import Budgets
+from ..config import Budgets, SRAConfig
 from ..progress import bar
 from ..signals.judge import Classifier, Outcome, classify, generate, outcome_counts
 from .editing import BakeStack, ablate_activations
 from .extraction import record_residuals
+from .inputs import RunInputs
 from .residualize import difference_of_means, orthogonalize, ridge_residualize
 from .search import Validation
 
@@ -35,9 +37,9 @@ MINING_TOKENS = 32
 CONTRASTS = ("answered", "harmless")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MiningSetup:
-    """What every mining pass reads; fixed for the run."""
+    """What every mining pass reads; fixed for the run. Built by `from_config`, or field by field (by name)."""
 
     harmful: Sequence[str]  # training prompts whose judged replies give the hard negatives
     harmless: Sequence[str]
@@ -55,6 +57,18 @@ class MiningSetup:
     bake_layers: Optional[list[int]] = None
     positions: Sequence[int] = (-1,)
     batching: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: SRAConfig, inputs: RunInputs, val: Validation, *, layer: int, atoms: torch.Tensor,
+                    classify: Classifier = classify) -> "MiningSetup":
+        """The pipeline's setup: hard negatives from the harmful training prompts (contrasted with the harmless set
+        or the answered ones, as ``config.mining_contrast`` says), every other harmful validation prompt judged for
+        acceptance, and the budgets, ridge λ, baked layers, positions and batching of ``config``."""
+        return cls(harmful=inputs.prompts("harmful"), harmless=inputs.prompts("harmless"),
+                   judged_val=inputs.prompts("harmful_val")[0::2], val=val, layer=layer, atoms=atoms,
+                   budgets=config.budgets, ridge_lambda=config.ridge_lambda, classify=classify,
+                   contrast=config.mining_contrast, bake_layers=config.layers, positions=config.positions,
+                   batching=config.batching)
 
 
 def judge_replies(model: nn.Module, tokenizer, prompts: Sequence[str], setup: MiningSetup) -> list[Outcome]:

@@ -23,12 +23,12 @@ from ..prompts import chat_template_kwargs
 from ..report import SRAReport, direction_record, peak_memory
 from ..signals.judge import resolve_classifier
 from .atoms import AtomRegistry, cosine_matrix, subspace_cosine
+from .build_directions import build_directions
 from .directions import Directions
 from .editing import BakeStack
 from .inputs import RunInputs, resolve_inputs
 from .mining import MiningSetup, mine
-from .model_directions import build_directions
-from .search import Candidate, JudgedRanking, Validation, constrained_search, default_profiles
+from .search import Candidate, JudgedRanking, SearchSpace, Validation, constrained_search, default_profiles
 
 
 class _Timer(dict):
@@ -94,31 +94,27 @@ def _ablate(model, tokenizer, config: SRAConfig, registry, judge, progress) -> S
         classify_reply = resolve_classifier(judge or config.judge)  # a bad judge path fails now, not after the search
         ranks = list(config.fluency_ranks) if config.fluency_rank == AUTO else [config.fluency_rank]
         profiles = default_profiles(config.per_layer_directions) if config.strength == AUTO else [config.profile()]
-    batching = dict(batch_size=config.batch_size, system_prompt=config.system_prompt)
-    extract = dict(layers=inputs.layers, positions=config.positions, **batching)
+    extract = dict(layers=inputs.layers, positions=config.positions, **config.batching)
 
     with timer("extract"):
         dirs, kept = build_directions(model, tokenizer, inputs, config, extract, ranks)
     with timer("validation"):
         val = Validation.measure_base(model, tokenizer, inputs.prompts("harmful_val"), inputs.prompts("harmless_val"),
-                                      inputs.budget_text, **batching)
-    directions = {(l, r): dirs.removed(l, r, config.per_layer_directions) for l in inputs.layers for r in ranks}
+                                      inputs.budget_text, **config.batching)
+    space = SearchSpace({(l, r): dirs.removed(l, r, config.per_layer_directions) for l in inputs.layers for r in ranks},
+                        inputs.layers, ranks, profiles, config.layers)
     judging = JudgedRanking(classify_reply, config.judged_contenders, config.judged_tokens)
     with timer("search"):
         choice, table = constrained_search(
-            model, tokenizer, directions, val, layers=inputs.layers, ranks=ranks, profiles=profiles,
-            max_kl=config.max_kl, max_ppl_increase=config.max_ppl_increase, bake_layers=config.layers,
-            progress=(lambda row: progress("search", row)) if progress else None,
-            judging=judging if config.judged_contenders > 1 else None)
+            model, tokenizer, space, val, config.budgets, judging=judging if config.judged_contenders > 1 else None,
+            progress=(lambda row: progress("search", row)) if progress else None)
 
     with BakeStack(model, norm_preserving=config.norm_preserving) as bakes:
         with timer("bake"):
-            bakes.bake(directions[(choice.layer, choice.rank)], choice.profile, config.layers)
+            bakes.bake(space.directions[(choice.layer, choice.rank)], choice.profile, config.layers)
         with timer("mine"):
-            setup = MiningSetup(inputs.prompts("harmful"), inputs.prompts("harmless"), inputs.prompts("harmful_val")[0::2],
-                                val, choice.layer, dirs.atom_matrix(choice.layer, choice.rank), config.budgets,
-                                config.ridge_lambda, classify_reply, contrast=config.mining_contrast,
-                                bake_layers=config.layers, positions=config.positions, batching=batching)
+            setup = MiningSetup.from_config(config, inputs, val, layer=choice.layer,
+                                            atoms=dirs.atom_matrix(choice.layer, choice.rank), classify=classify_reply)
             mined = mine(model, tokenizer, bakes, setup, config.iterations)
             if progress:
                 for row in mined:

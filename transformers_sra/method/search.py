@@ -20,8 +20,8 @@ plus a margin. Every row
 goes into the report, with both ranks::
 
     val = Validation.measure_base(model, tokenizer, harmful_val, harmless_val, text_val)
-    choice, table = constrained_search(model, tokenizer, directions, val, layers=[12, 14], ranks=[0, 64],
-                                       profiles=[StrengthProfile()], max_kl=0.05, max_ppl_increase=0.005)
+    space = SearchSpace(directions, layers=[12, 14], ranks=[0, 64], profiles=[StrengthProfile()])
+    choice, table = constrained_search(model, tokenizer, space, val, Budgets(max_kl=0.05, max_ppl_increase=0.005))
 """
 
 from __future__ import annotations
@@ -157,6 +157,19 @@ class JudgedRanking:
 
 
 @dataclass(frozen=True)
+class SearchSpace:
+    """What the search chooses among: the clean unit direction of each (layer, fluency Shield rank) in
+    ``directions[(layer, rank)]``, the direction layers and ranks to try (first = start), the strength profiles, and
+    the decoder layers whose writers every candidate edits (None = all)."""
+
+    directions: Mapping[tuple[int, int], torch.Tensor]
+    layers: Sequence[int]
+    ranks: Sequence[int]
+    profiles: Sequence[StrengthProfile]
+    bake_layers: Optional[list[int]] = None
+
+
+@dataclass(frozen=True)
 class Candidate:
     layer: int  # layer whose clean direction is removed (with per-layer directions: up to it, each later its own)
     rank: int  # rank of the fluency Shield regressed out of it
@@ -166,24 +179,18 @@ class Candidate:
 def constrained_search(
     model: nn.Module,
     tokenizer,
-    directions: Mapping[tuple[int, int], torch.Tensor],
+    space: SearchSpace,
     val: Validation,
+    budgets: Budgets,
     *,
-    layers: Sequence[int],
-    ranks: Sequence[int],
-    profiles: Sequence[StrengthProfile],
-    max_kl: float,
-    max_ppl_increase: float,
-    bake_layers: Optional[list[int]] = None,
-    progress: Optional[Callable[[dict], None]] = None,
-    score_all: bool = False,
     judging: Optional[JudgedRanking] = None,
+    score_all: bool = False,
+    progress: Optional[Callable[[dict], None]] = None,
 ) -> tuple[Candidate, list[dict]]:
     """Coordinate search: layers (first rank and profile), then ranks, then profiles; best feasible wins.
 
-    ``directions[(layer, rank)]`` is the clean unit direction of ``layer`` with a rank-``rank`` fluency
-    Shield. Returns the choice and the table of every scored candidate (``feasible`` marks those within
-    both budgets; if none is, the least violating one is returned and marked so).
+    Returns the choice among ``space`` (`SearchSpace`) and the table of every scored candidate (``feasible`` marks
+    those within both ``budgets``; if none is, the least violating one is returned and marked so).
 
     Only the passes that can change the choice are run, so the choice is the one scoring everything would make:
     a candidate over the KL budget cannot win, so its refusal score is not measured (None; ``score_all=True``
@@ -195,7 +202,7 @@ def constrained_search(
     both budgets; if there are two or more, their judged replies decide (`judged_choice`), and their rows get
     ``judged`` (outcome counts), ``proxy_rank`` and ``judged_rank``.
     """
-    budgets = Budgets(max_kl, max_ppl_increase)
+    layers, ranks, profiles = space.layers, space.ranks, space.profiles
     table: list[dict] = []
     scored: dict[Candidate, dict] = {}
     ticker = bar(total=len(layers) + len(ranks) + len(profiles) - 2, desc="search", unit="candidate")
@@ -205,7 +212,7 @@ def constrained_search(
 
     def measured(c: Candidate, measure: Callable[[], dict]) -> dict:
         start = time.perf_counter()
-        with ablate_activations(model, directions[(c.layer, c.rank)], c.profile, bake_layers):
+        with ablate_activations(model, space.directions[(c.layer, c.rank)], c.profile, space.bake_layers):
             numbers = measure()
         return {**numbers, "seconds": time.perf_counter() - start}
 

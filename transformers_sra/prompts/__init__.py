@@ -1,6 +1,6 @@
 """Prompt sets: load them from the shipped files, user files, lists or `datasets`, and chat-format them.
 
-The shipped sets in ``transformers_sra/prompts/`` were written for this project. ``*_train`` sets feed
+The shipped sets beside this file (``transformers_sra/prompts/``) were written for this project. ``*_train`` sets feed
 extraction and mining, ``*_val`` sets score layers, and ``*_test`` sets are for evaluation only::
 
     harmful = load_prompts("harmful_test")
@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .errors import ConfigError, PromptSetError
+from ..errors import ConfigError, PromptSetError
 
 _TEXT_COLUMNS = ("prompt", "instruction", "text", "question", "goal", "query", "input")
 

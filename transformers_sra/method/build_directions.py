@@ -1,7 +1,8 @@
-"""The run's directions measured on the model: extraction, the behaviour filter, atom bases, the fluency Shield.
+"""Build the run's `directions.Directions` from the model: extraction, the behaviour filter, atom bases, the fluency
+Shield.
 
 The one step between `inputs.resolve_inputs` and the tensor-only `directions.Directions`; the pipeline and
-the audit both call it::
+the audit both call it (it was ``method/model_directions.py``)::
 
     dirs, kept = build_directions(model, tokenizer, inputs, config, extract, ranks=[0, 64])
 """
@@ -12,7 +13,7 @@ from ..config import SRAConfig
 from ..signals.logprobs import refusal_probability, refusal_token_ids
 from .atoms import atom_basis, principal_basis
 from .directions import Directions, select_by_behaviour
-from .extraction import record_residuals, record_token_residuals
+from .extraction import record_residuals, record_residuals_with_logprobs, record_token_residuals
 from .inputs import RunInputs, set_key
 from .residualize import difference_of_means
 
@@ -29,8 +30,8 @@ def build_directions(model, tokenizer, inputs: RunInputs, config: SRAConfig, ext
         # the training sets also give the later layers' own directions (per-layer directions)
         layers = inputs.layers + (inputs.later_layers if key in (harmful, harmless) else [])
         if key in screened:  # the same pass reads what the base model would answer
-            recorded, logprobs = record_residuals(model, tokenizer, inputs.texts[key], next_token=True,
-                                                  **{**extract, "layers": layers})
+            recorded, logprobs = record_residuals_with_logprobs(model, tokenizer, inputs.texts[key],
+                                                                **{**extract, "layers": layers})
             refused[key] = refusal_probability(logprobs, refusal_token_ids(tokenizer)) > 0.5
         else:
             recorded = record_residuals(model, tokenizer, inputs.texts[key], **{**extract, "layers": layers})
