@@ -325,7 +325,8 @@ TABLES: dict[str, Spec] = {
         writer="benchmarks/humaneval.py",
         caption="{f[machine][cpu]} ({f[machine][cores]} cores, avx512_bf16: {f[machine][avx512_bf16]}, amx_bf16: "
                 "{f[machine][amx_bf16]}), {f[threads]} torch threads, batches of {f[batch_size]}, at most "
-                "{f[max_new_tokens]} new tokens, all {f[problems]} problems, one benchmark at a time (other work at the lowest priority):",
+                "{f[max_new_tokens]} new tokens, all {f[problems]} problems, one benchmark at a time (other work at "
+                "the lowest priority):",
         header=("HumanEval on the demo model", "{name}"),
         rows=(("per model: wall / CPU seconds", "{f[per_model]}"),
               ("wall minutes per model, mean", "{f[minutes]:.1f} min")),
