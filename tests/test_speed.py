@@ -4,7 +4,11 @@ shared base cache, and an evaluation sized to its time budget (issue #19)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,14 +32,15 @@ def test_half_precision_computes_in_fp32_only_on_a_cpu_that_would_emulate_it(mon
     monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "fma", "f16c"})  # the issue's AVX2 machine
     assert [loading.compute_dtype(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == [torch.float32] * 3
     monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # Zen 4, Cooper Lake
-    assert loading.compute_dtype(torch.bfloat16) == torch.bfloat16 and loading.compute_dtype(torch.float16) == torch.float32
-    monkeypatch.setattr(loading, "cpu_flags", lambda: {"amx_bf16", "amx_fp16"})  # Sapphire Rapids and later
-    assert loading.compute_dtype(torch.float16) == torch.float16
-    # no x86 flags (ARM, macOS): the micro-benchmark answers, both ways
-    monkeypatch.setattr(loading, "cpu_flags", lambda: None)
-    for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(loading, "_faster_than_fp32", lambda dtype, fast=fast: fast)
-        assert loading.compute_dtype(torch.bfloat16) == expected
+    assert loading.compute_dtype(torch.float16) == torch.float32  # no fp16 flag: settled without the benchmark
+    # the flags present (x86), or no x86 flags (ARM, macOS): the micro-benchmark answers, both ways
+    for flags in ({"avx2", "avx512f", "avx512_bf16"}, {"amx_bf16", "amx_fp16"}, None):
+        monkeypatch.setattr(loading, "cpu_flags", lambda flags=flags: flags)
+        for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
+            monkeypatch.setattr(loading, "_faster_than_fp32", lambda dtype, fast=fast: fast)
+            assert loading.compute_dtype(torch.bfloat16) == expected, flags
+            fp16_flag = flags is None or "amx_fp16" in flags
+            assert loading.compute_dtype(torch.float16) == (torch.float16 if fast and fp16_flag else torch.float32), flags
     # on a GPU the checkpoint's own dtype, whatever the CPU; --device-map cpu brings the CPU's answer back
     monkeypatch.setattr(loading, "_faster_than_fp32", lambda dtype: False)
     monkeypatch.setattr(loading, "accelerator_present", lambda: True)
@@ -45,10 +50,38 @@ def test_half_precision_computes_in_fp32_only_on_a_cpu_that_would_emulate_it(mon
     assert loading.compute_dtype(torch.bfloat16, device_map="auto") == torch.float32
 
 
+_AUTO_DTYPE = "from transformers_sra.cli import loading; print(*loading.resolve_dtypes(None, 'auto', device_map='cpu'))"
+_AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def _auto_dtype(**env) -> str:
+    """`sra ablate --dtype auto`'s ``compute saved`` dtypes for the demo model, decided in a fresh process (torch
+    reads the ISA variables once, when it loads)."""
+    clean = {k: v for k, v in os.environ.items() if k not in _AVX2_ONLY}
+    run = subprocess.run([sys.executable, "-c", _AUTO_DTYPE], env={**clean, **env}, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip()
+
+
+def test_auto_computes_in_fp32_where_torch_is_held_to_avx2_kernels():
+    """With torch held to AVX2 kernels a bf16 matmul costs 50-80x an fp32 one (issue #32), whatever /proc/cpuinfo
+    says: `--dtype auto` computes in fp32 there. Without the variables, a CPU with native bf16 computes in bf16."""
+    flags = loading.cpu_flags()
+    if flags is None:
+        pytest.skip("not an x86 CPU: ONEDNN_MAX_CPU_ISA=AVX2 does not apply")
+    assert _auto_dtype(**_AVX2_ONLY) == "torch.float32 torch.bfloat16"
+    if not flags & {"amx_bf16", "avx512_bf16"}:
+        pytest.skip("this CPU has neither amx_bf16 nor avx512_bf16: no native bf16 for auto to pick")
+    assert _auto_dtype() == "torch.bfloat16 torch.bfloat16"
+
+
 def test_the_micro_benchmark_is_short_and_the_flags_are_read():
-    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    start = time.thread_time()  # it runs on this thread alone; CPU seconds, whatever else the machine runs
     assert loading._faster_than_fp32(torch.bfloat16) in (True, False)
-    assert time.perf_counter() - start < 2.0  # ~50 ms of matmuls (plus warm-up)
+    assert time.thread_time() - start < 2.0  # ~60 ms of matmuls (plus warm-up)
+    assert torch.get_num_threads() == threads  # the one thread it timed on is given back
     flags = loading.cpu_flags()
     assert flags is None or "fpu" in flags or "sse2" in flags
 
