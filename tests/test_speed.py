@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from test_cli import SMALL, _save_tiny, one_thread  # noqa: F401 (autouse: one t
 from transformers_sra import SRAConfig, SRAReport
 from transformers_sra.cli import loading, main
 from transformers_sra.measure.evaluation import EvalSets
-from transformers_sra.measure.plan import REPLY_BATCH_SIZE, Speed, plan_evaluation
+from transformers_sra.measure.plan import PERPLEXITY_FLOOR, REPLY_BATCH_SIZE, Speed, plan_evaluation
 from transformers_sra.signals.judge import VerdictStop, degenerate_labelled, generate, is_refusal, labelled_replies
 
 
@@ -248,11 +249,12 @@ def test_sra_evaluate_reads_the_base_numbers_sra_ablate_cached(tmp_path, capsys,
     capsys.readouterr()
 
 
+_PERPLEXITIES = ("perplexity", "math_perplexity", "code_perplexity")
 SLOW = Speed(tokens_per_s=200.0, logits_tokens_per_s=150.0, step_s=0.6, batch_step_s=0.25)  # the demo model, 2-core CPU
 _JUDGED = ("over_refusal", "judged_harmless")
 
 
-def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, model=None):
+def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, model=None, keep_floor=False):
     """`plan_evaluation` of a tiny model (``model``: a saved one, as `sra ablate` loads it) at each budget, with
     ``speed`` in place of the measured one."""
     from transformers_sra.measure import plan as eval_plan
@@ -260,7 +262,8 @@ def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, 
     model, tok = loading.load_model(str(model)) if model else (make_tiny_model("qwen2"), make_tokenizer())
     monkeypatch.setattr(eval_plan, "measure_speed", lambda *a, **k: speed)
     return [plan_evaluation(model, tok, budget, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            reply_batch_size=max(REPLY_BATCH_SIZE, batch_size)) for budget in budgets]
+                            reply_batch_size=max(REPLY_BATCH_SIZE, batch_size), keep_floor=keep_floor)
+            for budget in budgets]
 
 
 def _sizes(plan) -> dict:
@@ -284,16 +287,12 @@ def test_the_plan_keeps_64_harmful_and_harmless_prompts_and_gives_way_elsewhere_
             assert s["over_refusal"] == 0, s  # 2. the over-refusal replies
         if any(s[k] < min(64, full[k]) for k in ("text", "math", "code")):
             assert s["judged_harmless"] == 0, s  # 3. the judged harmless replies
-        if s["reply_kl_prompts"] < 64:
-            assert all(s[k] <= 4 for k in ("text", "math", "code")), s  # 4. the perplexity sets
-        if s["math"] == 0 or s["code"] == 0:
-            assert s["math"] == s["code"] == 0 and s["reply_kl_prompts"] <= 8, s  # 5. the multi-token KL prompts
-        if s["text"] == 0:
-            assert s["math"] == 0, s  # 6. math and code perplexities
-        if s["reply_kl_prompts"] == 0:
-            assert s["text"] == 0, s  # 7. the text perplexity
+        if s["reply_kl_prompts"] < 64 and s["harmful"] >= 64:
+            assert all(s[k] == PERPLEXITY_FLOOR for k in ("text", "math", "code")), s  # 4. the perplexity sets, to 16
         if s["harmful"] < 64:
-            assert s["reply_kl_prompts"] == 0, s  # 8. the multi-token KL; only then harmful and harmless
+            assert s["reply_kl_prompts"] == 0, s  # 5. the multi-token KL; only then harmful and harmless
+        else:  # the floor keeps 16 passages of each perplexity set beside the 64 + 64 prompts (issue #32)
+            assert all(s[k] >= PERPLEXITY_FLOOR for k in ("text", "math", "code")), s
     for poorer, richer in zip(plans, plans[1:]):  # a larger budget never buys a smaller set
         assert all(_sizes(richer)[k] >= v for k, v in _sizes(poorer).items()), (_sizes(poorer), _sizes(richer))
     assert plans[0].sizes["harmful"] < 64 and _sizes(plans[-1]) == {**full, "judged_harmless": 64,
@@ -301,7 +300,10 @@ def test_the_plan_keeps_64_harmful_and_harmless_prompts_and_gives_way_elsewhere_
     floor = next(plan for plan in plans if plan.sizes["harmful"] >= 64)
     assert floor.sizes["harmless"] >= 64 and floor.sizes["over_refusal"] == floor.judged_harmless == 0
     assert not floor.baseline_replies and floor.reply_kl_prompts == 0
-    assert not any(floor.sizes[k] for k in ("text", "math", "code"))
+    assert all(floor.sizes[k] == PERPLEXITY_FLOOR for k in ("text", "math", "code"))
+    # below the floor's cost, `sra ablate`'s keep_floor still keeps 16 passages of each perplexity set
+    kept = _plans(monkeypatch, [0.0, floor.estimate_s - 1], keep_floor=True)
+    assert [_sizes(plan) for plan in kept] == [_sizes(floor)] * 2
     # the worst-case estimate is what bounds the size: a second less of budget, below the floor
     assert _plans(monkeypatch, [floor.estimate_s - 1])[0].sizes["harmful"] < 64
     # a faster machine buys as much or more with the same budget
@@ -418,6 +420,19 @@ def test_without_a_budget_the_evaluation_gets_what_the_pipeline_leaves_and_keeps
         if expect_floor:  # nothing left: the floor, whatever it costs
             assert plan["sizes"]["harmful"] == plan["sizes"]["harmless"] == 64 and plan["estimate_s"] > plan["budget_s"]
             assert "the floor of 64 + 64 prompts is kept" in line
+            # and 16 passages of each perplexity set: the report and the card carry ΔPPL on each with its n
+            assert all(plan["sizes"][k] == PERPLEXITY_FLOOR for k in ("text", "math", "code")), plan["sizes"]
+            assert all(isinstance(result["test"]["sra"][f"{key}_change"], float) for key in _PERPLEXITIES)
+            report = SRAReport.load(out_dir)
+            assert all(report.metrics["sets"][k] == PERPLEXITY_FLOOR for k in ("text", "math", "code"))
+            rows = (out_dir / "README.md").read_text().splitlines()
+            for label, data in (("Perplexity, general text", "general\\_test"),
+                                ("Perplexity of worked math solutions", "math\\_test"),
+                                ("Perplexity of reference code", "code\\_test")):
+                row = next(row for row in rows if row.startswith(f"| {label} ({data}, n={PERPLEXITY_FLOOR})"))
+                base_cell, *edits = [cell.strip() for cell in row.split("|")[2:-1]]
+                assert float(base_cell) > 0 and len(edits) == 2, row  # SRA and standard ablation: a change each
+                assert all(re.fullmatch(r"[\d.]+ \([+-][\d.]+%\)", cell) for cell in edits), row
         else:
             assert plan["budget_s"] == EVAL_BUDGET_S and plan["sizes"]["harmful"] > 64
 
