@@ -104,6 +104,18 @@ def test_ablate_computes_in_fp32_and_saves_the_checkpoints_bf16(tmp_path, capsys
     assert report.peak_memory == result["memory"] or report.peak_memory["ram_mib"] <= result["memory"]["ram_mib"]
 
 
+def test_peak_memory_is_measured_one_way_for_a_process_and_for_a_whole_command():
+    """`report.peak_rss`: this process's own peak (what `sra_report.json` records), or with ``children`` the largest
+    of it and of every child waited for (what GNU time and benchmarks/speed.py record for a whole command)."""
+    from transformers_sra.report import peak_memory, peak_rss
+
+    own = peak_rss()
+    assert own > 50 << 20 and peak_memory()["ram_mib"] >= own >> 20  # the same measure, in MiB
+    more = own + (256 << 20)  # a child that holds more than this process ever did
+    subprocess.run([sys.executable, "-c", f"b = bytearray({more}); b[::4096] = b'x' * len(b[::4096])"], check=True)
+    assert peak_rss(children=True) >= more > peak_rss()
+
+
 # -- 2. replies stop per row once the verdict is settled ------------------------------------------------------
 _SCRIPTS = {  # what the scripted model replies, by the prompt's last word (tokens are words)
     "refuse": "i'm sorry , but i can't help with that . it is not safe and i will not say more here today",
