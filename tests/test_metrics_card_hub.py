@@ -392,6 +392,48 @@ def test_saved_folder_reloads_with_plain_transformers_and_equal_logits(ablated, 
         assert torch.equal(reloaded(IDS).logits, expected)
 
 
+def _tensors(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def test_a_model_saved_in_another_dtype_is_cast_on_disk_as_casting_it_first_would(ablated, tmp_path):
+    """`save_cleaned(..., dtype=bf16)` of a model computed in fp32 writes, bit for bit, what casting the model before
+    saving writes (one file, or shards read in slices of a few bytes), with config.json and the shard index to
+    match; the live model stays fp32 (issue #32: never the model twice in memory)."""
+    from transformers_sra.publish.cast import cast_checkpoint
+
+    model, tok, report, _, _ = ablated
+    path = save_cleaned(model, tok, report, tmp_path / "bf16", card=False, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32
+    copy = AutoModelForCausalLM.from_config(model.config)
+    copy.load_state_dict(model.state_dict())
+    copy.to(torch.bfloat16)
+    for shard in (None, "20KB"):
+        reference = tmp_path / f"reference-{shard}"
+        copy.save_pretrained(reference, **({"max_shard_size": shard} if shard else {}))
+        if shard:  # the same model in fp32 shards, cast in slices of 96 bytes
+            path = tmp_path / "shards"
+            model.save_pretrained(path, max_shard_size=shard)
+            cast_checkpoint(path, torch.bfloat16, chunk_bytes=96)
+        expected, got = _tensors(reference), _tensors(path)
+        assert len(list(path.glob("*.safetensors"))) > (8 if shard else 0) and got.keys() == expected.keys()
+        assert all(t.dtype == torch.bfloat16 and torch.equal(t, expected[k]) for k, t in got.items())
+        assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+        if shard:  # the same tensors; the shards keep their fp32 boundaries, so their names may differ
+            index, reference_index = (json.loads((p / "model.safetensors.index.json").read_text()) for p in (path, reference))
+            assert index["metadata"] == reference_index["metadata"] and index["weight_map"].keys() == got.keys()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="cannot cast a checkpoint to torch.int8"):
+        cast_checkpoint(path, torch.int8)
+
+
 # -- the push, at the HfApi boundary -----------------------------------------------------------------------------
 class FakeApi:
     calls: list = []
