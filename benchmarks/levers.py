@@ -191,8 +191,10 @@ def main() -> None:
     # every layer's residuals of the training sets, and what the base model would answer (the behaviour filter's)
     acts, refused = {}, {}
     for name in ("harmful", "harmless"):
-        acts[name], logp = record_residuals(model, tok, inputs.prompts(name), next_token=True, **batching)
-        refused[name] = refusal_probability(logp, refusal_token_ids(tok)) > 0.5
+        acts[name], refusal = record_residuals(model, tok, inputs.prompts(name), next_token=True,
+                                               keep=lambda logp: refusal_probability(logp, refusal_token_ids(tok)),
+                                               **batching)
+        refused[name] = refusal > 0.5
     d = separation(acts["harmful"], acts["harmless"], v)
     categories = prompt_categories(config.harmful_prompts) if isinstance(config.harmful_prompts, str) else []
     seconds = second_directions(acts["harmful"][:, args.layer], refused["harmful"], acts["harmless"][:, args.layer],

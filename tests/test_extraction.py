@@ -95,9 +95,16 @@ def test_shared_prefix_cache_gives_the_same_numbers(model_type, monkeypatch):
 
 @pytest.mark.parametrize("model_type", ["qwen2", "gpt2"])
 def test_next_token_pass_reads_the_same_residuals_and_the_first_token(model_type):
-    from transformers_sra.signals.logprobs import first_token_logprobs
+    from transformers_sra.signals.logprobs import first_token_logprobs, refusal_probability, refusal_token_ids
 
     model, tok = make_tiny_model(model_type), make_tokenizer()
     acts, logprobs = record_residuals(model, tok, PROMPTS, layers=[0, 1], batch_size=4, next_token=True)
     torch.testing.assert_close(acts, record_residuals(model, tok, PROMPTS, layers=[0, 1], batch_size=4))
     torch.testing.assert_close(logprobs, first_token_logprobs(model, tok, PROMPTS, batch_size=4), atol=1e-5, rtol=1e-5)
+    # keep: only what the behaviour filter reads of each batch (the refusal probability), in the prompts' order
+    ids = refusal_token_ids(tok)
+    kept_acts, kept = record_residuals(model, tok, PROMPTS, layers=[0, 1], batch_size=4, next_token=True,
+                                       keep=lambda logp: refusal_probability(logp, ids))
+    assert kept.shape == (len(PROMPTS),)
+    torch.testing.assert_close(kept, refusal_probability(logprobs, ids))
+    torch.testing.assert_close(kept_acts, acts)

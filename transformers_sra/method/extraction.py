@@ -11,7 +11,7 @@ The forward pass stops right after the deepest requested layer: no later layer, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -72,6 +72,7 @@ def record_residuals(
     system_prompt: Optional[str] = None,
     chat_template: bool = True,
     next_token: bool = False,
+    keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Residual stream after each of ``layers`` (default: all) at ``positions`` of every prompt.
 
@@ -79,7 +80,9 @@ def record_residuals(
     mean. Prompts are chat-formatted unless ``chat_template=False``, batched by length and left-padded.
     With ``next_token=True`` the pass runs on through the LM head (last position only) and also returns
     the first response token's log-probabilities ``(n_prompts, vocab)``: one pass reads the residuals and
-    shows what the model would answer.
+    shows what the model would answer. ``keep`` maps each batch's log-probabilities ``(rows, vocab)`` to what is
+    returned of them instead, rows first (the refusal probability: ``(n_prompts,)``); 400 prompts' whole
+    log-probabilities over Qwen's vocabulary take 243 MB, held twice while they are put together (issue #32).
     """
     n_blocks = len(decoder_layers(model))
     layers = list(range(n_blocks)) if layers is None else [int(i) % n_blocks for i in layers]
@@ -112,7 +115,7 @@ def record_residuals(
             if next_token:
                 logp = torch.log_softmax(result.logits[:, -1, :].float(), dim=-1).cpu()
                 check_finite(logp, "the first response token's logits", rows)
-                logprobs.put(batch.indices, logp)
+                logprobs.put(batch.indices, logp if keep is None else keep(logp))
         ticker.close()
     acts = out.result()
     if acts is None:

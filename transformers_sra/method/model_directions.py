@@ -25,13 +25,15 @@ def build_directions(model, tokenizer, inputs: RunInputs, config: SRAConfig, ext
     screened = {harmful, harmless} if config.filter_prompts else set()
     acts, refused, every = {}, {}, {}  # every: the training sets at the candidates and the later layers
     n = len(inputs.layers)
+    refusal_ids = refusal_token_ids(tokenizer)
     for key in sorted(inputs.to_extract(), key=repr):  # one order on every rank: a set's follows the hash seed
         # the training sets also give the later layers' own directions (per-layer directions)
         layers = inputs.layers + (inputs.later_layers if key in (harmful, harmless) else [])
         if key in screened:  # the same pass reads what the base model would answer
-            recorded, logprobs = record_residuals(model, tokenizer, inputs.texts[key], next_token=True,
-                                                  **{**extract, "layers": layers})
-            refused[key] = refusal_probability(logprobs, refusal_token_ids(tokenizer)) > 0.5
+            recorded, refusal = record_residuals(model, tokenizer, inputs.texts[key], next_token=True,
+                                                 keep=lambda logp: refusal_probability(logp, refusal_ids),
+                                                 **{**extract, "layers": layers})
+            refused[key] = refusal > 0.5
         else:
             recorded = record_residuals(model, tokenizer, inputs.texts[key], **{**extract, "layers": layers})
         acts[key], every[key] = recorded[:, :n], recorded
