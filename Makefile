@@ -14,9 +14,9 @@ TORCH_INDEX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || $(PYTHON) -c "im
 	u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=3)" >/dev/null 2>&1 && echo https://download.pytorch.org/whl/cpu)
 OUTPUT ?= qwen-sra
 # The held-out evaluation (base, SRA and standard ablation) is sized from this machine's measured speed to fit what the
-# pipeline's predicted time leaves of sra ablate's 725 s (at most 340 s): 64 harmful and 64 harmless prompts whatever
-# they cost, standard ablation's own replies,
-# over-refusal and judged harmless replies, perplexity sets and multi-token KL prompts giving way first
+# pipeline's predicted time leaves of sra ablate's 725 s (at most 340 s): 64 harmful and 64 harmless prompts and 16
+# passages each of text, math and code perplexity whatever they cost, standard ablation's own replies,
+# over-refusal and judged harmless replies, perplexity beyond 16 and multi-token KL prompts giving way first
 # (docs/performance.md, section 4); SRA_ARGS="--overwrite --eval-limit 200" scores every prompt whatever it costs.
 SRA_ARGS ?= --overwrite
 PYTEST_ARGS ?=

@@ -2,7 +2,8 @@
 
 Saves the model (default: the demo model, fp32) in shards, then runs in fresh subprocesses: the imports alone
 (the baseline), the in-memory bake (``from_pretrained`` + `reapply_edit` + ``save_pretrained``) and `stream_bake`,
-and reads each one's peak RSS (VmHWM; ``getrusage`` would carry the parent's peak into the child). Checks that both
+and reads each one's peak RSS (`transformers_sra.report.peak_rss`: VmHWM, as ``getrusage`` would carry the
+parent's RSS into the child). Checks that both
 outputs are equal bit for bit.
 Prints a table and writes ``benchmarks/results/streaming_rss-<model>.json``::
 
@@ -21,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from speed import peak_rss  # benchmarks/ is the script's folder
+from transformers_sra.report import peak_rss
 
 GIB = 1 << 30
 
@@ -29,7 +30,7 @@ RUNS = ("imports only", "in-memory bake", "streaming bake")
 
 
 def child(run: str, base: str, report: str, out: str, shard: str) -> None:
-    """One run in this fresh process; prints its peak RSS (VmHWM, see `speed.peak_rss`) and seconds as JSON."""
+    """One run in this fresh process; prints its peak RSS (`peak_rss`) and seconds as JSON."""
     import torch
     from transformers import AutoModelForCausalLM
 

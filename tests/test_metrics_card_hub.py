@@ -95,6 +95,47 @@ def test_answer_perplexity_scores_only_the_answer_tokens():
     assert result["tokens"] == len(ans_ids) + 3
 
 
+def test_perplexity_batches_hold_at_most_the_logits_budget(monkeypatch):
+    """A perplexity pass keeps every position's full-vocabulary logits, so `batching.LOGITS_BYTES` caps a batch's rows
+    times its width (issue #32: 8 rows of 256 tokens held 1.16 GiB over Qwen's vocabulary); a row wider than the
+    budget goes alone. Fewer rows per batch change no number."""
+    from transformers_sra import batching
+    from transformers_sra.signals import nll
+
+    model, tok = make_tiny_model("qwen2"), make_tokenizer()
+    texts = ["how do i bake bread at home with flour water and salt", "tell me about the history of rome",
+             "cats", "why is the sky blue on a clear day", "the rain in spain falls mainly"]
+    pairs = [("what is two plus three", "two plus three is five"), ("name a colour", "blue"),
+             ("explain math please", "the answer is short and clear")]
+    whole = nll.token_nll(model, tok, texts), nll.answer_nll(model, tok, pairs)
+    shapes = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    budget = 2 * max(len(c) for c in nll.chunk_token_ids(tok, texts))  # positions: two rows of the longest text
+    monkeypatch.setattr(batching, "LOGITS_BYTES", 4 * model.get_output_embeddings().weight.shape[0] * budget)
+    capped = nll.token_nll(model, tok, texts), nll.answer_nll(model, tok, pairs)
+    handle.remove()
+    assert batching.logit_positions(model) == budget
+    assert all(rows == 1 or rows * width <= budget for rows, width in shapes), shapes
+    assert len(shapes) > 2 and max(rows for rows, _ in shapes) > 1  # fewer rows than batch_size, yet batched
+    for (total, count), (capped_total, capped_count) in zip(whole, capped):
+        assert capped_count == count and capped_total == pytest.approx(total, rel=1e-5)
+    # the multi-token KL keeps the logits of each row's reply positions: as many rows as fit, the same numbers
+    from transformers_sra.signals.sequence_kl import base_reply_distribution, multi_token_kl
+
+    other, prompts = make_tiny_model("qwen2", seed=3), texts[:4]
+    monkeypatch.undo()
+    ref = base_reply_distribution(model, tok, prompts, n_tokens=6)
+    kl = multi_token_kl(other, tok, ref)
+    monkeypatch.setattr(batching, "LOGITS_BYTES", 4 * model.get_output_embeddings().weight.shape[0] * 2 * 7)
+    capped_ref = base_reply_distribution(model, tok, prompts, n_tokens=6)
+    assert torch.equal(capped_ref.top_ids, ref.top_ids) and torch.allclose(capped_ref.top_logprobs, ref.top_logprobs)
+    shapes.clear()
+    handle = other.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    assert multi_token_kl(other, tok, capped_ref) == pytest.approx(kl, rel=1e-5) and kl > 0
+    handle.remove()
+    assert len(shapes) == 2 and {rows for rows, _ in shapes} == {2}  # two rows of at most 7 kept positions a pass
+
+
 def test_shipped_evaluation_sets():
     sets = EvalSets.default()
     sizes = sets.sizes()
@@ -349,6 +390,48 @@ def test_saved_folder_reloads_with_plain_transformers_and_equal_logits(ablated, 
     assert next(reloaded.parameters()).dtype == dtype
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, expected)
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def test_a_model_saved_in_another_dtype_is_cast_on_disk_as_casting_it_first_would(ablated, tmp_path):
+    """`save_cleaned(..., dtype=bf16)` of a model computed in fp32 writes, bit for bit, what casting the model before
+    saving writes (one file, or shards read in slices of a few bytes), with config.json and the shard index to
+    match; the live model stays fp32 (issue #32: never the model twice in memory)."""
+    from transformers_sra.publish.cast import cast_checkpoint
+
+    model, tok, report, _, _ = ablated
+    path = save_cleaned(model, tok, report, tmp_path / "bf16", card=False, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32
+    copy = AutoModelForCausalLM.from_config(model.config)
+    copy.load_state_dict(model.state_dict())
+    copy.to(torch.bfloat16)
+    for shard in (None, "20KB"):
+        reference = tmp_path / f"reference-{shard}"
+        copy.save_pretrained(reference, **({"max_shard_size": shard} if shard else {}))
+        if shard:  # the same model in fp32 shards, cast in slices of 96 bytes
+            path = tmp_path / "shards"
+            model.save_pretrained(path, max_shard_size=shard)
+            cast_checkpoint(path, torch.bfloat16, chunk_bytes=96)
+        expected, got = _tensors(reference), _tensors(path)
+        assert len(list(path.glob("*.safetensors"))) > (8 if shard else 0) and got.keys() == expected.keys()
+        assert all(t.dtype == torch.bfloat16 and torch.equal(t, expected[k]) for k, t in got.items())
+        assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+        if shard:  # the same tensors; the shards keep their fp32 boundaries, so their names may differ
+            index, reference_index = (json.loads((p / "model.safetensors.index.json").read_text()) for p in (path, reference))
+            assert index["metadata"] == reference_index["metadata"] and index["weight_map"].keys() == got.keys()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="cannot cast a checkpoint to torch.int8"):
+        cast_checkpoint(path, torch.int8)
 
 
 # -- the push, at the HfApi boundary -----------------------------------------------------------------------------

@@ -4,7 +4,12 @@ shared base cache, and an evaluation sized to its time budget (issue #19)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +22,7 @@ from test_cli import SMALL, _save_tiny, one_thread  # noqa: F401 (autouse: one t
 from transformers_sra import SRAConfig, SRAReport
 from transformers_sra.cli import loading, main
 from transformers_sra.measure.evaluation import EvalSets
-from transformers_sra.measure.plan import REPLY_BATCH_SIZE, Speed, plan_evaluation
+from transformers_sra.measure.plan import PERPLEXITY_FLOOR, REPLY_BATCH_SIZE, Speed, plan_evaluation
 from transformers_sra.signals.judge import VerdictStop, degenerate_labelled, generate, is_refusal, labelled_replies
 
 
@@ -28,14 +33,15 @@ def test_half_precision_computes_in_fp32_only_on_a_cpu_that_would_emulate_it(mon
     monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "fma", "f16c"})  # the issue's AVX2 machine
     assert [loading.compute_dtype(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == [torch.float32] * 3
     monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # Zen 4, Cooper Lake
-    assert loading.compute_dtype(torch.bfloat16) == torch.bfloat16 and loading.compute_dtype(torch.float16) == torch.float32
-    monkeypatch.setattr(loading, "cpu_flags", lambda: {"amx_bf16", "amx_fp16"})  # Sapphire Rapids and later
-    assert loading.compute_dtype(torch.float16) == torch.float16
-    # no x86 flags (ARM, macOS): the micro-benchmark answers, both ways
-    monkeypatch.setattr(loading, "cpu_flags", lambda: None)
-    for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(loading, "_faster_than_fp32", lambda dtype, fast=fast: fast)
-        assert loading.compute_dtype(torch.bfloat16) == expected
+    assert loading.compute_dtype(torch.float16) == torch.float32  # no fp16 flag: settled without the benchmark
+    # the flags present (x86), or no x86 flags (ARM, macOS): the micro-benchmark answers, both ways
+    for flags in ({"avx2", "avx512f", "avx512_bf16"}, {"amx_bf16", "amx_fp16"}, None):
+        monkeypatch.setattr(loading, "cpu_flags", lambda flags=flags: flags)
+        for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
+            monkeypatch.setattr(loading, "_faster_than_fp32", lambda dtype, fast=fast: fast)
+            assert loading.compute_dtype(torch.bfloat16) == expected, flags
+            fp16_flag = flags is None or "amx_fp16" in flags
+            assert loading.compute_dtype(torch.float16) == (torch.float16 if fast and fp16_flag else torch.float32), flags
     # on a GPU the checkpoint's own dtype, whatever the CPU; --device-map cpu brings the CPU's answer back
     monkeypatch.setattr(loading, "_faster_than_fp32", lambda dtype: False)
     monkeypatch.setattr(loading, "accelerator_present", lambda: True)
@@ -45,10 +51,38 @@ def test_half_precision_computes_in_fp32_only_on_a_cpu_that_would_emulate_it(mon
     assert loading.compute_dtype(torch.bfloat16, device_map="auto") == torch.float32
 
 
+_AUTO_DTYPE = "from transformers_sra.cli import loading; print(*loading.resolve_dtypes(None, 'auto', device_map='cpu'))"
+_AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def _auto_dtype(**env) -> str:
+    """`sra ablate --dtype auto`'s ``compute saved`` dtypes for the demo model, decided in a fresh process (torch
+    reads the ISA variables once, when it loads)."""
+    clean = {k: v for k, v in os.environ.items() if k not in _AVX2_ONLY}
+    run = subprocess.run([sys.executable, "-c", _AUTO_DTYPE], env={**clean, **env}, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip()
+
+
+def test_auto_computes_in_fp32_where_torch_is_held_to_avx2_kernels():
+    """With torch held to AVX2 kernels a bf16 matmul costs 50-80x an fp32 one (issue #32), whatever /proc/cpuinfo
+    says: `--dtype auto` computes in fp32 there. Without the variables, a CPU with native bf16 computes in bf16."""
+    flags = loading.cpu_flags()
+    if flags is None:
+        pytest.skip("not an x86 CPU: ONEDNN_MAX_CPU_ISA=AVX2 does not apply")
+    assert _auto_dtype(**_AVX2_ONLY) == "torch.float32 torch.bfloat16"
+    if not flags & {"amx_bf16", "avx512_bf16"}:
+        pytest.skip("this CPU has neither amx_bf16 nor avx512_bf16: no native bf16 for auto to pick")
+    assert _auto_dtype() == "torch.bfloat16 torch.bfloat16"
+
+
 def test_the_micro_benchmark_is_short_and_the_flags_are_read():
-    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    start = time.thread_time()  # it runs on this thread alone; CPU seconds, whatever else the machine runs
     assert loading._faster_than_fp32(torch.bfloat16) in (True, False)
-    assert time.perf_counter() - start < 2.0  # ~50 ms of matmuls (plus warm-up)
+    assert time.thread_time() - start < 2.0  # ~60 ms of matmuls (plus warm-up)
+    assert torch.get_num_threads() == threads  # the one thread it timed on is given back
     flags = loading.cpu_flags()
     assert flags is None or "fpu" in flags or "sse2" in flags
 
@@ -68,6 +102,18 @@ def test_ablate_computes_in_fp32_and_saves_the_checkpoints_bf16(tmp_path, capsys
     report = SRAReport.load(out)  # wall time per stage and peak RSS travel in the report
     assert {"load", "extract", "search"} <= set(report.timings) and report.peak_memory["ram_mib"] > 50
     assert report.peak_memory == result["memory"] or report.peak_memory["ram_mib"] <= result["memory"]["ram_mib"]
+
+
+def test_peak_memory_is_measured_one_way_for_a_process_and_for_a_whole_command():
+    """`report.peak_rss`: this process's own peak (what `sra_report.json` records), or with ``children`` the largest
+    of it and of every child waited for (what GNU time and benchmarks/speed.py record for a whole command)."""
+    from transformers_sra.report import peak_memory, peak_rss
+
+    own = peak_rss()
+    assert own > 50 << 20 and peak_memory()["ram_mib"] >= own >> 20  # the same measure, in MiB
+    more = own + (256 << 20)  # a child that holds more than this process ever did
+    subprocess.run([sys.executable, "-c", f"b = bytearray({more}); b[::4096] = b'x' * len(b[::4096])"], check=True)
+    assert peak_rss(children=True) >= more > peak_rss()
 
 
 # -- 2. replies stop per row once the verdict is settled ------------------------------------------------------
@@ -215,11 +261,12 @@ def test_sra_evaluate_reads_the_base_numbers_sra_ablate_cached(tmp_path, capsys,
     capsys.readouterr()
 
 
+_PERPLEXITIES = ("perplexity", "math_perplexity", "code_perplexity")
 SLOW = Speed(tokens_per_s=200.0, logits_tokens_per_s=150.0, step_s=0.6, batch_step_s=0.25)  # the demo model, 2-core CPU
 _JUDGED = ("over_refusal", "judged_harmless")
 
 
-def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, model=None):
+def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, model=None, keep_floor=False):
     """`plan_evaluation` of a tiny model (``model``: a saved one, as `sra ablate` loads it) at each budget, with
     ``speed`` in place of the measured one."""
     from transformers_sra.measure import plan as eval_plan
@@ -227,7 +274,8 @@ def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, 
     model, tok = loading.load_model(str(model)) if model else (make_tiny_model("qwen2"), make_tokenizer())
     monkeypatch.setattr(eval_plan, "measure_speed", lambda *a, **k: speed)
     return [plan_evaluation(model, tok, budget, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            reply_batch_size=max(REPLY_BATCH_SIZE, batch_size)) for budget in budgets]
+                            reply_batch_size=max(REPLY_BATCH_SIZE, batch_size), keep_floor=keep_floor)
+            for budget in budgets]
 
 
 def _sizes(plan) -> dict:
@@ -251,16 +299,12 @@ def test_the_plan_keeps_64_harmful_and_harmless_prompts_and_gives_way_elsewhere_
             assert s["over_refusal"] == 0, s  # 2. the over-refusal replies
         if any(s[k] < min(64, full[k]) for k in ("text", "math", "code")):
             assert s["judged_harmless"] == 0, s  # 3. the judged harmless replies
-        if s["reply_kl_prompts"] < 64:
-            assert all(s[k] <= 4 for k in ("text", "math", "code")), s  # 4. the perplexity sets
-        if s["math"] == 0 or s["code"] == 0:
-            assert s["math"] == s["code"] == 0 and s["reply_kl_prompts"] <= 8, s  # 5. the multi-token KL prompts
-        if s["text"] == 0:
-            assert s["math"] == 0, s  # 6. math and code perplexities
-        if s["reply_kl_prompts"] == 0:
-            assert s["text"] == 0, s  # 7. the text perplexity
+        if s["reply_kl_prompts"] < 64 and s["harmful"] >= 64:
+            assert all(s[k] == PERPLEXITY_FLOOR for k in ("text", "math", "code")), s  # 4. the perplexity sets, to 16
         if s["harmful"] < 64:
-            assert s["reply_kl_prompts"] == 0, s  # 8. the multi-token KL; only then harmful and harmless
+            assert s["reply_kl_prompts"] == 0, s  # 5. the multi-token KL; only then harmful and harmless
+        else:  # the floor keeps 16 passages of each perplexity set beside the 64 + 64 prompts (issue #32)
+            assert all(s[k] >= PERPLEXITY_FLOOR for k in ("text", "math", "code")), s
     for poorer, richer in zip(plans, plans[1:]):  # a larger budget never buys a smaller set
         assert all(_sizes(richer)[k] >= v for k, v in _sizes(poorer).items()), (_sizes(poorer), _sizes(richer))
     assert plans[0].sizes["harmful"] < 64 and _sizes(plans[-1]) == {**full, "judged_harmless": 64,
@@ -268,7 +312,10 @@ def test_the_plan_keeps_64_harmful_and_harmless_prompts_and_gives_way_elsewhere_
     floor = next(plan for plan in plans if plan.sizes["harmful"] >= 64)
     assert floor.sizes["harmless"] >= 64 and floor.sizes["over_refusal"] == floor.judged_harmless == 0
     assert not floor.baseline_replies and floor.reply_kl_prompts == 0
-    assert not any(floor.sizes[k] for k in ("text", "math", "code"))
+    assert all(floor.sizes[k] == PERPLEXITY_FLOOR for k in ("text", "math", "code"))
+    # below the floor's cost, `sra ablate`'s keep_floor still keeps 16 passages of each perplexity set
+    kept = _plans(monkeypatch, [0.0, floor.estimate_s - 1], keep_floor=True)
+    assert [_sizes(plan) for plan in kept] == [_sizes(floor)] * 2
     # the worst-case estimate is what bounds the size: a second less of budget, below the floor
     assert _plans(monkeypatch, [floor.estimate_s - 1])[0].sizes["harmful"] < 64
     # a faster machine buys as much or more with the same budget
@@ -385,6 +432,19 @@ def test_without_a_budget_the_evaluation_gets_what_the_pipeline_leaves_and_keeps
         if expect_floor:  # nothing left: the floor, whatever it costs
             assert plan["sizes"]["harmful"] == plan["sizes"]["harmless"] == 64 and plan["estimate_s"] > plan["budget_s"]
             assert "the floor of 64 + 64 prompts is kept" in line
+            # and 16 passages of each perplexity set: the report and the card carry ΔPPL on each with its n
+            assert all(plan["sizes"][k] == PERPLEXITY_FLOOR for k in ("text", "math", "code")), plan["sizes"]
+            assert all(isinstance(result["test"]["sra"][f"{key}_change"], float) for key in _PERPLEXITIES)
+            report = SRAReport.load(out_dir)
+            assert all(report.metrics["sets"][k] == PERPLEXITY_FLOOR for k in ("text", "math", "code"))
+            rows = (out_dir / "README.md").read_text().splitlines()
+            for label, data in (("Perplexity, general text", "general\\_test"),
+                                ("Perplexity of worked math solutions", "math\\_test"),
+                                ("Perplexity of reference code", "code\\_test")):
+                row = next(row for row in rows if row.startswith(f"| {label} ({data}, n={PERPLEXITY_FLOOR})"))
+                base_cell, *edits = [cell.strip() for cell in row.split("|")[2:-1]]
+                assert float(base_cell) > 0 and len(edits) == 2, row  # SRA and standard ablation: a change each
+                assert all(re.fullmatch(r"[\d.]+ \([+-][\d.]+%\)", cell) for cell in edits), row
         else:
             assert plan["budget_s"] == EVAL_BUDGET_S and plan["sizes"]["harmful"] > 64
 

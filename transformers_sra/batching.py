@@ -15,7 +15,7 @@ import copy
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -134,11 +134,29 @@ def pad_id(tokenizer) -> int:
     return 0 if pad is None else pad
 
 
-def id_batches(encoded: Sequence[Sequence[int]], batch_size: int, device: torch.device, pad: int) -> Iterator[Batch]:
-    """Left-padded batches of token id lists, longest first."""
+#: Bytes of fp32 full-vocabulary logits one forward pass that keeps many positions' logits (perplexity, the
+#: multi-token KL) may hold. Eight texts of 256 tokens over Qwen's 151,936-token vocabulary hold 1.16 GiB, and their
+#: perplexity pass took the demo model 2.11 GiB above its weights (issue #32, benchmarks/memory_peaks.py).
+LOGITS_BYTES = 256 << 20
+
+
+def logit_positions(model: nn.Module) -> int:
+    """Token positions whose full-vocabulary fp32 logits fit in `LOGITS_BYTES` (a small vocabulary: many)."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
+    return max(1, LOGITS_BYTES // (4 * vocab))
+
+
+def id_batches(encoded: Sequence[Sequence[int]], batch_size: int, device: torch.device, pad: int,
+               max_positions: Optional[int] = None) -> Iterator[Batch]:
+    """Left-padded batches of token id lists, longest first: ``batch_size`` rows, or fewer where a batch would hold
+    more than ``max_positions`` token positions (rows × its width; at least one row)."""
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    start = 0
+    while start < len(order):
+        rows = batch_size if max_positions is None else max(1, min(batch_size, max_positions // len(encoded[order[start]])))
+        idx = order[start : start + rows]
+        start += rows
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -74,7 +77,16 @@ def demo_model_dir(cache_dir: Path | None = None) -> Path:
     target = cache_dir / "qwen2.5-coder-0.5b-instruct"
     if (target / "model.safetensors").is_file():
         return target
-    convert_gguf(assemble_demo_gguf(cache_dir), target, wait=True)  # a second first use waits, then converts again
+    gguf = assemble_demo_gguf(cache_dir)
+    # In a child process: the allocator keeps what the conversion frees (the demo model stayed at 3.87 GiB resident
+    # after converting and loading in one process, issue #32); the child gives it all back when it exits, before this
+    # process maps the converted weights. A second first use waits, then converts again.
+    code = ("import sys; from pathlib import Path; from transformers_sra.demo import convert_gguf; "
+            "convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), wait=True)")
+    package_root = str(Path(__file__).resolve().parent.parent)  # the child imports this very package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    if subprocess.run([sys.executable, "-c", code, str(gguf), str(target)], env=env).returncode != 0:
+        raise DemoModelError(f"converting the demo model ({gguf} into {target}) failed; its error is above")
     return target
 
 

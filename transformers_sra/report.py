@@ -26,10 +26,28 @@ from .folders import write_text_atomic
 REPORT_NAME = "sra_report.json"
 
 
+def peak_rss(children: bool = False) -> int:
+    """Peak resident set in bytes: this process's own (Linux: VmHWM), or with ``children`` the largest of it and of
+    every child process waited for (what GNU time reports for a whole command). Not ``ru_maxrss`` for this process:
+    Linux starts a child's at the RSS of the process that spawned it, so a benchmark's child would report its parent's
+    model. A child's figure can carry its parent's RSS only, which the parent's own peak already bounds."""
+    def maxrss(who: int) -> int:
+        kib = resource.getrusage(who).ru_maxrss  # KiB on Linux, bytes on macOS
+        return kib if sys.platform == "darwin" else kib * 1024
+
+    own = None
+    try:
+        own = next((int(line.split()[1]) * 1024 for line in open("/proc/self/status", encoding="ascii")
+                    if line.startswith("VmHWM:")), None)
+    except OSError:
+        pass
+    own = maxrss(resource.RUSAGE_SELF) if own is None else own  # no procfs (macOS)
+    return max(own, maxrss(resource.RUSAGE_CHILDREN)) if children else own
+
+
 def peak_memory() -> dict:
-    """Peak resident memory of this process (ru_maxrss) and peak GPU memory allocated, in MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    out = {"ram_mib": round(rss / (1 << 20) if sys.platform == "darwin" else rss / 1024)}
+    """Peak resident memory of this process (`peak_rss`) and peak GPU memory allocated, in MiB."""
+    out = {"ram_mib": round(peak_rss() / (1 << 20))}
     if torch.cuda.is_available():
         out["gpu_mib"] = round(torch.cuda.max_memory_allocated() / (1 << 20))
     return out

@@ -116,8 +116,6 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
                                      replies=plan is None or plan.baseline_replies)
             evaluate_edit(model, tokenizer, report, base, sets, baselines=baselines, progress=step_logger("measured"),
                           **measure, **sizes, **tasks)
-    if dtypes["saved"] != dtypes["compute"]:
-        model.to(getattr(torch, dtypes["saved"]))  # computed in fp32 here; saved as the checkpoint was
     # the report records the whole run (saving excluded: it writes the report)
     report.timings = {**report.timings, **{k: v for k, v in timings.items() if not k.startswith("sra ")}}
     report.peak_memory = peak_memory()
@@ -126,7 +124,8 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     with timed(timings, "save"):
         demo = args.model is None  # only the CLI knows it loaded the demo model; the card is told, not left to guess
         path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite,
-                            base_model=DEMO_MODEL_ID if demo else None, license=DEMO_LICENSE if demo else None)
+                            base_model=DEMO_MODEL_ID if demo else None, license=DEMO_LICENSE if demo else None,
+                            dtype=getattr(torch, dtypes["saved"]))  # computed in fp32 here: saved as the checkpoint was
     url = None
     if args.push_to_hub:
         from ..publish.hub import push_cleaned

@@ -2,7 +2,8 @@
 
 `sra ablate` evaluates base, SRA and standard ablation after the pipeline; on a 2-core CPU the replies dominate.
 `plan_evaluation` measures the prompt, full-logits and decode-step rates once, then takes the richest sizes whose
-worst-case cost fits, keeping 64 harmful and 64 harmless prompts while anything else can give way::
+worst-case cost fits, keeping 64 harmful and 64 harmless prompts and 16 passages of each perplexity set while anything
+else can give way::
 
     plan = plan_evaluation(model, tokenizer, budget_s=340, models=3)
     sets = plan.sets()                       # EvalSets cut to the planned sizes
@@ -35,6 +36,9 @@ from .metrics import chunk_token_ids, clopper_pearson
 
 #: Harmful and harmless prompts a plan keeps while anything else can still give way (issue #19: at least 64 each).
 PLAN_FLOOR = 64
+#: Passages of each perplexity set (text, math, code) the floor keeps beside them (issue #32: the card's ΔPPL). Each
+#: costs one forward pass per model, no generation.
+PERPLEXITY_FLOOR = 16
 #: Rows per batch of generated replies in `sra ablate`'s evaluation. A decode step reads every weight once for the
 #: whole batch: on the demo model (CPU, bf16, one thread) a step of 64 rows took 0.596 s, one of 16 rows 0.241 s,
 #: 0.0093 against 0.0150 s per row (docs/performance.md). Passes that keep every position's logits stay at
@@ -144,9 +148,9 @@ def _size_ladder(longest: int, batch_size: int, judged_harmless: int, reply_kl_p
     """Candidate sizes, richest first; `plan_evaluation` takes the first that fits. Down to the floor (64) every set
     is cut at one limit, as ``--eval-limit`` cuts them; at the floor the rest gives way first, in this order:
     standard ablation's own judged replies (it keeps its KLs and perplexities), the over-refusal replies (to 0),
-    the judged harmless replies (to 0), the perplexity sets (to 4 each), the multi-token KL prompts (to 8), then
-    the math and code perplexities, the text perplexity and the multi-token KL altogether; only then do harmful and
-    harmless prompts go below 64, together (the first-token KL stays on every harmless prompt)."""
+    the judged harmless replies (to 0), the perplexity sets (to `PERPLEXITY_FLOOR` each), the multi-token KL prompts
+    (to 8, then none); only then do harmful and harmless prompts go below 64, together, and the perplexity sets
+    with them (the first-token KL stays on every harmless prompt)."""
     def cut(n: int) -> dict:
         return {"harmful": n, "harmless": n, "over_refusal": n, **{k: n for k in _PERPLEXITY_SETS},
                 "judged_harmless": min(n, judged_harmless), "reply_kl_prompts": min(n, reply_kl_prompts),
@@ -156,8 +160,7 @@ def _size_ladder(longest: int, batch_size: int, judged_harmless: int, reply_kl_p
     plan = {**cut(PLAN_FLOOR), "baseline_replies": False}
     ladder.append(plan)
     for keys, sizes in ((("over_refusal",), (48, 32, 16, 0)), (("judged_harmless",), (48, 32, 16, 0)),
-                        (_PERPLEXITY_SETS, (32, 16, 8, 4)), (("reply_kl_prompts",), (48, 32, 16, 8)),
-                        (("math", "code"), (0,)), (("text",), (0,)), (("reply_kl_prompts",), (0,))):
+                        (_PERPLEXITY_SETS, (32, PERPLEXITY_FLOOR)), (("reply_kl_prompts",), (48, 32, 16, 8, 0))):
         for n in sizes:
             plan = {**plan, **{k: min(plan[k], n) for k in keys}}
             ladder.append(plan)
@@ -241,8 +244,8 @@ def plan_evaluation(model: nn.Module, tokenizer, budget_s: Union[float, Callable
     as ``options`` (`EvalOptions`, any field overridden by keyword, as `evaluate_model` takes them) says: its reply
     length, batch sizes, system prompt and the caps on judged harmless replies and multi-token KL prompts.
     ``budget_s`` may be a function of the measured `Speed` (`sra ablate` takes the pipeline's predicted time from its
-    run's budget). With ``keep_floor`` the plan never goes below 64 harmful and 64 harmless prompts, whatever the
-    budget. Per model that runs it:
+    run's budget). With ``keep_floor`` the plan never goes below 64 harmful and 64 harmless prompts and
+    `PERPLEXITY_FLOOR` passages of each perplexity set, whatever the budget. Per model that runs it:
 
     * judged replies (harmful, over-refusal, harmless; standard ablation only while ``baseline_replies``): the
       prompts in batches of ``reply_batch_size`` and ``max_new_tokens`` decode steps per batch. Every reply runs to

@@ -19,11 +19,14 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from .._version import __version__
 from ..config import SRAConfig
 from ..errors import ConfigError, SRAError
 from ..folders import atomic_folder, check_output_dir
 from ..report import SRAReport
+from .cast import cast_checkpoint
 
 REQUIRED_FILES = ("config.json", "README.md", "sra_config.json", "sra_report.json")
 
@@ -51,10 +54,13 @@ def provenance(model, report: SRAReport, base_model: Optional[str] = None) -> di
 
 
 def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathLike, *, overwrite: bool = False,
-                 card: bool = True, base_model: Optional[str] = None, license: Optional[str] = None) -> Path:
+                 card: bool = True, base_model: Optional[str] = None, license: Optional[str] = None,
+                 dtype: Optional[torch.dtype] = None) -> Path:
     """Save a normal transformers checkpoint plus config, report, figures and model card, all or nothing.
 
-    ``base_model`` (a Hub id) and ``license`` override what is inferred from the model's origin.
+    ``base_model`` (a Hub id) and ``license`` override what is inferred from the model's origin. ``dtype`` saves the
+    weights in that dtype (`sra ablate` computes a bf16 checkpoint in fp32 on a CPU without native bf16): cast on
+    disk after saving (`cast.cast_checkpoint`), so the model is never held twice; the live model stays as it is.
     """
     target = check_output_dir(output_dir, overwrite)
     if card:
@@ -68,6 +74,8 @@ def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathL
         model.config.transformers_sra = provenance(model, report, base_model)
         try:
             model.save_pretrained(tmp, safe_serialization=True)
+            if dtype is not None and dtype != model.dtype:
+                cast_checkpoint(tmp, dtype)
         finally:
             if not had:
                 del model.config.transformers_sra  # provenance belongs to the saved file, not the live model

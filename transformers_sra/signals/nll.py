@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._torch_utils import adds_special_tokens
-from ..batching import NUMERICS_HINT, id_batches, input_device, pad_id
+from ..batching import NUMERICS_HINT, id_batches, input_device, logit_positions, pad_id
 from ..distributed import gather, shard
 from ..errors import NumericsError
 from ..prompts import format_chat
@@ -37,8 +37,8 @@ def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length: 
         return batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
 
     chunks = chunk_token_ids(tokenizer, texts, max_length)
-    return _summed_nll(model, id_batches(chunks, batch_size, input_device(model), pad_id(tokenizer)), scored,
-                       lambda i: tokenizer.decode(chunks[i][:24]))
+    batches = id_batches(chunks, batch_size, input_device(model), pad_id(tokenizer), logit_positions(model))
+    return _summed_nll(model, batches, scored, lambda i: tokenizer.decode(chunks[i][:24]))
 
 
 @torch.no_grad()
@@ -93,5 +93,5 @@ def answer_nll(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *,
         starts = torch.tensor([width - answer_lengths[i] for i in batch.indices], device=batch.input_ids.device)
         return torch.arange(1, width, device=starts.device)[None, :] >= starts[:, None]
 
-    return _summed_nll(model, id_batches(rows, batch_size, input_device(model), pad_id(tokenizer)), scored,
-                       lambda i: pairs[i][0])
+    batches = id_batches(rows, batch_size, input_device(model), pad_id(tokenizer), logit_positions(model))
+    return _summed_nll(model, batches, scored, lambda i: pairs[i][0])

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..batching import encode_texts, id_batches, input_device, pad_id
+from ..batching import encode_texts, id_batches, input_device, logit_positions, pad_id
 from ..prompts import format_chat
 from .decoding import eos_token_ids, greedy_decode, reply_batches
 
@@ -71,14 +71,18 @@ def _greedy_replies(model: nn.Module, tokenizer, texts: Sequence[str], n_tokens:
 @torch.no_grad()
 def _reply_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]], reply_ids: Sequence[Sequence[int]],
                     batch_size: int, pad: int):
-    """Yield ``(indices, logprobs (b, T, vocab), lengths)``: teacher-forced log-probs at every reply position."""
+    """Yield ``([index], logprobs (1, T, vocab), [length])`` row by row: teacher-forced log-probs at every reply
+    position. A pass keeps its rows' logits within `batching.LOGITS_BYTES`, and each row's log-softmax is taken
+    alone, so the logits are held once, not twice."""
     rows = [list(p) + list(r) for p, r in zip(prompt_ids, reply_ids)]
-    for batch in id_batches(rows, batch_size, input_device(model), pad):
+    kept = max(map(len, reply_ids), default=0) + 1  # logits kept per row, at most
+    for batch in id_batches(rows, max(1, min(batch_size, logit_positions(model) // kept)), input_device(model), pad):
         lengths = [len(reply_ids[i]) for i in batch.indices]
         width = max(lengths)
         logits = model(**batch.model_inputs(model), use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
         # left padding: row i's reply is its last len_i tokens, predicted by the len_i positions before them
-        yield batch.indices, torch.log_softmax(logits.float(), dim=-1).cpu(), lengths
+        for row, (i, n_i) in enumerate(zip(batch.indices, lengths)):
+            yield [i], torch.log_softmax(logits[row:row + 1].float(), dim=-1).cpu(), [n_i]
 
 
 def base_reply_distribution(model: nn.Module, tokenizer, prompts: Sequence[str], *, n_tokens: int = REPLY_TOKENS,
