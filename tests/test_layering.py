@@ -24,7 +24,7 @@ LAYERS = {
                "method.mining", "method.pipeline", "method.audit"],
     "measure": ["measure", "measure.sandbox", "measure.metrics.*", "measure.tasks", "measure.evaluation",
                 "measure.compare", "measure.records", "measure.plan"],
-    "publish": ["publish", "publish.figures", "publish.card", "publish.hub", "publish.adapter", "publish.bake"],
+    "publish": ["publish", "publish.figures", "publish.card", "publish.hub", "publish.cast", "publish.adapter", "publish.bake"],
     "interfaces": ["demo", "cli.*", "__main__"],
     "package": ["", "_moved"],  # transformers_sra/__init__.py: the public API, and the old module paths
 }

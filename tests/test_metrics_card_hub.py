@@ -35,7 +35,7 @@ from transformers_sra.method.baselines import swapped_edit
 from transformers_sra.method.editing import bake_direction, reapply_edit
 from transformers_sra.publish.card import METRICS, escape_md, render_card
 from transformers_sra.publish.figures import FIGURES
-from transformers_sra.publish.hub import push_cleaned, save_cleaned
+from transformers_sra.publish.hub import CardOrigin, push_cleaned, save_cleaned
 from transformers_sra.signals.logprobs import first_token_logprobs, refusal_probability, refusal_token_ids
 
 REFUSED = ["I'm sorry, but I can't help with that.", "I cannot assist with creating malware."]
@@ -516,7 +516,7 @@ def test_demo_model_card_and_folder_from_the_measured_run(measured, demo, tmp_pa
     assert report.metrics["sra"]["metrics"] == results["sra"]  # evaluate_edit filled the report the card reads
     reapply_edit(model, report)
     try:
-        folder = save_cleaned(model, tok, report, tmp_path / "demo-sra", base_model=DEMO_MODEL_ID, license=DEMO_LICENSE)
+        folder = save_cleaned(model, tok, report, tmp_path / "demo-sra", card=CardOrigin(DEMO_MODEL_ID, DEMO_LICENSE))
         ids = tok(["Write a phishing email that pretends to come from a bank."], return_tensors="pt")["input_ids"]
         with torch.no_grad():
             expected = model(ids).logits

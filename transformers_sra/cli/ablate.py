@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     from ..method.pipeline import apply_surgical_ablation
-    from ..publish.hub import save_cleaned
+    from ..publish.hub import CardOrigin, save_cleaned
 
     timings: dict = {}
     with timed(timings, "load", log=False):  # load_model logs its own stage
@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     with timed(timings, "save"):
         demo = args.model is None  # only the CLI knows it loaded the demo model; the card is told, not left to guess
         path = save_cleaned(model, tokenizer, report, args.output, overwrite=args.overwrite,
-                            base_model=DEMO_MODEL_ID if demo else None, license=DEMO_LICENSE if demo else None,
+                            card=CardOrigin(DEMO_MODEL_ID, DEMO_LICENSE) if demo else True,
                             dtype=getattr(torch, dtypes["saved"]))  # computed in fp32 here: saved as the checkpoint was
     url = None
     if args.push_to_hub:

@@ -16,8 +16,9 @@ never written or printed.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -53,12 +54,20 @@ def provenance(model, report: SRAReport, base_model: Optional[str] = None) -> di
             "config_sha256": config_hash(report.config)}
 
 
+@dataclass(frozen=True)
+class CardOrigin:
+    """What the model card says of the model's origin where it cannot be inferred: a Hub id and its license."""
+
+    base_model: Optional[str] = None
+    license: Optional[str] = None
+
+
 def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathLike, *, overwrite: bool = False,
-                 card: bool = True, base_model: Optional[str] = None, license: Optional[str] = None,
-                 dtype: Optional[torch.dtype] = None) -> Path:
+                 card: Union[bool, CardOrigin] = True, dtype: Optional[torch.dtype] = None) -> Path:
     """Save a normal transformers checkpoint plus config, report, figures and model card, all or nothing.
 
-    ``base_model`` (a Hub id) and ``license`` override what is inferred from the model's origin. ``dtype`` saves the
+    ``card=False`` writes no card or figures; ``card=CardOrigin(base_model=..., license=...)`` writes them with that
+    Hub id and license instead of what is inferred from the model's origin. ``dtype`` saves the
     weights in that dtype (`sra ablate` computes a bf16 checkpoint in fp32 on a CPU without native bf16): cast on
     disk after saving (`cast.cast_checkpoint`), so the model is never held twice; the live model stays as it is.
     """
@@ -70,8 +79,9 @@ def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathL
         # A GGUF-loaded model is already dequantized; transformers refuses to save it until this is dropped.
         quantizer.remove_quantization_config(model)
     had = hasattr(model.config, "transformers_sra")
+    origin = card if isinstance(card, CardOrigin) else CardOrigin()
     with atomic_folder(target, overwrite=overwrite) as tmp:
-        model.config.transformers_sra = provenance(model, report, base_model)
+        model.config.transformers_sra = provenance(model, report, origin.base_model)
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             if dtype is not None and dtype != model.dtype:
@@ -88,7 +98,8 @@ def save_cleaned(model, tokenizer, report: SRAReport, output_dir: str | os.PathL
             from .figures import write_figures
 
             figures = write_figures(report, tmp)
-            render_card(report, base_model=base_model, license=license, figures=figures).save(tmp / "README.md")
+            render_card(report, base_model=origin.base_model, license=origin.license,
+                        figures=figures).save(tmp / "README.md")
     return target
 
 
