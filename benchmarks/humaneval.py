@@ -198,12 +198,10 @@ def proxy_points(model, tok, report, table: dict, args, command, commit, measure
     for name, scored, bake in points:
         handles = bake()
         try:
-            if scored is None:
-                evaluations[name] = evaluate_model(model, tok, sets, base=evaluations["base"], judged_harmless=0,
-                                                   **measure)
-            else:
-                evaluations[name] = with_tasks(evaluate_model(model, tok, sets, base=evaluations["base"],
-                                                              judged_harmless=0, batch_size=args.batch_size), scored)
+            # a point the table scored measures only its proxies here, and takes its pass@1 from the table
+            run = measure if scored is None else {"batch_size": args.batch_size}
+            evaluation = evaluate_model(model, tok, sets, base=evaluations["base"], judged_harmless=0, **run)
+            evaluations[name] = evaluation if scored is None else with_tasks(evaluation, scored)
         finally:
             for handle in reversed(handles):
                 handle.undo()
