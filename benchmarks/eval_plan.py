@@ -23,13 +23,13 @@ import time
 import torch
 
 from transformers_sra import SRAConfig
+from transformers_sra.batching import REPLY_BATCH_SIZE
 from transformers_sra.cli.ablate import plan_line
 from transformers_sra.cli.args import EVAL_BUDGET_S
 from transformers_sra.cli.loading import load_model
 from transformers_sra.measure.evaluation import perplexity_of
 from transformers_sra.measure.plan import (
     COST_MARGIN,
-    REPLY_BATCH_SIZE,
     EvalCost,
     measure_speed,
     plan_evaluation,

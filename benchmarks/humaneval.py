@@ -32,7 +32,7 @@ import torch
 
 from transformers_sra import SRAConfig, SRAReport, apply_surgical_ablation, bake_direction, load_demo_model
 from transformers_sra.cache import default_cache_dir
-from transformers_sra.measure.evaluation import EvalSets, cached_evaluation, evaluate_model
+from transformers_sra.measure.evaluation import EvalOptions, EvalSets, cached_evaluation, evaluate_model
 from transformers_sra.measure.records import git_commit, results_record, write_results
 from transformers_sra.measure.tasks import MAX_NEW_TOKENS
 from transformers_sra.method.baselines import swapped_edit
@@ -123,7 +123,8 @@ def main() -> None:
               f"({seconds[name][1]:.0f} CPU s)", flush=True)
 
     info = {"dtype": args.dtype, "threads": args.threads, "machine": cpu_flags(), "torch": torch.__version__,
-            "max_new_tokens": MAX_NEW_TOKENS, "batch_size": args.batch_size, "load_seconds": round(load_seconds, 1),
+            "max_new_tokens": MAX_NEW_TOKENS, "batch_size": args.batch_size,
+            "reply_batch_size": EvalOptions(batch_size=args.batch_size).reply_rows, "load_seconds": round(load_seconds, 1),
             "problems_limit": args.limit}
 
     def write(report=None) -> None:  # after every model, so an interrupted run keeps what it measured

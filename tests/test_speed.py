@@ -22,7 +22,7 @@ from test_cli import SMALL, _save_tiny, one_thread  # noqa: F401 (autouse: one t
 from transformers_sra import SRAConfig, SRAReport
 from transformers_sra.cli import loading, main
 from transformers_sra.measure.evaluation import EvalSets
-from transformers_sra.measure.plan import PERPLEXITY_FLOOR, REPLY_BATCH_SIZE, Speed, plan_evaluation
+from transformers_sra.measure.plan import PERPLEXITY_FLOOR, Speed, plan_evaluation
 from transformers_sra.signals.judge import VerdictStop, degenerate_labelled, generate, is_refusal, labelled_replies
 
 
@@ -274,7 +274,7 @@ def _plans(monkeypatch, budgets, speed=SLOW, batch_size=16, max_new_tokens=128, 
     model, tok = loading.load_model(str(model)) if model else (make_tiny_model("qwen2"), make_tokenizer())
     monkeypatch.setattr(eval_plan, "measure_speed", lambda *a, **k: speed)
     return [plan_evaluation(model, tok, budget, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            reply_batch_size=max(REPLY_BATCH_SIZE, batch_size), keep_floor=keep_floor)
+                            keep_floor=keep_floor)
             for budget in budgets]
 
 

@@ -84,10 +84,10 @@ def _run(args: argparse.Namespace, config: SRAConfig) -> int:
     if args.evaluate:
         from ..measure.compare import BaselineRuns, evaluate_edit
         from ..measure.evaluation import EvalSets, cached_evaluation
-        from ..measure.plan import REPLY_BATCH_SIZE, pipeline_seconds, plan_evaluation
+        from ..measure.plan import pipeline_seconds, plan_evaluation
 
         measure = dict(judge=config.judge, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                       system_prompt=config.system_prompt, reply_batch_size=max(REPLY_BATCH_SIZE, config.batch_size))
+                       system_prompt=config.system_prompt)
         if args.eval_limit is None:
             with timed(timings, "plan evaluation"):
                 pipeline = {}

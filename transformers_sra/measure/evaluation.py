@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
+from ..batching import REPLY_BATCH_SIZE
 from ..cache import default_cache_dir
 from ..distributed import all_ranks, is_main_process
 from ..errors import PromptSetError
@@ -163,13 +164,19 @@ class EvalOptions:
     judge: Any = None  # None: the shipped phrase judge; a str -> bool callable; or a local classifier path
     max_new_tokens: int = JUDGE_TOKENS  # reply length for judged sets
     batch_size: int = 16  # rows per forward pass (perplexity: half)
-    reply_batch_size: Optional[int] = None  # rows per generated batch (default batch_size)
+    reply_batch_size: Optional[int] = None  # rows per generated batch (default: `reply_rows`)
     system_prompt: Optional[str] = None
     judged_harmless: int = 64  # harmless prompts whose replies are judged (harmless_* rates)
     reply_kl_prompts: int = 64  # harmless prompts for the multi-token KL
     tasks: Sequence[str] = ()  # downstream tasks (`tasks.TASKS`, e.g. ("humaneval",))
     allow_code_execution: bool = False  # the opt-in for tasks that run model-written code
     task_limit: Optional[int] = None  # the first task_limit problems of each task
+
+    @property
+    def reply_rows(self) -> int:
+        """Rows per generated batch: ``reply_batch_size``, else `batching.REPLY_BATCH_SIZE` (or ``batch_size`` when
+        larger). A decode step costs nearly the same for 16 rows as for 64, so wide batches pay for long replies."""
+        return self.reply_batch_size or max(REPLY_BATCH_SIZE, self.batch_size)
 
 
 def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *, base: Optional[Evaluation] = None,
@@ -185,8 +192,8 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
     ``code_perplexity``; with ``base``: ``first_token_kl``, ``multi_token_kl`` (mean per-token KL along the base
     model's 32-token replies to the first ``reply_kl_prompts`` harmless prompts; the base model's replies are
     measured when ``base`` is None; ``multi_token_kl_n`` prompts) and ``*_change`` for each perplexity. Replies are
-    generated ``reply_batch_size`` rows at a time (default ``batch_size``; every other pass reads ``batch_size``
-    rows). ``tasks`` (`tasks.TASKS`, e.g. ``("humaneval",)``, the first ``task_limit`` problems) adds
+    generated `EvalOptions.reply_rows` at a time (every other pass reads ``batch_size`` rows). ``tasks``
+    (`tasks.TASKS`, e.g. ``("humaneval",)``, the first ``task_limit`` problems) adds
     ``<task>_pass_rate`` (pass@1, with ``_ci95``, ``_count``, ``_n``), one record per problem in
     ``samples[<task>]`` and, with ``base``, the paired change (`tasks.compare`); it runs model-written code, so it
     needs ``allow_code_execution=True`` (or ``HF_ALLOW_CODE_EVAL=1``), checked before anything is measured.
@@ -205,7 +212,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
         tasks = check_tasks(tasks)
     stop_when = VerdictStop.refusal_settled if is_shipped_judge(judge) else None
     batching = dict(batch_size=batch_size, system_prompt=system_prompt)
-    replying = {**batching, "batch_size": o.reply_batch_size or batch_size}
+    replying = {**batching, "batch_size": o.reply_rows}
     classify_reply = resolve_classifier(judge)
     judged_harmless_set = sets.harmless[:o.judged_harmless]
     reply_set = sets.harmless[:o.reply_kl_prompts] if base is None else []
@@ -260,7 +267,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
             parts.append(Evaluation({"first_token_kl": first_token_kl(base.harmless_logprobs, logp)}))
         if reply_set:  # the base model's own replies, for the multi-token KL of any edit measured against it
             replies_ref = measured("replies", reply_set, lambda: Evaluation({}, harmless_replies=base_reply_distribution(
-                model, tokenizer, reply_set, reply_batch_size=o.reply_batch_size, **batching))).harmless_replies
+                model, tokenizer, reply_set, reply_batch_size=o.reply_rows, **batching))).harmless_replies
         elif base is not None and base.harmless_replies is not None:
             parts.append(Evaluation({"multi_token_kl": multi_token_kl(model, tokenizer, base.harmless_replies,
                                                                       batch_size=batch_size),
@@ -274,7 +281,7 @@ def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None,
     for task in tasks:  # the settings that change a completion are part of the cache key
         problems = load_humaneval(o.task_limit)
         key = [MAX_NEW_TOKENS, system_prompt] + [p["prompt"] for p in problems]
-        done = measured(task, key, lambda: _task_evaluation(model, tokenizer, problems, task, batch_size=batch_size,
+        done = measured(task, key, lambda: _task_evaluation(model, tokenizer, problems, task, batch_size=o.reply_rows,
                                                             system_prompt=system_prompt,
                                                             allow_code_execution=allow_code_execution))
         if base is not None and task in base.samples:

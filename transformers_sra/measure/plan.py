@@ -39,11 +39,6 @@ PLAN_FLOOR = 64
 #: Passages of each perplexity set (text, math, code) the floor keeps beside them (issue #32: the card's ΔPPL). Each
 #: costs one forward pass per model, no generation.
 PERPLEXITY_FLOOR = 16
-#: Rows per batch of generated replies in `sra ablate`'s evaluation. A decode step reads every weight once for the
-#: whole batch: on the demo model (CPU, bf16, one thread) a step of 64 rows took 0.596 s, one of 16 rows 0.241 s,
-#: 0.0093 against 0.0150 s per row (docs/performance.md). Passes that keep every position's logits stay at
-#: ``batch_size``.
-REPLY_BATCH_SIZE = 64
 #: The plan charges every pass this many times what the measured speed predicts. A decode step late in a 128-token
 #: reply reads a longer KV cache than the early steps `measure_speed` times (over 127 steps of 64 demo-model replies
 #: the mean step was 1.02 to 1.04 times the first eight's), and the passes took 0.79 to 1.03 times their prediction
@@ -258,7 +253,7 @@ def plan_evaluation(model: nn.Module, tokenizer, budget_s: Union[float, Callable
     o = dataclasses.replace(options or EvalOptions(), **overrides)
     max_new_tokens, batch_size, system_prompt = o.max_new_tokens, o.batch_size, o.system_prompt
     start = time.perf_counter()
-    reply_batch = o.reply_batch_size or batch_size
+    reply_batch = o.reply_rows
     full = EvalSets.default()
     speed = measure_speed(model, tokenizer, full.harmless, full.text, batch_size=batch_size,
                           reply_batch_size=reply_batch, system_prompt=system_prompt)
