@@ -29,6 +29,17 @@ from .errors import NumericsError, PromptSetError
 #: (docs/performance.md). Passes that keep every position's logits stay at ``batch_size``.
 REPLY_BATCH_SIZE = 64
 
+
+def reply_rows(batch_size: int, reply_batch_size: Optional[int] = None) -> int:
+    """Rows per batch of generated replies: ``reply_batch_size`` when given, else `REPLY_BATCH_SIZE` (or
+    ``batch_size`` when larger)."""
+    return reply_batch_size or max(REPLY_BATCH_SIZE, batch_size)
+
+
+def reply_batching(batching: dict) -> dict:
+    """A run's batching settings (``batch_size``, ``system_prompt``) for generating replies: `reply_rows` rows."""
+    return {**batching, "batch_size": reply_rows(batching.get("batch_size", 16))}
+
 @dataclass
 class Batch:
     indices: list[int]  # positions of these rows in the caller's prompt list

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
-from ..batching import REPLY_BATCH_SIZE
+from ..batching import reply_rows
 from ..cache import default_cache_dir
 from ..distributed import all_ranks, is_main_process
 from ..errors import PromptSetError
@@ -176,7 +176,7 @@ class EvalOptions:
     def reply_rows(self) -> int:
         """Rows per generated batch: ``reply_batch_size``, else `batching.REPLY_BATCH_SIZE` (or ``batch_size`` when
         larger). A decode step costs nearly the same for 16 rows as for 64, so wide batches pay for long replies."""
-        return self.reply_batch_size or max(REPLY_BATCH_SIZE, self.batch_size)
+        return reply_rows(self.batch_size, self.reply_batch_size)
 
 
 def evaluate_model(model: nn.Module, tokenizer, sets: Optional[EvalSets] = None, *, base: Optional[Evaluation] = None,

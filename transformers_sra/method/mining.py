@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..batching import reply_batching
 from ..config import Budgets, SRAConfig
 from ..progress import bar
 from ..signals.judge import Classifier, Outcome, classify, generate, outcome_counts
@@ -73,7 +74,7 @@ class MiningSetup:
 
 def judge_replies(model: nn.Module, tokenizer, prompts: Sequence[str], setup: MiningSetup) -> list[Outcome]:
     """The outcome of each prompt's short greedy reply under the model as it is now (hooks included)."""
-    replies = generate(model, tokenizer, prompts, max_new_tokens=setup.reply_tokens, **setup.batching)
+    replies = generate(model, tokenizer, prompts, max_new_tokens=setup.reply_tokens, **reply_batching(setup.batching))
     return [setup.classify(r) for r in replies]
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ..batching import reply_batching
 from ..config import Budgets
 from ..progress import bar
 from ..signals.judge import Classifier, VerdictStop, generate, is_shipped_judge, outcome_counts
@@ -142,7 +143,7 @@ class Validation:
         settled; another judge reads every reply to its full length)."""
         stop = VerdictStop.refusal_settled if is_shipped_judge(judging.classify) else None
         replies = generate(model, tokenizer, self.judged_prompts, max_new_tokens=judging.max_new_tokens,
-                           stop_when=stop, **self.batching)
+                           stop_when=stop, **reply_batching(self.batching))
         return outcome_counts([judging.classify(r) for r in replies])
 
 
