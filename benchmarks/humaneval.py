@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--proxies-output", default="benchmarks/results/humaneval_proxies.json")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems (a smoke run)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--reply-batch-size", type=int, default=None,
+                        help="rows per generated batch (default: EvalOptions.reply_rows, 64; the bf16 table ran 16)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--proxies", action="store_true", help="also the proxies-vs-pass@1 points (proxies.json)")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
@@ -108,7 +110,8 @@ def main() -> None:
     model, tok = load_demo_model(dtype=dtype)
     load_seconds = time.perf_counter() - start
     none = EvalSets([], [], [], [], [], [])
-    measure = dict(tasks=TASK, allow_code_execution=True, task_limit=args.limit, batch_size=args.batch_size)
+    measure = dict(tasks=TASK, allow_code_execution=True, task_limit=args.limit, batch_size=args.batch_size,
+                   reply_batch_size=args.reply_batch_size)
     evaluations, seconds = {}, {}
 
     def measured(name: str):
@@ -124,7 +127,8 @@ def main() -> None:
 
     info = {"dtype": args.dtype, "threads": args.threads, "machine": cpu_flags(), "torch": torch.__version__,
             "max_new_tokens": MAX_NEW_TOKENS, "batch_size": args.batch_size,
-            "reply_batch_size": EvalOptions(batch_size=args.batch_size).reply_rows, "load_seconds": round(load_seconds, 1),
+            "reply_batch_size": EvalOptions(batch_size=args.batch_size, reply_batch_size=args.reply_batch_size).reply_rows,
+            "load_seconds": round(load_seconds, 1),
             "problems_limit": args.limit}
 
     def write(report=None) -> None:  # after every model, so an interrupted run keeps what it measured
