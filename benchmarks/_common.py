@@ -25,6 +25,13 @@ def machine_info(device: str) -> dict:
     return {"device": name, "torch": torch.__version__, "dtype": "float32"}
 
 
+def cpu_flags_record() -> list:
+    """The CPU flags that decide how fast bf16 and fp32 run, for a results record (sorted; empty off x86)."""
+    from transformers_sra.cli.loading import cpu_flags
+
+    return sorted((cpu_flags() or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+
+
 def tiny_config(iterations: int) -> SRAConfig:
     """The `SRAConfig` of a smoke run on the tiny model, with ``iterations`` mining passes."""
     return SRAConfig(**{**TINY_RUN, "iterations": iterations})

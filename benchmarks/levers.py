@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import load, plot, tiny_config
+from _common import cpu_flags_record, load, plot, tiny_config
 
 from transformers_sra import SRAConfig, apply_surgical_ablation
-from transformers_sra.cli.loading import compute_dtype, cpu_flags
+from transformers_sra.cli.loading import compute_dtype
 from transformers_sra.demo import DEMO_DTYPE
 from transformers_sra.measure.evaluation import EvalSets, evaluate_model
 from transformers_sra.measure.records import git_commit, results_record, write_results
@@ -235,7 +235,7 @@ def main() -> None:
     evaluations, rows = {}, []
     measure = dict(max_new_tokens=args.tokens, batch_size=args.batch_size, judged_harmless=0)
     extra = {"split": "validation", "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-             "cpu_flags": sorted((cpu_flags() or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+             "cpu_flags": cpu_flags_record(),
              "layer": args.layer, "rank": args.rank, "separation": [round(x, 3) for x in d], "columns": COLUMNS}
     for name, method, meta, hooks in points:
         t0 = time.perf_counter()

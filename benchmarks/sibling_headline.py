@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import torch
+from _common import cpu_flags_record
 
 from transformers_sra import SRAConfig, apply_surgical_ablation
-from transformers_sra.cli.loading import compute_dtype, cpu_flags
+from transformers_sra.cli.loading import compute_dtype
 from transformers_sra.measure.compare import evaluate_edit
 from transformers_sra.measure.evaluation import EvalSets, evaluate_model
 from transformers_sra.measure.records import git_commit, results_record, write_results
@@ -54,7 +55,7 @@ def main() -> None:
         {k: evaluated[k] for k in ("base", "sra", "standard")}, sets, report=report, command=command, commit=commit,
         extra={"model": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, dequantized)",
                "dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-               "cpu_flags": sorted((cpu_flags() or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+               "cpu_flags": cpu_flags_record(),
                "stage_seconds": stages, "timings": report.timings, "direction_layer": report.direction_layer,
                "fluency_rank": report.fluency_rank, "strength": report.strength}))
     for name in ("base", "sra", "standard"):

@@ -297,6 +297,82 @@ def test_judged_replies_choose_among_the_contenders_the_proxy_orders_differently
     assert choice.profile.peak == 1.0 and not any("judged" in r for r in table)
 
 
+class _PromptValidation(_JudgedValidation):
+    """`_JudgedValidation` with per-prompt numbers (``rows[candidate] = (refusal per harmful prompt, KL per
+    harmless prompt)``), so the search can screen on the first prompts; counts every prompt it reads."""
+
+    def __init__(self, rows, ppl, judged, screen_prompts):
+        means = {c: {"refusal_score": round(float(r.mean()), 5), "kl": round(float(k.mean()), 5), "ppl_change": ppl[c]}
+                 for c, (r, k) in rows.items()}
+        super().__init__(means, judged, {"answered": 50, "refused": 48, "degenerate": 2})
+        self.rows, self.screen_prompts, self.reads = rows, screen_prompts, 0
+        n = len(next(iter(rows.values()))[0])
+        self.harmful, self.harmless = ["p"] * n, ["q"] * n
+
+    def _rows(self, which, rows):
+        from transformers_sra.method import editing
+
+        values = self.rows[editing._active_probe][which][rows]
+        self.reads += len(values)
+        return values
+
+    def refusal_scores(self, model, tokenizer, rows):
+        return self._rows(0, rows)
+
+    def kls(self, model, tokenizer, rows):
+        return self._rows(1, rows)
+
+    def _number(self, name):  # a full-set pass reads every prompt of its set
+        self.reads += {"kl": len(self.harmless), "refusal_score": len(self.harmful)}.get(name, 0)
+        return super()._number(name)
+
+
+def test_screening_on_the_first_prompts_chooses_what_reading_every_prompt_chooses(probed_search):
+    """Random per-prompt tables (a shared per-prompt difficulty, each candidate's shift, noise): the search that screens
+    each candidate on the first 64 of 130 prompts makes the choice of the search that reads every prompt, judged
+    contenders included, and reads fewer prompts."""
+    import random
+
+    from transformers_sra.strength import StrengthProfile
+
+    search = probed_search
+    layers, peaks, n = [10, 11, 12, 13, 14], [1.0, 1.2, 1.4, 1.6], 130
+    directions = {(l, 0): torch.full((4,), float(l)) for l in layers}
+    profiles = [StrengthProfile(peak=p) for p in peaks]
+    space = search.SearchSpace(directions, layers, [0], profiles)
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(0)
+    reads = {0: 0, 64: 0}
+    left_at_screen = 0
+    for trial in range(120):
+        difficulty = torch.rand(n, generator=gen)
+        rows, ppl, judged = {}, {}, {}
+        for l in layers:
+            for p in peaks:
+                shift = rng.uniform(-0.3, 0.3)
+                refusal = (difficulty + shift + 0.1 * torch.randn(n, generator=gen)).clamp(0, 1)
+                kl = (rng.uniform(0.01, 0.09) * (0.5 + torch.rand(n, generator=gen))).clamp(min=0)
+                rows[(l, p)] = (refusal, kl)
+                ppl[(l, p)] = round(rng.uniform(0, 0.008), 4)
+                refused = rng.randint(0, 40)
+                judged[(l, p)] = {"answered": 98 - refused, "refused": refused, "degenerate": 2}
+        for judging in (None, search.JudgedRanking(classify=None, contenders=3)):
+            choices = {}
+            for size in (0, 64):
+                val = _PromptValidation(rows, ppl, judged, size)
+                choice, table = search.constrained_search(None, None, space, val, Budgets(0.05, 0.005), judging=judging)
+                choices[size] = (choice.layer, choice.profile.peak)
+                reads[size] += val.reads
+                chosen = next(r for r in table if r["chosen"])
+                assert "screened" not in chosen and chosen["kl"] == val.numbers[choices[size]]["kl"]
+                if size:
+                    left = [r for r in table if "screened" in r]
+                    left_at_screen += len(left)
+                    assert all(r["screened"] == 64 and not r["feasible"] and r["ppl_change"] is None for r in left)
+            assert choices[64] == choices[0], (trial, judging)
+    assert left_at_screen > 100 and reads[64] < 0.85 * reads[0], (left_at_screen, reads)
+
+
 def test_mining_judges_replies_and_keeps_a_pass_only_if_judged_validation_refuses_less(monkeypatch):
     from transformers_sra.method import mining
     from transformers_sra.method.editing import BakeStack

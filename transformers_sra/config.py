@@ -140,6 +140,12 @@ class SRAConfig:
     judged_tokens: int = field(
         default=64, metadata={"help": "Reply length for judging the search's contenders (a settled refusal stops early)."}
     )
+    screen_prompts: int = field(
+        default=64,
+        metadata={"help": "The search first scores each candidate on this many prompts of each validation set and "
+                  "reads the rest only where that cannot separate it (99% paired bounds): the choice of scoring "
+                  "every candidate on every prompt, for fewer passes. 0 scores everything; at most half the sets."},
+    )
     iterations: int = field(
         default=0, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining): each judges "
                              "short replies to the training prompts and removes a direction built from those still refused."}
@@ -215,7 +221,7 @@ class SRAConfig:
         number("ridge_lambda")
         number("max_ppl_increase")
         number("max_kl", positive=True)
-        for name in ("iterations", "seed", "judged_contenders"):
+        for name in ("iterations", "seed", "judged_contenders", "screen_prompts"):
             integer(name, 0)
         need(self.seed < 2**63, f"seed must be below 2**63, got {self.seed}")
         for name in ("projected", "filter_prompts", "norm_preserving"):

@@ -100,7 +100,7 @@ def _ablate(model, tokenizer, config: SRAConfig, registry, judge, progress) -> S
         dirs, kept = build_directions(model, tokenizer, inputs, config, extract, ranks)
     with timer("validation"):
         val = Validation.measure_base(model, tokenizer, inputs.prompts("harmful_val"), inputs.prompts("harmless_val"),
-                                      inputs.budget_text, **config.batching)
+                                      inputs.budget_text, screen_prompts=config.screen_prompts, **config.batching)
     space = SearchSpace({(l, r): dirs.removed(l, r, config.per_layer_directions) for l in inputs.layers for r in ranks},
                         inputs.layers, ranks, profiles, config.layers)
     judging = JudgedRanking(classify_reply, config.judged_contenders, config.judged_tokens)

@@ -39,7 +39,7 @@ from ..batching import reply_batching
 from ..config import Budgets
 from ..progress import bar
 from ..signals.judge import Classifier, VerdictStop, generate, is_shipped_judge, outcome_counts
-from ..signals.logprobs import first_token_kl, first_token_logprobs, refusal_probability, refusal_token_ids
+from ..signals.logprobs import checked_kls, first_token_kl, first_token_logprobs, refusal_probability, refusal_token_ids
 from ..signals.nll import token_nll
 from ..strength import StrengthProfile
 from .editing import ablate_activations
@@ -87,16 +87,17 @@ class Validation:
     batching: dict = field(default_factory=dict)
     base_outcomes: Optional[dict] = None  # the base model's judged outcome counts on `judged_prompts`, once measured
     base_scores: Optional[list[float]] = None  # the base model's refusal score of each ``harmful`` prompt
+    screen_prompts: int = 0  # the first this many prompts of each set screen a candidate (0: every candidate reads all)
 
     @classmethod
     def measure_base(cls, model: nn.Module, tokenizer, harmful: Sequence[str], harmless: Sequence[str],
-                     text: Sequence[str], **batching) -> "Validation":
+                     text: Sequence[str], *, screen_prompts: int = 0, **batching) -> "Validation":
         ids = refusal_token_ids(tokenizer)
         score = refusal_probability(first_token_logprobs(model, tokenizer, harmful, **batching), ids)
         total, count = token_nll(model, tokenizer, text)
         return cls(list(harmful), list(harmless), list(text), ids,
                    first_token_logprobs(model, tokenizer, harmless, **batching), float(score.mean()),
-                   total / max(count, 1), batching, base_scores=score.tolist())
+                   total / max(count, 1), batching, base_scores=score.tolist(), screen_prompts=screen_prompts)
 
     @property
     def judged_prompts(self) -> list[str]:
@@ -124,8 +125,17 @@ class Validation:
 
     def refusal_score(self, model: nn.Module, tokenizer) -> float:
         """Mean first-token refusal probability on the harmful prompts."""
-        logprobs = first_token_logprobs(model, tokenizer, self.harmful, **self.batching)
-        return round(float(refusal_probability(logprobs, self.refusal_ids).mean()), 5)
+        return round(float(self.refusal_scores(model, tokenizer, slice(None)).mean()), 5)
+
+    def refusal_scores(self, model: nn.Module, tokenizer, rows: slice) -> torch.Tensor:
+        """First-token refusal probability of each of ``harmful[rows]``."""
+        logprobs = first_token_logprobs(model, tokenizer, self.harmful[rows], **self.batching)
+        return refusal_probability(logprobs, self.refusal_ids).float()
+
+    def kls(self, model: nn.Module, tokenizer, rows: slice) -> torch.Tensor:
+        """First-token KL(base ‖ model) of each of ``harmless[rows]``."""
+        logprobs = first_token_logprobs(model, tokenizer, self.harmless[rows], **self.batching)
+        return checked_kls(self.base_harmless[rows], logprobs).float()
 
     def perplexity_change(self, model: nn.Module, tokenizer) -> float:
         """Relative perplexity change on the held-back text against the base model's."""
@@ -199,6 +209,11 @@ def constrained_search(
     order of refusal score, until one is within the perplexity budget (the others keep None). ``progress(row)``
     is called once per candidate, when it is scored; a ΔPPL measured later is written into the same row.
 
+    With ``val.screen_prompts`` (n), a candidate is first scored on the first n prompts of each set (`Screen`) and
+    read on to the full sets only when that screen cannot separate it: when it might be within the KL budget and
+    might rank before a candidate the walk has reached (one-sided paired 99% bounds on the same prompts). A row
+    left at the screen keeps its n in ``screened``.
+
     With ``judging``, ΔPPL is measured further down that order until ``judging.contenders`` candidates are within
     both budgets; if there are two or more, their judged replies decide (`judged_choice`), and their rows get
     ``judged`` (outcome counts), ``proxy_rank`` and ``judged_rank``.
@@ -206,6 +221,9 @@ def constrained_search(
     layers, ranks, profiles = space.layers, space.ranks, space.profiles
     table: list[dict] = []
     scored: dict[Candidate, dict] = {}
+    screen = Screen(val, budgets.max_kl) if not score_all else None
+    if screen is not None and not screen.n:
+        screen = None
     ticker = bar(total=len(layers) + len(ranks) + len(profiles) - 2, desc="search", unit="candidate")
 
     def within_kl(row: dict) -> bool:
@@ -217,20 +235,33 @@ def constrained_search(
             numbers = measure()
         return {**numbers, "seconds": time.perf_counter() - start}
 
-    def score(c: Candidate) -> dict:
-        if c not in scored:
-            numbers = measured(c, lambda: val.measure(model, tokenizer, refusal_if=None if score_all else within_kl,
-                                                      text_if=lambda row: False))
-            row = {"layer": c.layer, "rank": c.rank, "profile": c.profile.to_dict(), **numbers, "feasible": False}
-            row["seconds"] = round(row["seconds"], 2)
-            scored[c] = row
-            table.append(row)
-            ticker.update(1)
-            if progress is not None:
-                progress(row)
-        return scored[c]
+    def add(c: Candidate, numbers: dict) -> None:
+        row = {"layer": c.layer, "rank": c.rank, "profile": c.profile.to_dict(), **numbers, "feasible": False}
+        row["seconds"] = round(row["seconds"], 2)
+        scored[c] = row
+        table.append(row)
+        ticker.update(1)
+        if progress is not None:
+            progress(row)
+
+    def score(c: Candidate) -> None:
+        if c in scored:
+            return
+        if screen is not None:
+            add(c, measured(c, lambda: screen.first(c, model, tokenizer)))
+        else:
+            add(c, measured(c, lambda: val.measure(model, tokenizer, refusal_if=None if score_all else within_kl,
+                                                   text_if=lambda row: False)))
+
+    def read_on(c: Candidate) -> None:  # a screened candidate, read to the full sets
+        if screen is not None and screen.partial(c):
+            numbers = measured(c, lambda: screen.rest(c, model, tokenizer))
+            scored[c]["seconds"] = round(scored[c]["seconds"] + numbers.pop("seconds"), 2)
+            scored[c].update(numbers)
+            scored[c].pop("screened", None)
 
     def complete(c: Candidate, name: str, measure: Callable) -> None:
+        read_on(c)
         row = scored[c]
         if row[name] is None:
             numbers = measured(c, lambda: {name: measure(model, tokenizer)})
@@ -238,29 +269,47 @@ def constrained_search(
             row["seconds"] = round(row["seconds"] + numbers["seconds"], 2)
             row["feasible"] = budgets.allows(row)
 
-    def by_score(cands: Sequence[Candidate]) -> list[Candidate]:
-        return sorted((c for c in cands if within_kl(scored[c])), key=lambda c: scored[c]["refusal_score"])
+    def feasible_in_order(cands: Sequence[Candidate], n: int) -> list[Candidate]:
+        """The first ``n`` candidates within both budgets in the order of their full-set refusal scores, ΔPPL
+        measured down that order; a screened candidate is read on once it might come before the one reached."""
+        while True:
+            full = sorted((c for c in cands if not (screen and screen.partial(c)) and within_kl(scored[c])),
+                          key=lambda c: scored[c]["refusal_score"])
+            pending = [c for c in cands if screen and screen.partial(c) and not screen.over_kl(c)]
+            if not full and pending:  # the screen's most promising candidate anchors the walk
+                read_on(min(pending, key=screen.mean_refusal))
+                continue
+            found, blocked = [], []
+            for c in full:
+                blocked = [p for p in pending if not screen.worse(p, c)]
+                if blocked:
+                    break
+                complete(c, "ppl_change", val.perplexity_change)
+                if scored[c]["feasible"]:
+                    found.append(c)
+                    if len(found) == n:
+                        return found
+            blocked = blocked or pending  # past the last full candidate: whatever the screen kept back may be next
+            if not blocked:
+                return found
+            for p in blocked:
+                read_on(p)
 
     def best(cands: Sequence[Candidate]) -> Candidate:
         for c in cands:
             score(c)
-        for c in by_score(cands):
-            complete(c, "ppl_change", val.perplexity_change)
-            if scored[c]["feasible"]:
-                return c
-        return min(cands, key=lambda c: _violation(scored[c], budgets))  # nothing feasible: the least violating
+        found = feasible_in_order(cands, 1)
+        if found:
+            return found[0]
+        for c in cands:  # nothing feasible: the least violating, on full-set numbers
+            read_on(c)
+        return min(cands, key=lambda c: _violation(scored[c], budgets))
 
     choice = best([Candidate(l, ranks[0], profiles[0]) for l in layers])
     choice = best([Candidate(choice.layer, r, choice.profile) for r in ranks])
     choice = best([Candidate(choice.layer, choice.rank, p) for p in profiles])  # each step holds the last choice
     if judging is not None and scored[choice]["feasible"]:
-        contenders = []
-        for c in by_score(list(scored)):
-            complete(c, "ppl_change", val.perplexity_change)
-            if scored[c]["feasible"]:
-                contenders.append(c)
-            if len(contenders) == judging.contenders:
-                break
+        contenders = feasible_in_order(list(scored), judging.contenders)
         if len(contenders) > 1:
             choice = judged_choice(contenders, scored, lambda c: measured(c, lambda: val.judged(model, tokenizer, judging)),
                                    val.base_judged(model, tokenizer, judging), judging.degenerate_margin)
@@ -271,6 +320,65 @@ def constrained_search(
     for row in table:
         row["chosen"] = row is scored[choice]
     return choice, table
+
+
+class Screen:
+    """Each candidate's per-prompt numbers on the first ``val.screen_prompts`` prompts of each validation set, and
+    the one-sided 99% bounds that decide whether reading the rest could change the search's choice. The screen
+    holds when the sets have at least twice that many prompts and ``val`` gives per-prompt numbers."""
+
+    Z = 2.326  # one-sided 99%
+
+    def __init__(self, val: Validation, max_kl: float):
+        n = getattr(val, "screen_prompts", 0)
+        enough = hasattr(val, "kls") and 0 < 2 * n <= min(len(val.harmful), len(val.harmless))
+        self.val, self.max_kl, self.n = val, max_kl, n if enough else 0
+        self.kls: dict[Candidate, torch.Tensor] = {}
+        self.refusals: dict[Candidate, torch.Tensor] = {}
+
+    def first(self, c: Candidate, model: nn.Module, tokenizer) -> dict:
+        """KL on the first n harmless prompts, then, unless surely over the KL budget, the refusal score on the
+        first n harmful ones."""
+        head = slice(0, self.n)
+        self.kls[c] = self.val.kls(model, tokenizer, head)
+        row = {"refusal_score": None, "kl": round(float(self.kls[c].mean()), 5), "ppl_change": None,
+               "screened": self.n}
+        if not self.over_kl(c):
+            self.refusals[c] = self.val.refusal_scores(model, tokenizer, head)
+            row["refusal_score"] = round(float(self.refusals[c].mean()), 5)
+        return row
+
+    def rest(self, c: Candidate, model: nn.Module, tokenizer) -> dict:
+        """The full-set numbers: the remaining prompts' KLs, and the refusal score where within the KL budget."""
+        self.kls[c] = torch.cat([self.kls[c], self.val.kls(model, tokenizer, slice(self.n, None))])
+        row = {"kl": round(float(self.kls[c].mean()), 5), "refusal_score": None}
+        if row["kl"] <= self.max_kl:
+            have = self.refusals.get(c, torch.zeros(0))
+            self.refusals[c] = torch.cat([have, self.val.refusal_scores(model, tokenizer, slice(len(have), None))])
+            row["refusal_score"] = round(float(self.refusals[c].mean()), 5)
+        return row
+
+    def partial(self, c: Candidate) -> bool:
+        return c in self.kls and len(self.kls[c]) == self.n
+
+    def over_kl(self, c: Candidate) -> bool:
+        """Surely over the KL budget: the lower bound of the screen's mean KL is above it."""
+        return _lower_bound(self.kls[c][: self.n]) > self.max_kl
+
+    def mean_refusal(self, c: Candidate) -> float:
+        return float(self.refusals[c][: self.n].mean())
+
+    def worse(self, p: Candidate, c: Candidate) -> bool:
+        """``p`` surely refuses more than ``c``: the paired difference on the screen's prompts is above 0."""
+        if p not in self.refusals or c not in self.refusals:
+            return False
+        return _lower_bound(self.refusals[p][: self.n] - self.refusals[c][: self.n]) > 0
+
+
+def _lower_bound(values: torch.Tensor) -> float:
+    """One-sided 99% lower bound of the mean (normal approximation)."""
+    n = len(values)
+    return float(values.mean() - Screen.Z * values.std() / math.sqrt(n)) if n > 1 else float("-inf")
 
 
 def judged_choice(contenders: Sequence[Candidate], rows: Mapping[Candidate, dict], judge: Callable[[Candidate], dict],

@@ -11,7 +11,6 @@ The log-probabilities of the first response token (one forward pass per batch, n
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -78,7 +77,12 @@ def first_token_kls(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> 
 
 def first_token_kl(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> float:
     """Mean KL(base ‖ new) of the first response token's distribution."""
-    kl = float(first_token_kls(base_logprobs, new_logprobs).mean())
-    if math.isnan(kl):
+    return float(checked_kls(base_logprobs, new_logprobs).mean())
+
+
+def checked_kls(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> torch.Tensor:
+    """`first_token_kls`, with a `NumericsError` where one is NaN."""
+    kls = first_token_kls(base_logprobs, new_logprobs)
+    if bool(kls.isnan().any()):
         raise NumericsError(f"first-token KL is NaN: a log-probability is NaN or -inf in both models; {NUMERICS_HINT}")
-    return kl
+    return kls
