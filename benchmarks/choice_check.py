@@ -10,6 +10,7 @@ whether the choices agree. Validation data only (the search reads nothing else):
     python benchmarks/choice_check.py --model ~/.cache/transformers_sra/qwen2.5-coder-1.5b-instruct \\
         --out benchmarks/results/choice_check-1.5b.json
     python benchmarks/choice_check.py --model tiny --out /tmp/choice.json      # a smoke run
+    python benchmarks/choice_check.py --default '{"screen_prompts": 64}' --out benchmarks/results/search_screen.json
 """
 
 from __future__ import annotations
@@ -60,27 +61,36 @@ def main() -> None:
     parser.add_argument("--model", default="demo", help="'demo', 'tiny' (a smoke run) or a local checkpoint folder")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reference", default=None,
+                        help="the reference's SRAConfig overrides as JSON (default: REFERENCE, everything read)")
+    parser.add_argument("--default", default=None,
+                        help="SRAConfig overrides of the run compared with the reference, as JSON (default: none)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     commit, dtype = git_commit(), getattr(torch, args.dtype)
-    if args.model == "tiny":
-        model, tok = make_tiny_model("qwen2"), make_tokenizer()
-        default = tiny_config(0)
-    else:
-        model, tok = load_demo_model(dtype=dtype) if args.model == "demo" else load_model(str(Path(args.model).expanduser()),
-                                                                                           dtype=dtype)
-        default = SRAConfig()
+    default = tiny_config(0) if args.model == "tiny" else SRAConfig()
+    overrides = dict(json.loads(args.reference)) if args.reference else REFERENCE
+    changed = dict(json.loads(args.default)) if args.default else {}
     runs = {}
-    for name, config in (("reference", dataclasses.replace(default, **REFERENCE)), ("default", default)):
+    for name, config in (("reference", dataclasses.replace(default, **overrides)),
+                         ("default", dataclasses.replace(default, **changed))):
+        # a fresh copy each time: undoing a bf16 bake does not give back the same bits
+        if args.model == "tiny":
+            torch.manual_seed(0)
+            model, tok = make_tiny_model("qwen2"), make_tokenizer()
+        elif args.model == "demo":
+            model, tok = load_demo_model(dtype=dtype)
+        else:
+            model, tok = load_model(str(Path(args.model).expanduser()), dtype=dtype)
         start = time.perf_counter()
         report = apply_surgical_ablation(model, tok, config)
         runs[name] = summary(report, time.perf_counter() - start)
-        report.undo()
+        del model
         print(name, json.dumps(runs[name]["choice"]), runs[name]["chosen_row"], runs[name]["timings"], flush=True)
     record = {"commit": commit, "command": "python benchmarks/choice_check.py " + " ".join(sys.argv[1:]),
               "model": args.model, "dtype": args.dtype, "threads": args.threads, "cpu_flags": cpu_flags_record(),
-              "torch": torch.__version__, "reference_overrides": REFERENCE, "runs": runs,
+              "torch": torch.__version__, "reference_overrides": overrides, "default_overrides": changed, "runs": runs,
               "same_choice": runs["reference"]["choice"] == runs["default"]["choice"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
