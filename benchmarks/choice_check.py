@@ -65,6 +65,7 @@ def main() -> None:
                         help="the reference's SRAConfig overrides as JSON (default: REFERENCE, everything read)")
     parser.add_argument("--default", default=None,
                         help="SRAConfig overrides of the run compared with the reference, as JSON (default: none)")
+    parser.add_argument("--note", default="", help="what else ran, what was warm")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,7 +89,7 @@ def main() -> None:
         runs[name] = summary(report, time.perf_counter() - start)
         del model
         print(name, json.dumps(runs[name]["choice"]), runs[name]["chosen_row"], runs[name]["timings"], flush=True)
-    record = {"commit": commit, "command": "python benchmarks/choice_check.py " + " ".join(sys.argv[1:]),
+    record = {"note": args.note, "commit": commit, "command": "python benchmarks/choice_check.py " + " ".join(sys.argv[1:]),
               "model": args.model, "dtype": args.dtype, "threads": args.threads, "cpu_flags": cpu_flags_record(),
               "torch": torch.__version__, "reference_overrides": overrides, "default_overrides": changed, "runs": runs,
               "same_choice": runs["reference"]["choice"] == runs["default"]["choice"]}

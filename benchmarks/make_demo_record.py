@@ -7,16 +7,24 @@ Run ``make demo`` on a fresh clone under GNU time, with the demo model's cache e
     python benchmarks/make_demo_record.py --folder /tmp/demo/qwen-sra --time-log /tmp/demo.log \
         --commit "$(git -C /tmp/demo rev-parse HEAD)"
 
-Stages come from the folder's ``sra_report.json`` (``timings``: the CLI's and the pipeline's); "install" is the
-elapsed time GNU time measured for the whole command less everything ``sra ablate`` timed.
+Run the record with the same ``ONEDNN_MAX_CPU_ISA``/``ATEN_CPU_CAPABILITY`` as ``make demo`` (if any): the JSON
+keeps them beside the CPU's flags. Stages come from the folder's ``sra_report.json`` (``timings``: the CLI's and
+the pipeline's); "install" is the elapsed time GNU time measured for the whole command less everything ``sra
+ablate`` timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
+
+from _common import cpu_flags_record
+
+# torch's CPU kernel restriction, which makes a CPU with native bf16 run like an AVX2-only one for bf16 matmuls
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 COLUMNS = [["name", "stage"], ["seconds", "wall seconds", "{:.0f}"]]
 
@@ -65,7 +73,9 @@ def main() -> None:
     record = {"commit": args.commit, "command": f"{args.command} (fresh clone, empty TRANSFORMERS_SRA_CACHE)",
               "note": args.note, "columns": COLUMNS, "rows": rows, "sets": sizes,
               "peak_rss_gib": round(int(peak.group(1)) / 2**20, 2) if peak else None,
-              "report_peak_memory": report.get("peak_memory"), "exit_status": exit_status(log)}
+              "report_peak_memory": report.get("peak_memory"), "exit_status": exit_status(log),
+              "cpu_flags": cpu_flags_record(),
+              "isa_restriction": {v: os.environ[v] for v in ISA_VARIABLES if v in os.environ}}
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "columns"}, indent=1))
 
