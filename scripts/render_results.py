@@ -380,6 +380,46 @@ TABLES: dict[str, Spec] = {
                      "64 judged 128-token replies"))),
 }
 
+
+
+def _choice(run: dict) -> str:
+    c = run["choice"]
+    return f"layer {c['layer']}, Shield rank {c['rank']}, tent peak {c['profile']['peak']:g}"
+
+
+def _chosen(run: dict) -> str:
+    row = run["chosen_row"]
+    judged = row.get("judged") or {}
+    refused = f", judged refused {judged['refused']}/{sum(judged.values())}" if judged else ""
+    return f"KL {row['kl']:.4f}, refusal score {row['refusal_score']:.4f}, ΔPPL {row['ppl_change']:+.2%}{refused}"
+
+
+def choice_check_spec(files: tuple[tuple[str, str], ...]) -> Spec:
+    """`benchmarks/choice_check.py`: the default run against the reference on each file's model."""
+    side = ("reference", "default")
+    return Spec(
+        files=files, writer="benchmarks/choice_check.py",
+        header=("", "{name}"),
+        rows=(("reference: SRAConfig overrides", "{f[reference_overrides]}"),
+              ("compared run: SRAConfig overrides", "{f[default_overrides]}"),
+              ("choice, reference", "{f[choice_reference]}"), ("choice, compared run", "{f[choice_default]}"),
+              ("same choice", "{f[same_choice]}"),
+              ("chosen row, reference (validation)", "{f[chosen_reference]}"),
+              ("chosen row, compared run (validation)", "{f[chosen_default]}"),
+              ("search candidates / left at the screen", "{f[runs][default][candidates]} / "
+                                                         "{f[runs][default][left_at_screen]}"),
+              ("search's validation prompt reads: reference / compared", "{f[runs][reference][search_prompt_reads]} / "
+                                                                        "{f[runs][default][search_prompt_reads]}"),
+              ("extract, search seconds: reference / compared", "{f[seconds]}"),
+              ("note", "{f[note]}")),
+        derived={**{f"choice_{k}": (lambda d, k=k: _choice(d["runs"][k])) for k in side},
+                 **{f"chosen_{k}": (lambda d, k=k: _chosen(d["runs"][k])) for k in side},
+                 "seconds": lambda d: " / ".join(f"{d['runs'][k]['timings']['extract']:.0f} s, "
+                                                 f"{d['runs'][k]['timings']['search']:.0f} s" for k in side)})
+
+
+TABLES["search_screen"] = choice_check_spec((("search_screen.json", "demo model (bf16)"),))
+
 # the same ratios for the demo model alone: the README's compact copy of docs/performance.md's table
 TABLES["speed_demo"] = TABLES["speed"]._replace(files=TABLES["speed"].files[:1], caption="")
 
