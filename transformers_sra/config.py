@@ -105,6 +105,20 @@ class SRAConfig:
                   "harmless ones it answers (first-token refusal score above / below 0.5), so it reads refusal "
                   "rather than topic; a set left with fewer than 16 prompts is used whole."},
     )
+    extraction_cosine: Optional[float] = field(
+        default=0.99,
+        metadata={"help": "Read each training and atom set in a seeded order, 32 prompts a round, and stop once two "
+                  "halves of what was read agree: the cosine between the halves' difference-of-means directions is "
+                  "at least this at every candidate layer (each side of a contrast on its own; at least 16 rows "
+                  "kept). None or 1 reads every prompt. Default chosen on the demo model "
+                  "(benchmarks/extraction_convergence.json)."},
+    )
+    extraction_subspace: Optional[float] = field(
+        default=None,
+        metadata={"help": "Read the fluency Shield's passages until the top-k principal subspaces (k = the largest "
+                  "fluency rank) of two halves of them agree: mean squared cosine of their principal angles at "
+                  "least this at every candidate layer. None or 1 reads every passage."},
+    )
     text_corpus: PromptSource = field(
         default="general_val",
         metadata={"help": "Plain text (shipped corpus name, .txt with blank-line passages, or a file of records): "
@@ -248,6 +262,10 @@ class SRAConfig:
              f"chat_template_kwargs must be a dict of template arguments, got {self.chat_template_kwargs!r}")
         need(self.system_prompt is None or isinstance(self.system_prompt, str),
              f"system_prompt must be a string or None, got {self.system_prompt!r}")
+        for name in ("extraction_cosine", "extraction_subspace"):
+            value = getattr(self, name)
+            need(value is None or (_is_number(value) and 0 < value <= 1),
+                 f"{name} must be None or a number in (0, 1], got {value!r}")
         for name in ("layers", "candidate_layers"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(i) for i in value)),
