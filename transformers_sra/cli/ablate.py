@@ -223,7 +223,7 @@ def extraction_line(reads: dict, kept: dict) -> str:
     fluency = reads.get("fluency") or {}
     line = " · ".join(
         [f"{side} {kept.get(side, sets[side]['kept'])} kept of {sets[side]['recorded']} read "
-         f"({sets[side]['available']})" for side in ("harmful", "harmless")]
+         f"(of {sets[side]['available']})" for side in ("harmful", "harmless")]
         + [f"atom sets {sum(c['recorded'] for c in atoms)} of {sum(c['available'] for c in atoms)} prompts"]
         + ([f"fluency text {fluency['passages']} of {fluency['available']} passages"] if fluency else []))
     rule = reads.get("threshold")
