@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import torch
 from _common import tiny_config
@@ -34,6 +36,13 @@ from transformers_sra.prompts import format_chat
 from transformers_sra.signals.nll import chunk_token_ids
 from transformers_sra.testing import make_tiny_model, make_tokenizer
 
+#: the table docs/performance.md renders (scripts/render_results.py, the shared shape): one row a threshold pair
+COLUMNS = [["name", "split-half threshold (prompts; passages)"], ["harmful", "harmful: read, kept"],
+           ["harmless", "harmless: read, kept"], ["atoms", "atom sets: read of all"],
+           ["fluency", "fluency passages"], ["dirty_min", "dirty direction, cos to full (min over layers)", "{:.4f}"],
+           ["atoms_min", "atom means, cos to full (min)", "{:.4f}"],
+           ["clean_min", "clean direction, cos to full (min over layer, rank)", "{:.4f}"],
+           ["work_saved", "extraction work saved", "{:.0%}"]]
 COSINES = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 SUBSPACES = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -134,11 +143,33 @@ def row(model, tok, inputs, config, replay, full, costs) -> dict:
             "work_saved": round(1 - used / total, 4)}
 
 
+def table_row(row: dict) -> dict:
+    """``row``'s cells for `COLUMNS`, from its own values."""
+    sets, fluency, to_full = row["reads"]["sets"], row["reads"]["fluency"], row["to_full"]
+    atoms = [c for name, c in sets.items() if name not in ("harmful", "harmless")]
+    name = " ; ".join(["all prompts" if row["extraction_cosine"] is None else f"{row['extraction_cosine']}",
+                       "all passages" if row["extraction_subspace"] is None else f"{row['extraction_subspace']}"])
+    cells = {"name": name, "fluency": f"{fluency['passages']} of {fluency['available']}",
+             "atoms": f"{sum(c['recorded'] for c in atoms)} of {sum(c['available'] for c in atoms)}",
+             "work_saved": row["work_saved"]}
+    for side in ("harmful", "harmless"):
+        cells[side] = f"{sets[side]['recorded']} of {sets[side]['available']}, {row['kept'][side]} kept"
+    if to_full:
+        cells.update(dirty_min=min(to_full["dirty"]), atoms_min=min(to_full["atoms_min"].values()),
+                     clean_min=min(min(v) for v in to_full["clean"].values()))
+    return {**cells, **row}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="'demo' (bf16) or 'tiny' (a random test model, a smoke run)")
     parser.add_argument("--out", default="benchmarks/results/extraction_convergence.json")
+    parser.add_argument("--retable", action="store_true", help="only redo --out's table cells from its own rows")
     args = parser.parse_args()
+    if args.retable:
+        record = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        write_results(args.out, {**record, "columns": COLUMNS, "rows": [table_row(r) for r in record["rows"]]})
+        return
     commit, start = git_commit(), time.perf_counter()
     torch.set_num_threads(2)
     if args.model == "tiny":
@@ -170,7 +201,8 @@ def main() -> None:
               "threads": torch.get_num_threads(), "layers": inputs.layers, "fluency_ranks": list(config.fluency_ranks),
               "defaults": {"extraction_cosine": config.extraction_cosine,
                            "extraction_subspace": config.extraction_subspace},
-              "recorded_s": recorded_s, "seconds": round(time.perf_counter() - start, 1), "rows": rows}
+              "recorded_s": recorded_s, "seconds": round(time.perf_counter() - start, 1), "columns": COLUMNS,
+              "rows": [table_row(r) for r in rows]}
     write_results(args.out, record)
     print(f"wrote {args.out} ({record['seconds']} s)")
 
