@@ -243,7 +243,7 @@ def test_the_report_carries_the_counts_and_round_trips(tmp_path):
     from transformers_sra.cli.ablate import extraction_line
 
     line = extraction_line(reads, report.extraction_prompts)
-    assert "harmful 4 kept of 4 read (4)" in line and "atom sets" in line and "split-half cosine ≥ 0.5" in line
+    assert "harmful 4 kept of 4 read (of 4)" in line and "atom sets" in line and "split-half cosine ≥ 0.5" in line
     assert extraction_line({}, {"harmful": 3, "harmless": 4}) == "harmful 3, harmless 4 prompts kept"
 
 
