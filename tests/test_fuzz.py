@@ -55,7 +55,7 @@ wild = st.one_of(st.none(), st.booleans(), st.integers(-3, 10), st.integers(2**6
 FIELDS = ["ridge_lambda", "max_kl", "max_ppl_increase", "batch_size", "max_new_tokens", "iterations", "atom_rank",
           "positions", "layers", "candidate_layers", "direction_layer", "fluency_rank", "fluency_ranks", "strength",
           "seed", "projected", "norm_preserving", "filter_prompts", "custom_atoms", "chat_template_kwargs",
-          "max_prompt_tokens", "system_prompt", "atoms", "harmful_prompts"]
+          "max_prompt_tokens", "system_prompt", "atoms", "harmful_prompts", "extraction_cosine", "extraction_subspace"]
 
 
 @given(st.dictionaries(st.sampled_from(FIELDS), wild, max_size=4))

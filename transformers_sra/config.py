@@ -105,6 +105,26 @@ class SRAConfig:
                   "harmless ones it answers (first-token refusal score above / below 0.5), so it reads refusal "
                   "rather than topic; a set left with fewer than 16 prompts is used whole."},
     )
+    # 0.97, chosen on the demo model's training and atom sets (benchmarks/extraction_convergence.json, no test
+    # data): the dirty and clean directions stay ≥ 0.998 to the full extraction's at every candidate layer and rank,
+    # atoms ≥ 0.995, for 16% of extraction's work; 0.99 reads everything there (the harmful side's halves reach
+    # only 0.96 with all 400 prompts), 0.95 saves 21% at 0.9965, 0.9 41% at 0.986 (the full direction's own error)
+    extraction_cosine: Optional[float] = field(
+        default=0.97,
+        metadata={"help": "Read each training and atom set in a seeded order, 32 prompts a round, and stop once two "
+                  "halves of what was read agree: the cosine between the halves' difference-of-means directions is "
+                  "at least this at every candidate layer (each side of a contrast on its own; at least 16 rows "
+                  "kept). None or 1 reads every prompt. 0.97 kept the demo model's directions within 0.998 of the "
+                  "full extraction's for 16% less work (benchmarks/extraction_convergence.json)."},
+    )
+    extraction_subspace: Optional[float] = field(
+        default=None,
+        metadata={"help": "Read the fluency Shield's passages until the top-k principal subspaces (k = the largest "
+                  "fluency rank) of two halves of them agree: mean squared cosine of their principal angles at "
+                  "least this at every candidate layer. None or 1 reads every passage: on the demo model the halves "
+                  "of all 19 passages agree only to 0.63 at rank 128, and stopping at 0.6 (16 passages) leaves the "
+                  "clean direction at 0.975 of the full one (benchmarks/extraction_convergence.json)."},
+    )
     text_corpus: PromptSource = field(
         default="general_val",
         metadata={"help": "Plain text (shipped corpus name, .txt with blank-line passages, or a file of records): "
@@ -255,6 +275,10 @@ class SRAConfig:
              f"chat_template_kwargs must be a dict of template arguments, got {self.chat_template_kwargs!r}")
         need(self.system_prompt is None or isinstance(self.system_prompt, str),
              f"system_prompt must be a string or None, got {self.system_prompt!r}")
+        for name in ("extraction_cosine", "extraction_subspace"):
+            value = getattr(self, name)
+            need(value is None or (_is_number(value) and 0 < value <= 1),
+                 f"{name} must be None or a number in (0, 1], got {value!r}")
         for name in ("layers", "candidate_layers"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(i) for i in value)),

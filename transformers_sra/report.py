@@ -80,6 +80,9 @@ class SRAReport:
     iterations: list  # per mining pass: refused_train, gamma, refusal_score, kl, ppl_change, accepted, judge
     timings: dict  # seconds per pipeline step
     extraction_prompts: dict = field(default_factory=dict)  # harmful/harmless prompts the direction was measured from
+    # what extraction read until its statistics converged: per statistic and per set {recorded, kept, available} and
+    # the split-half cosine reached, the fluency passages (`build_directions`; empty in reports from before it)
+    extraction_reads: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
     invariant: dict = field(default_factory=dict)  # bake self-check: largest residual share along v before/after
     standard_direction: list = field(default_factory=list)  # all training prompts' difference of means, unit

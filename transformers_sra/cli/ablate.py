@@ -213,6 +213,23 @@ def _test_table(test: dict) -> str:
                           "KL 32 tok", "ΔPPL text", "ΔPPL math", "ΔPPL code"], rows)
 
 
+def extraction_line(reads: dict, kept: dict) -> str:
+    """How many prompts the direction, the atoms and the fluency Shield were measured from (`SRAReport`'s
+    ``extraction_reads``; a report from before the split-half rule has only the kept counts)."""
+    if not reads.get("sets"):
+        return f"harmful {kept.get('harmful', '-')}, harmless {kept.get('harmless', '-')} prompts kept"
+    sets = reads["sets"]
+    atoms = [counts for name, counts in sets.items() if name not in ("harmful", "harmless")]
+    fluency = reads.get("fluency") or {}
+    line = " · ".join(
+        [f"{side} {kept.get(side, sets[side]['kept'])} kept of {sets[side]['recorded']} read "
+         f"(of {sets[side]['available']})" for side in ("harmful", "harmless")]
+        + [f"atom sets {sum(c['recorded'] for c in atoms)} of {sum(c['available'] for c in atoms)} prompts"]
+        + ([f"fluency text {fluency['passages']} of {fluency['available']} passages"] if fluency else []))
+    rule = reads.get("threshold")
+    return line + (f" (until split-half cosine ≥ {rule})" if rule is not None else " (every prompt read)")
+
+
 def render(result: dict, report: SRAReport) -> str:
     val = result["validation"]
     strength = report.strength
@@ -232,6 +249,7 @@ def render(result: dict, report: SRAReport) -> str:
         ("direction layer", f"{report.direction_layer}" + (" (each later layer removes its own direction)"
                                                             if result["per_layer_directions"] else "")),
         ("fluency Shield rank", report.fluency_rank),
+        ("extraction", extraction_line(report.extraction_reads, report.extraction_prompts)),
         ("strength", profile),
         ("baked layers", f"{layers} ({report.writers_edited} writers)"),
         ("mining passes kept", f"{sum(bool(r.get('accepted')) for r in report.iterations)} of {len(report.iterations)}"),

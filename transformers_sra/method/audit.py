@@ -58,7 +58,7 @@ def _audit(model: nn.Module, tokenizer, config: SRAConfig, registry, sweep: bool
         explained[layer] = round(dirs.explained(layer, rank), 4)
     result = {"layers": inputs.layers, "names": names, "roles": {a.name: a.role for a in inputs.atoms},
               "fluency_rank": rank, "profile": profile.to_dict(), "cosine": cosine, "explained_share": explained,
-              "extraction_prompts": kept,
+              "extraction_prompts": kept, "extraction_reads": dirs.reads,
               "sweep": [], "best_layer": None, "base_refusal_score": None,
               "budgets": dataclasses.asdict(config.budgets)}
     if not sweep:

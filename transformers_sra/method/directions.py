@@ -28,6 +28,7 @@ class Directions:
     harmless_mean: Optional[torch.Tensor] = None  # (L, d); set to make the dirty direction ⟂ to it ("projected")
     unfiltered: Optional[torch.Tensor] = None  # (L, d): difference of means over all training prompts ("standard")
     later: dict = field(default_factory=dict)  # {layer: (d,)} the other layers' dirty directions (per-layer)
+    reads: dict = field(default_factory=dict)  # prompts each statistic was measured from (`build_directions`)
 
     @classmethod
     def build(cls, layers: Sequence[int], harmful: torch.Tensor, harmless: torch.Tensor,

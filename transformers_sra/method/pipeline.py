@@ -149,6 +149,7 @@ def _report(model: nn.Module, config: SRAConfig, run: _Run, bakes: BakeStack, ti
         standard_direction=dirs.unit(dirs.unfiltered, layer).tolist(),
         search=run.table,
         extraction_prompts=run.kept,
+        extraction_reads=dirs.reads,
         validation={"harmful_scored": len(val.harmful), "harmless": len(val.harmless), "text_passages": len(val.text),
                     "base_refusal_score": round(val.base_refusal, 5)},
         atom_audit=audit,
