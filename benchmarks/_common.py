@@ -38,7 +38,7 @@ def tiny_config(iterations: int) -> SRAConfig:
 
 
 STYLES = {"base": ("black", "s", "base"),
-          "standard": ("tab:red", "o", "standard ablation (all training prompts)"),
+          "standard": ("tab:red", "o", "standard ablation (unfiltered training prompts)"),
           "standard_filtered": ("tab:orange", "o", "standard ablation, filtered direction"),
           "rank1_flat": ("tab:blue", "o", "SRA rank 1, flat γ"),
           "rank1_tent": ("tab:blue", "o", "SRA rank 1, the default tent scaled"),

@@ -406,6 +406,7 @@ def choice_check_spec(files: tuple[tuple[str, str], ...]) -> Spec:
               ("same choice", "{f[same_choice]}"),
               ("chosen row, reference (validation)", "{f[chosen_reference]}"),
               ("chosen row, compared run (validation)", "{f[chosen_default]}"),
+              ("extraction prompts kept, harmful / harmless: reference; compared", "{f[kept]}"),
               ("search candidates / left at the screen", "{f[runs][default][candidates]} / "
                                                          "{f[runs][default][left_at_screen]}"),
               ("search's validation prompt reads: reference / compared", "{f[runs][reference][search_prompt_reads]} / "
@@ -414,11 +415,14 @@ def choice_check_spec(files: tuple[tuple[str, str], ...]) -> Spec:
               ("note", "{f[note]}")),
         derived={**{f"choice_{k}": (lambda d, k=k: _choice(d["runs"][k])) for k in side},
                  **{f"chosen_{k}": (lambda d, k=k: _chosen(d["runs"][k])) for k in side},
+                 "kept": lambda d: "; ".join(f"{d['runs'][k]['extraction_prompts']['harmful']} / "
+                                             f"{d['runs'][k]['extraction_prompts']['harmless']}" for k in side),
                  "seconds": lambda d: " / ".join(f"{d['runs'][k]['timings']['extract']:.0f} s, "
                                                  f"{d['runs'][k]['timings']['search']:.0f} s" for k in side)})
 
 
 TABLES["search_screen"] = choice_check_spec((("search_screen.json", "demo model (bf16)"),))
+TABLES["choice_check-demo"] = choice_check_spec((("choice_check-demo.json", "demo model (bf16)"),))
 
 # the same ratios for the demo model alone: the README's compact copy of docs/performance.md's table
 TABLES["speed_demo"] = TABLES["speed"]._replace(files=TABLES["speed"].files[:1], caption="")

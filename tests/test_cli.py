@@ -100,7 +100,7 @@ def test_ablate_summary_table_and_json_line(tiny, config_dir, tmp_path, capsys):
     report = SRAReport.load(tmp_path / "a")
     for needle in ("direction layer      1", f"refusal score {report.chosen['refusal_score']:.3f}",
                    f"KL {report.chosen['kl']:.3f}", str(tmp_path / "a"), "wall time", "peak memory", "GiB RAM",
-                   f"harmful {report.extraction_prompts['harmful']} kept of", "atom sets", "split-half cosine ≥ 0.97"):
+                   f"harmful {report.extraction_prompts['harmful']} kept of", "atom sets", "(every prompt read)"):
         assert needle in text, (needle, text)
 
     assert _ablate(tiny, config_dir, tmp_path / "b", "--json") == 0

@@ -105,17 +105,16 @@ class SRAConfig:
                   "harmless ones it answers (first-token refusal score above / below 0.5), so it reads refusal "
                   "rather than topic; a set left with fewer than 16 prompts is used whole."},
     )
-    # 0.97, chosen on the demo model's training and atom sets (benchmarks/extraction_convergence.json, no test
-    # data): the dirty and clean directions stay ≥ 0.998 to the full extraction's at every candidate layer and rank,
-    # atoms ≥ 0.995, for 16% of extraction's work; 0.99 reads everything there (the harmful side's halves reach
-    # only 0.96 with all 400 prompts), 0.95 saves 21% at 0.9965, 0.9 41% at 0.986 (the full direction's own error)
+    # Off by default: at 0.97 (chosen on training and atom sets, benchmarks/extraction_convergence.json) the demo
+    # model's directions stay >= 0.998 of the full extraction's for 16% less work, yet extraction took longer
+    # (choice_check-demo.json): the harmful set is read whole anyway and 32-prompt rounds batch worse than one pass
     extraction_cosine: Optional[float] = field(
-        default=0.97,
+        default=None,
         metadata={"help": "Read each training and atom set in a seeded order, 32 prompts a round, and stop once two "
                   "halves of what was read agree: the cosine between the halves' difference-of-means directions is "
                   "at least this at every candidate layer (each side of a contrast on its own; at least 16 rows "
-                  "kept). None or 1 reads every prompt. 0.97 kept the demo model's directions within 0.998 of the "
-                  "full extraction's for 16% less work (benchmarks/extraction_convergence.json)."},
+                  "kept). None (default) or 1 reads every prompt in one pass. On the demo model 0.97 read 16% fewer "
+                  "prompt tokens but took longer (rounds batch worse than one length-sorted pass; docs/performance.md)."},
     )
     extraction_subspace: Optional[float] = field(
         default=None,

@@ -85,7 +85,7 @@ class SRAReport:
     extraction_reads: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # filled by evaluation (before/after refusal, KL, perplexity)
     invariant: dict = field(default_factory=dict)  # bake self-check: largest residual share along v before/after
-    standard_direction: list = field(default_factory=list)  # all training prompts' difference of means, unit
+    standard_direction: list = field(default_factory=list)  # the unfiltered training prompts' difference of means, unit
     peak_memory: dict = field(default_factory=dict)  # peak RSS (and GPU memory) of the run, MiB: `peak_memory()`
     writers: dict = field(default_factory=dict)  # {layer: writers} as found at the bake (`writer_record`); sra bake replays
     _handles: list = field(default_factory=list, repr=False, compare=False)

@@ -26,7 +26,7 @@ class Directions:
     fluency: Optional[torch.Tensor]  # (L, k_max, d) principal directions of plain text, or None
     ridge_lambda: float
     harmless_mean: Optional[torch.Tensor] = None  # (L, d); set to make the dirty direction ⟂ to it ("projected")
-    unfiltered: Optional[torch.Tensor] = None  # (L, d): difference of means over all training prompts ("standard")
+    unfiltered: Optional[torch.Tensor] = None  # (L, d): the training prompts read, unfiltered, difference of means ("standard")
     later: dict = field(default_factory=dict)  # {layer: (d,)} the other layers' dirty directions (per-layer)
     reads: dict = field(default_factory=dict)  # prompts each statistic was measured from (`build_directions`)
 
