@@ -32,7 +32,7 @@ _API = {
     "apply_surgical_ablation": "method.pipeline", "export_adapter": "publish.adapter",
     "init_distributed": "distributed", "is_main_process": "distributed",
     "load_corpus": "prompts", "load_prompts": "prompts", "load_demo_model": "demo",
-    "push_cleaned": "publish.hub", "save_cleaned": "publish.hub", "stream_bake": "publish.bake",
+    "CardOrigin": "publish.hub", "push_cleaned": "publish.hub", "save_cleaned": "publish.hub", "stream_bake": "publish.bake",
     "record_residuals": "method.extraction", "ridge_residualize": "method.residualize",
 }
 
@@ -40,6 +40,7 @@ __all__ = [
     "__version__",
     "AtomRegistry",
     "BakeHandle",
+    "CardOrigin",
     "ConceptAtom",
     "ConfigError",
     "DemoModelError",
