@@ -292,7 +292,7 @@ TABLES: dict[str, Spec] = {
     # the real-model suite's measured run, fp32 against the dtype sra ablate picks here (docs/performance.md, CI)
     # benchmarks/make_demo_record.py: make demo as a new user runs it, in each compute dtype (README, Performance)
     "make_demo_totals": Spec(
-        files=(("make_demo.json", "bf16 (AMD, native bf16)"), ("make_demo-avx2.json", "fp32 (Intel, AVX2 kernels only)")),
+        files=(("make_demo-bf16.json", "bf16 (native)"), ("make_demo-avx2.json", "fp32 (AVX2 kernels only)")),
         writer="benchmarks/make_demo_record.py",
         header=("`make demo`, fresh clone, 2 CPU cores", "{name}"),
         rows=(("**wall time, install included**", "**{f[total]}**"),
