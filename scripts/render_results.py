@@ -423,6 +423,7 @@ def choice_check_spec(files: tuple[tuple[str, str], ...]) -> Spec:
 
 TABLES["search_screen"] = choice_check_spec((("search_screen.json", "demo model (bf16)"),))
 TABLES["choice_check-demo"] = choice_check_spec((("choice_check-demo.json", "demo model (bf16)"),))
+TABLES["choice_check-sibling"] = choice_check_spec((("choice_check-1.5b.json", "Qwen2.5-Coder-1.5B (bf16)"),))
 
 # the same ratios for the demo model alone: the README's compact copy of docs/performance.md's table
 TABLES["speed_demo"] = TABLES["speed"]._replace(files=TABLES["speed"].files[:1], caption="")

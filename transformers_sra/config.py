@@ -113,8 +113,9 @@ class SRAConfig:
         metadata={"help": "Read each training and atom set in a seeded order, 32 prompts a round, and stop once two "
                   "halves of what was read agree: the cosine between the halves' difference-of-means directions is "
                   "at least this at every candidate layer (each side of a contrast on its own; at least 16 rows "
-                  "kept). None (default) or 1 reads every prompt in one pass. On the demo model 0.97 read 16% fewer "
-                  "prompt tokens but took longer (rounds batch worse than one length-sorted pass; docs/performance.md)."},
+                  "kept). None (default) or 1 reads every prompt in one pass. At 0.97 the demo model's extraction took "
+                  "longer (rounds batch worse than one sorted pass), the 1.5B sibling's 30% less, same choice "
+                  "(docs/performance.md)."},
     )
     extraction_subspace: Optional[float] = field(
         default=None,
@@ -164,7 +165,8 @@ class SRAConfig:
         metadata={"help": "Score each search candidate first on this many prompts of each validation set and read the "
                   "rest only where 99% paired bounds cannot separate it: the choice of reading every prompt, for "
                   "fewer passes when many candidates are far apart (wide layer or profile grids). 0 (default) reads "
-                  "every prompt: on the demo model's grid a 64-prompt screen separated none of the 10 candidates."},
+                  "every prompt: a 64-prompt screen separated none of the demo model's 10 candidates, 5 of the 1.5B "
+                  "sibling's 11, same choice."},
     )
     iterations: int = field(
         default=0, metadata={"help": "Hard-negative mining passes after the first bake (0 disables mining): each judges "
