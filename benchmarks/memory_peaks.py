@@ -160,7 +160,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
-    from transformers_sra.cli.loading import cpu_flags
+    from _common import cpu_flags_record  # here, not at the top: a child's "imports" piece measures the package alone
+
     from transformers_sra.measure.records import git_commit, write_results
 
     rows = []
@@ -183,11 +184,11 @@ def main() -> None:
     record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"runs": {}}
     settings = {"commit": git_commit(), "note": args.note, "threads": args.threads, "reply_tokens": args.reply_tokens,
                 "extract_prompts": args.extract_prompts or "all", "load_average": [round(x, 2) for x in os.getloadavg()]}
-    write_results(path, merged(record, args.label, [{**row, **settings} for row in rows], cpu_flags()))
+    write_results(path, merged(record, args.label, [{**row, **settings} for row in rows], cpu_flags_record()))
     print(f"wrote {path}")
 
 
-def merged(record: dict, label: str, rows: list[dict], flags) -> dict:
+def merged(record: dict, label: str, rows: list[dict], flags: list) -> dict:
     """``record`` with ``rows`` in place of the same pieces' rows of run ``label`` (each row keeps its commit and
     settings), and the table `scripts/render_results.py` renders: a piece a row, a run a column."""
     runs = record["runs"]
@@ -204,7 +205,7 @@ def merged(record: dict, label: str, rows: list[dict], flags) -> dict:
     table = [{"name": piece, **{label: cell(r) for label, run in runs.items() for r in run["rows"] if r["piece"] == piece}}
              for piece in PIECES if any(r["piece"] == piece for run in runs.values() for r in run["rows"])]
     return {**record, "model_gib": model, "budget_gib": model and round(1.3 * model + 1, 3),
-            "cpu_flags": sorted((flags or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+            "cpu_flags": flags,
             "commit": max((r["commit"] for r in run["rows"]), default="unknown"),
             "command": "python benchmarks/memory_peaks.py --label " + " / ".join(
                 f"{label} (commit {', '.join(c)})" for label, c in commits.items()),
