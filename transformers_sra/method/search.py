@@ -229,6 +229,9 @@ def constrained_search(
     def within_kl(row: dict) -> bool:
         return row["kl"] <= budgets.max_kl
 
+    def partial(c: Candidate) -> bool:  # scored on the screen's prompts only, so far
+        return screen is not None and screen.partial(c)
+
     def measured(c: Candidate, measure: Callable[[], dict]) -> dict:
         start = time.perf_counter()
         with ablate_activations(model, space.directions[(c.layer, c.rank)], c.profile, space.bake_layers):
@@ -254,7 +257,7 @@ def constrained_search(
                                                    text_if=lambda row: False)))
 
     def read_on(c: Candidate) -> None:  # a screened candidate, read to the full sets
-        if screen is not None and screen.partial(c):
+        if partial(c):
             numbers = measured(c, lambda: screen.rest(c, model, tokenizer))
             scored[c]["seconds"] = round(scored[c]["seconds"] + numbers.pop("seconds"), 2)
             scored[c].update(numbers)
@@ -273,9 +276,9 @@ def constrained_search(
         """The first ``n`` candidates within both budgets in the order of their full-set refusal scores, ΔPPL
         measured down that order; a screened candidate is read on once it might come before the one reached."""
         while True:
-            full = sorted((c for c in cands if not (screen and screen.partial(c)) and within_kl(scored[c])),
+            full = sorted((c for c in cands if not partial(c) and within_kl(scored[c])),
                           key=lambda c: scored[c]["refusal_score"])
-            pending = [c for c in cands if screen and screen.partial(c) and not screen.over_kl(c)]
+            pending = [c for c in cands if partial(c) and not screen.over_kl(c)]
             if not full and pending:  # the screen's most promising candidate anchors the walk
                 read_on(min(pending, key=screen.mean_refusal))
                 continue
